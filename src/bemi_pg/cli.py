@@ -1,0 +1,143 @@
+"""Command line: argument parsing and exit codes only; the work is in commands.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import psycopg
+
+from . import __version__, commands
+from .config import load_settings
+from .db import resolve_destination_dsn, resolve_dsn
+from .errors import BemiError
+from .wal2json import format_lsn
+
+log = logging.getLogger("bemi_pg")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dsn", help="source database (default: BEMI_DSN, DATABASE_URL, then libpq PG* variables)")
+    common.add_argument("--destination-dsn", help="where the changes table lives (default: BEMI_DESTINATION_DSN, then the source)")
+    common.add_argument("--config", help="settings file (default: BEMI_CONFIG, then ./bemi.toml if present)")
+    common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug messages")
+
+    parser = argparse.ArgumentParser(prog="bemi-pg", description="Postgres-native audit trail (Bemi-compatible).")
+    parser.add_argument("--version", action="version", version=f"bemi-pg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("render", parents=[common], help="print the install (or uninstall) SQL; needs no database")
+    p.add_argument("--uninstall", action="store_true")
+    p.add_argument("--drop-changes", action="store_true", help="with --uninstall: also drop the changes table")
+
+    p = sub.add_parser("install", parents=[common], help="preflight, install, create the slot (idempotent)")
+    p.add_argument("--dry-run", action="store_true", help="run the checks and print the SQL; change nothing")
+
+    p = sub.add_parser("uninstall", parents=[common], help="remove triggers, functions, publication and slot")
+    p.add_argument("--drop-changes", action="store_true", help="also drop the changes table (the audit data)")
+
+    p = sub.add_parser("poll", parents=[common], help="move changes from the slot into the changes table")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="drain what was committed before starting, then exit (default)")
+    mode.add_argument("--follow", action="store_true", help="keep polling until SIGTERM or SIGINT")
+    p.add_argument("--batch-size", type=int, help="rows per peek (default 10000, poll.batch_size)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow (default 1)")
+
+    p = sub.add_parser("status", parents=[common], help="slot lag, last position written, tracked tables")
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("doctor", parents=[common], help="check the database is ready; one line per check")
+    return parser
+
+
+def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("bemi-pg: %s received, finishing the batch in hand", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def on_batch(stats: Any) -> None:
+        log.info("bemi-pg: wrote %d changes from %d transactions (slot at %s)",
+                 stats.changes, stats.transactions, format_lsn(stats.end_lsn) if stats.end_lsn else "-")
+
+    total = commands.poll_follow(dsn, dest, settings, interval=args.interval, stop=stop,
+                                 batch_size=args.batch_size, on_batch=on_batch)
+    log.info("bemi-pg: stopped after writing %d changes", total.changes)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if args.command == "render":
+        sys.stdout.write(commands.render(settings, uninstall=args.uninstall, drop_changes=args.drop_changes))
+        return 0
+    dsn = resolve_dsn(args.dsn)
+    dest = resolve_destination_dsn(args.destination_dsn, dsn)
+    if args.command == "doctor":
+        checks = commands.doctor(dsn, dest, settings)
+        for check in checks:
+            print(check.line())
+        return 1 if any(c.status == "FAIL" for c in checks) else 0
+    if args.command == "install":
+        rendered = commands.install(dsn, dest, settings, dry_run=args.dry_run)
+        if args.dry_run:
+            sys.stdout.write(rendered.combined() if dest is None else rendered.source + "\n" + rendered.destination)
+        else:
+            log.info("bemi-pg: installed; now run `bemi-pg poll --follow` (or `poll --once` from cron)")
+        return 0
+    if args.command == "uninstall":
+        commands.uninstall(dsn, dest, settings, drop_changes=args.drop_changes)
+        log.info("bemi-pg: uninstalled%s", "" if args.drop_changes else "; the changes table was kept")
+        return 0
+    if args.command == "poll":
+        if args.follow:
+            return _follow(args, dsn, dest, settings)
+        commands.poll_once(dsn, dest, settings, batch_size=args.batch_size)
+        return 0
+    if args.command == "status":
+        result = commands.status(dsn, dest, settings)
+        if args.json:
+            print(json.dumps(result, indent=2, default=str))
+        else:
+            for key, value in result.items():
+                if key == "tracked_tables":
+                    value = f"{len(value)}: {', '.join(value)}" if value else "none"
+                print(f"{key}: {value}")
+        return 0
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bemi-pg`` command."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return _run(args)
+    except BemiError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except psycopg.Error as exc:
+        if args.verbose:
+            raise
+        print(f"error: database error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

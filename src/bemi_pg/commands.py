@@ -1,0 +1,252 @@
+"""One documented function per command. The CLI and the tests call these."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .config import Settings
+from .db import connect
+from .errors import BemiError, PreflightError
+from .poller import Poller, PollStats
+from .queries import query
+from .render import Rendered, render_install, render_uninstall
+
+__all__ = ["Check", "doctor", "install", "uninstall", "poll_once", "poll_follow", "status", "render"]
+
+log = logging.getLogger("bemi_pg")
+
+MIN_SERVER_VERSION = 140000  # CREATE OR REPLACE TRIGGER, split_part with a negative index
+
+
+def render(settings: Settings, *, uninstall: bool = False, drop_changes: bool = False) -> str:
+    """The install (or uninstall) SQL as one script; needs no database."""
+    rendered = render_uninstall(settings, drop_changes=drop_changes) if uninstall else render_install(settings)
+    return rendered.combined()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of ``doctor``: status is OK, WARN or FAIL."""
+
+    status: str
+    name: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status:<4} {self.name}: {self.detail}"
+        return f"{text} (fix: {self.fix})" if self.fix and self.status != "OK" else text
+
+
+def _plugin_check(conn: psycopg.Connection[Any], plugin: str, slot: str, slot_exists: bool) -> Check:
+    """Whether the server may load ``plugin`` as an output plugin."""
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = '15s'")
+            if slot_exists and plugin == "wal2json":
+                conn.execute(
+                    "SELECT count(*) FROM pg_logical_slot_peek_changes(%s, pg_current_wal_lsn(), 1, 'format-version', '2')",
+                    (slot,),
+                )
+            else:
+                temp = f"bemi_doctor_{plugin}_{conn.info.backend_pid}"
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, %s, true)", (temp, plugin))
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (temp,))
+    except psycopg.Error as exc:
+        msg = " ".join(str(exc).split())
+        if "output_plugin_libraries" in msg or "output_plugin_libraries" in str(getattr(exc.diag, "message_hint", "")):
+            return Check("FAIL", plugin, f"the server refuses it as an output plugin ({msg})",
+                         f"start PostgreSQL with output_plugin_libraries = 'pgoutput,test_decoding,wal2json' "
+                         "(Debian's PostgreSQL 15.20 and later) and restart")
+        if "could not access file" in msg or "No such file" in msg:
+            pkg = "postgresql-15-wal2json" if plugin == "wal2json" else "postgresql-15"
+            return Check("FAIL", plugin, "not installed on the server", f"apt-get install -y {pkg}, or your platform's {plugin}")
+        return Check("FAIL", plugin, f"cannot be loaded: {msg}", "see the message; run bemi-pg doctor -v")
+    return Check("OK", plugin, "loadable as an output plugin")
+
+
+def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> list[Check]:
+    """Check that the databases are ready for bemi-pg; one Check per line."""
+    checks: list[Check] = []
+    with connect(source_dsn, role="source database") as conn:
+        cur = conn.execute(query("role_info"))
+        info = dict(zip([d.name for d in cur.description or ()], cur.fetchone() or ()))
+        slot = settings.slot_for(info["database"])
+        version = info["version_num"]
+        checks.append(Check("OK" if version >= MIN_SERVER_VERSION else "FAIL", "server",
+                            f"PostgreSQL {version // 10000}.{version % 10000}", "upgrade to PostgreSQL 14 or later"))
+        checks.append(Check("OK" if info["wal_level"] == "logical" else "FAIL", "wal_level", info["wal_level"],
+                            "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"))
+        can_slot = info["rolsuper"] or info["rolreplication"]
+        checks.append(Check("OK" if can_slot else "FAIL", "replication privilege",
+                            "superuser" if info["rolsuper"] else ("REPLICATION" if can_slot else "missing"),
+                            "ALTER ROLE <role> REPLICATION (or use the database owner on managed services)"))
+        slot_row = conn.execute(query("slot_info"), {"slot": slot}).fetchone()
+        free = info["max_slots"] - info["used_slots"]
+        if slot_row is not None:
+            checks.append(Check("OK", "replication slot", f"{slot} exists"))
+        else:
+            checks.append(Check("OK" if free > 0 else "FAIL", "replication slots",
+                                f"{free} of {info['max_slots']} free", "raise max_replication_slots and restart, or drop an unused slot"))
+        if info["wal_level"] == "logical" and can_slot and (slot_row is not None or free > 0):
+            checks.append(_plugin_check(conn, "wal2json", slot, slot_row is not None))
+            if free > 0:
+                checks.append(_plugin_check(conn, "test_decoding", slot, False))
+        checks.append(Check("OK" if info["can_create"] else "FAIL", "create privilege",
+                            "may create schema bemi" if info["can_create"] else "cannot create schemas in this database",
+                            f"GRANT CREATE ON DATABASE {info['database']} TO <role>"))
+        untracked = [f"{s}.{t}" for s, t in settings.excluded()] + [".".join(settings.destination)]
+        params = {"schemas": list(settings.schemas), "untracked": untracked}
+        if not info["rolsuper"]:
+            not_owned = [f"{s}.{t}" for s, t in conn.execute(query("tables_not_owned"), params)]
+            checks.append(Check("FAIL" if not_owned else "OK", "table ownership",
+                                f"not owner of {', '.join(not_owned[:5])}{' ...' if len(not_owned) > 5 else ''}" if not_owned
+                                else "owner of every tracked table", "install as the tables' owner"))
+            checks.append(Check("WARN", "event trigger", "only superusers may create one, so new tables are not tracked automatically",
+                                "run CALL bemi.track_tables() after creating tables"))
+        no_pk = [f"{s}.{t}" for s, t in conn.execute(query("tables_without_pk"), params)]
+        checks.append(Check("WARN" if no_pk else "OK", "primary keys",
+                            f"no primary key on {', '.join(no_pk[:5])}{' ...' if len(no_pk) > 5 else ''}: "
+                            "their changes are recorded with primary_key null" if no_pk else "every tracked table has one",
+                            "add a primary key to each of them"))
+    if destination_dsn:
+        with connect(destination_dsn, role="destination database") as dconn:
+            row = dconn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()
+            ok = bool(row and row[0])
+            checks.append(Check("OK" if ok else "FAIL", "destination", "reachable and writable" if ok else "cannot create schemas",
+                                "GRANT CREATE ON DATABASE <destination> TO <role>"))
+    return checks
+
+
+def _notices(conn: psycopg.Connection[Any]) -> None:
+    """Show the server's notices, except the "already exists, skipping" of idempotent DDL."""
+
+    def show(diag: psycopg.errors.Diagnostic) -> None:
+        message = diag.message_primary or ""
+        if not message.endswith(", skipping"):
+            hint = f" ({diag.message_hint})" if diag.message_hint else ""
+            print(f"{(diag.severity or 'NOTICE').lower()}: {message}{hint}", file=sys.stderr)
+
+    conn.add_notice_handler(show)
+
+
+def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *, dry_run: bool = False,
+            preflight: bool = True) -> Rendered:
+    """Preflight, apply the install SQL in one transaction per database, create the slot.
+
+    Idempotent: a second run changes nothing. With ``dry_run`` nothing is changed."""
+    if preflight:
+        failed = [c for c in doctor(source_dsn, destination_dsn, settings) if c.status == "FAIL"]
+        if failed:
+            raise PreflightError(f"{failed[0].line()}; run `bemi-pg doctor` for every check")
+    rendered = render_install(settings)
+    if dry_run:
+        return rendered
+    with connect(source_dsn, role="source database") as src:
+        _notices(src)
+        database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        slot = settings.slot_for(database)
+        created = False
+        if src.execute(query("slot_info"), {"slot": slot}).fetchone() is None:
+            # The slot comes first, so that no change made during installation is missed.
+            src.execute(query("create_slot"), {"slot": slot})
+            created = True
+        try:
+            if destination_dsn is None:
+                with src.transaction():
+                    src.execute(rendered.combined())
+            else:
+                with connect(destination_dsn, role="destination database") as dst:
+                    _notices(dst)
+                    with dst.transaction():
+                        dst.execute(rendered.destination)
+                with src.transaction():
+                    src.execute(rendered.source)
+        except BaseException:
+            if created:
+                src.execute(query("drop_slot"), {"slot": slot})
+            raise
+    return rendered
+
+
+def uninstall(source_dsn: str, destination_dsn: str | None, settings: Settings, *, drop_changes: bool = False) -> None:
+    """Remove triggers, functions, publication and slot; the audit data stays unless ``drop_changes``."""
+    rendered = render_uninstall(settings, drop_changes=drop_changes)
+    with connect(source_dsn, role="source database") as src:
+        _notices(src)
+        database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        slot = settings.slot_for(database)
+        row = src.execute(query("slot_info"), {"slot": slot}).fetchone()
+        if row is not None and row[3] is not None:
+            raise BemiError(f"replication slot {slot} is in use by pid {row[3]}: stop the poller first")
+        if destination_dsn is None:
+            with src.transaction():
+                src.execute(rendered.combined())
+        else:
+            with connect(destination_dsn, role="destination database") as dst, dst.transaction():
+                dst.execute(rendered.destination + rendered.trailer)
+            with src.transaction():
+                src.execute(rendered.source + rendered.trailer)
+        src.execute(query("drop_slot"), {"slot": slot})
+
+
+def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, *, batch_size: int | None = None) -> PollStats:
+    """Drain every change committed before the call; return what was written."""
+    with Poller(source_dsn, destination_dsn, settings, batch_size=batch_size) as poller:
+        stats = poller.run_once()
+        log.info(stats.summary(poller.slot))
+        return stats
+
+
+def poll_follow(source_dsn: str, destination_dsn: str | None, settings: Settings, *, interval: float,
+                stop: threading.Event, batch_size: int | None = None,
+                on_batch: Callable[[PollStats], None] | None = None) -> PollStats:
+    """Poll every ``interval`` seconds until ``stop`` is set."""
+    with Poller(source_dsn, destination_dsn, settings, batch_size=batch_size) as poller:
+        return poller.run_follow(interval, stop, on_batch)
+
+
+def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> dict[str, Any]:
+    """Slot lag and state, last position written, tracked tables, change count."""
+    result: dict[str, Any] = {}
+    with connect(source_dsn, role="source database") as src:
+        database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        slot = settings.slot_for(database)
+        result["database"] = database
+        result["slot"] = slot
+        cur = src.execute(query("slot_info"), {"slot": slot})
+        row = cur.fetchone()
+        if row is None:
+            result["slot_exists"] = False
+        else:
+            info = dict(zip([d.name for d in cur.description or ()], row))
+            result.update(slot_exists=True, wal_status=info["wal_status"], lag_bytes=info["lag_bytes"],
+                          confirmed_flush_lsn=info["confirmed_flush_lsn"], current_lsn=info["current_lsn"],
+                          active_pid=info["active_pid"])
+        try:
+            version = src.execute(query("installed_version")).fetchone()
+        except psycopg.errors.UndefinedTable:
+            version = None
+        result["installed_version"] = version[0] if version else None
+        result["tracked_tables"] = [f"{s}.{t}" for s, t in src.execute(query("tracked_tables"))]
+    with connect(destination_dsn or source_dsn, role="destination database") as dst:
+        schema, table = settings.destination
+        from psycopg import sql
+        try:
+            row = dst.execute(query("checkpoint"), {"database": database, "slot": slot}).fetchone()
+            result["last_commit_position"] = row[0] if row else None
+            result["last_written_at"] = row[3].isoformat() if row else None
+            result["change_count"] = dst.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE \"database\" = %s").format(sql.Identifier(schema, table)), (database,)
+            ).fetchone()[0]  # type: ignore[index]
+        except psycopg.errors.UndefinedTable:
+            result["last_commit_position"] = None
+            result["change_count"] = None
+    return result

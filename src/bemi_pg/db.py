@@ -1,0 +1,84 @@
+"""Connecting: DSN resolution, password scrubbing, clean connection errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+
+from .errors import ConfigError, ConnectionError
+from .queries import query
+
+__all__ = ["connect", "resolve_dsn", "resolve_destination_dsn", "scrub", "validate_dsn"]
+
+APPLICATION_NAME = "bemi-pg"
+
+
+def resolve_dsn(flag: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """``--dsn`` > ``BEMI_DSN`` > ``DATABASE_URL`` > libpq's own ``PG*`` variables (empty DSN)."""
+    env = os.environ if env is None else env
+    dsn = flag or env.get("BEMI_DSN") or env.get("DATABASE_URL") or ""
+    validate_dsn(dsn)
+    return dsn
+
+
+def resolve_destination_dsn(flag: str | None, source_dsn: str, env: Mapping[str, str] | None = None) -> str | None:
+    """``--destination-dsn`` > ``BEMI_DESTINATION_DSN``; ``None`` means the source database."""
+    env = os.environ if env is None else env
+    dsn = flag or env.get("BEMI_DESTINATION_DSN")
+    if not dsn:
+        return None
+    validate_dsn(dsn)
+    return dsn
+
+
+def validate_dsn(dsn: str) -> dict[str, Any]:
+    """Parse a DSN; raise ConfigError with a readable message if it is malformed."""
+    try:
+        return conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        detail = str(exc).splitlines()[0].replace(dsn, scrub_text(dsn)) if dsn else str(exc)
+        raise ConfigError(
+            f"malformed DSN {scrub_text(dsn)!r} ({detail}): use postgresql://user@host:5432/dbname "
+            "or 'host=... dbname=...'"
+        ) from None
+
+
+def scrub_text(dsn: str) -> str:
+    """Best effort for strings that do not parse: hide anything after ':' before '@'."""
+    if "://" in dsn and "@" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
+    return " ".join("password=***" if part.startswith("password=") else part for part in dsn.split())
+
+
+def scrub(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return scrub_text(dsn)
+    params.pop("password", None)
+    return conninfo.make_conninfo(**params) or "(libpq defaults: PGHOST, PGDATABASE, ...)"
+
+
+def connect(dsn: str, *, autocommit: bool = True, role: str = "database") -> psycopg.Connection[Any]:
+    """Connect with bemi-pg's session settings (UTC, ISO dates); errors become one clear line."""
+    try:
+        conn = psycopg.connect(dsn, autocommit=autocommit, application_name=APPLICATION_NAME)
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split())
+        if dsn:
+            reason = reason.replace(dsn, scrub(dsn))
+        raise ConnectionError(
+            f"cannot connect to the {role} ({scrub(dsn)}): {reason}; check the DSN (--dsn, BEMI_DSN, DATABASE_URL or PG* variables)"
+        ) from None
+    conn.execute(query("session_setup"))
+    if not autocommit:
+        conn.commit()
+    return conn

@@ -1,0 +1,37 @@
+"""The exceptions bemi-pg raises for problems a user can fix."""
+
+from __future__ import annotations
+
+__all__ = ["BemiError", "ConfigError", "ConnectionError", "PreflightError", "SlotBusy", "SlotLost"]
+
+
+class BemiError(Exception):
+    """An expected failure: the CLI prints ``error: <message>`` and exits non-zero."""
+
+    exit_code = 1
+
+
+class ConfigError(BemiError):
+    """Malformed settings, DSN or arguments."""
+
+    exit_code = 2
+
+
+class ConnectionError(BemiError):  # noqa: A001 - shadowing is deliberate inside the package
+    """The database cannot be reached."""
+
+
+class PreflightError(BemiError):
+    """The database is not ready for bemi-pg (wal_level, wal2json, privileges, slots)."""
+
+
+class SlotBusy(BemiError):
+    """Another poller holds the slot; nothing was touched."""
+
+    exit_code = 75  # EX_TEMPFAIL: an overlapping cron run, try again later
+
+
+class SlotLost(BemiError):
+    """The replication slot is gone or invalidated: changes may have been lost."""
+
+    exit_code = 3

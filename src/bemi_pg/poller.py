@@ -1,0 +1,386 @@
+"""The poller: peek a bounded batch, stitch, write with the checkpoint, commit, then advance.
+
+The slot only ever advances to the end of a transaction whose changes the destination has
+committed; a restart re-reads from the slot and skips transactions at or before the
+checkpoint, and the unique key ``(database, commit_position, seq)`` absorbs anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .config import Settings
+from .db import connect
+from .errors import BemiError, SlotBusy, SlotLost
+from .queries import query
+from .specials import SPECIALS, parse_change
+from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, TransactionState, tracked_filter
+from .wal2json import Begin, Change, Commit, Message, TypeRegistry, format_lsn, parse_lsn, parse_row
+
+__all__ = ["Poller", "PollStats", "wal2json_options"]
+
+log = logging.getLogger("bemi_pg")
+
+FLUSH_ROWS = 5_000
+FLUSH_BYTES = 16 * 1024 * 1024
+FETCH_ROWS = 2_000
+
+
+def _escape_filter(name: str) -> str:
+    """Escape a schema or table name for wal2json's add-tables/filter-tables lists."""
+    return "".join("\\" + ch if ch in " ',.*" else ch for ch in name)
+
+
+def wal2json_options(settings: Settings) -> list[str]:
+    """The wal2json options the poller decodes with, as a flat name/value list."""
+    dest_schema, dest_table = settings.destination
+    filtered = [f"{_escape_filter(s)}.{_escape_filter(t)}" for s, t in settings.excluded()]
+    filtered += [f"{_escape_filter(dest_schema)}.{_escape_filter(dest_table)}", "bemi.*"]
+    added = [f"{_escape_filter(s)}.*" for s in settings.schemas]
+    return [
+        "format-version", "2",
+        "include-xids", "1",
+        "include-timestamp", "1",
+        "include-lsn", "1",
+        "include-type-oids", "1",
+        "include-pk", "1",
+        "include-typmod", "0",
+        "add-msg-prefixes", CONTEXT_PREFIX,
+        "filter-tables", ",".join(filtered),
+        "add-tables", ",".join(added),
+    ]
+
+
+@dataclass
+class PollStats:
+    """What a poll did."""
+
+    batches: int = 0
+    transactions: int = 0
+    changes: int = 0  # rows inserted into the destination (duplicates not counted)
+    skipped: int = 0  # transactions already at or before the checkpoint
+    end_lsn: int | None = None
+    seconds: float = 0.0
+
+    def add(self, other: PollStats) -> None:
+        self.batches += other.batches
+        self.transactions += other.transactions
+        self.changes += other.changes
+        self.skipped += other.skipped
+        self.end_lsn = other.end_lsn or self.end_lsn
+
+    def summary(self, slot: str) -> str:
+        where = f", slot {slot} at {format_lsn(self.end_lsn)}" if self.end_lsn else f", slot {slot}"
+        return (
+            f"bemi-pg: wrote {self.changes} change{'s' * (self.changes != 1)} from "
+            f"{self.transactions} transaction{'s' * (self.transactions != 1)} in {self.batches} "
+            f"batch{'es' * (self.batches != 1)}{where} ({self.seconds:.1f}s)"
+        )
+
+
+class _Writer:
+    """Buffers change rows and writes them with COPY + INSERT ... ON CONFLICT DO NOTHING."""
+
+    def __init__(self, conn: psycopg.Connection[Any], changes: sql.Composable) -> None:
+        self.conn = conn
+        self.changes = changes
+        self.rows: list[tuple[Any, ...]] = []
+        self.bytes = 0
+        self.inserted = 0
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS)
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS bemi_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            ).format(changes)
+        )
+        self._copy = sql.SQL("COPY bemi_staging ({}) FROM STDIN").format(cols)
+        self._insert = sql.SQL(
+            "INSERT INTO {} ({cols}) SELECT {cols} FROM bemi_staging ON CONFLICT DO NOTHING"
+        ).format(changes, cols=cols)
+
+    def add(self, row: tuple[Any, ...], size: int) -> None:
+        self.rows.append(row)
+        self.bytes += size
+        if len(self.rows) >= FLUSH_ROWS or self.bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        with self.conn.cursor() as cur:
+            with cur.copy(self._copy) as copy:
+                for row in self.rows:
+                    copy.write_row(row)
+            cur.execute(self._insert)
+            self.inserted += max(cur.rowcount, 0)
+            cur.execute("TRUNCATE bemi_staging")
+        self.rows.clear()
+        self.bytes = 0
+
+
+@dataclass
+class _Ambiguous:
+    """Transactions of a batch holding a float/numeric null that may be NaN or Infinity."""
+
+    commit_positions: dict[int, int] = field(default_factory=dict)  # xid -> commit position
+
+    def __bool__(self) -> bool:
+        return bool(self.commit_positions)
+
+
+class Poller:
+    """Moves changes from a source database's slot into the destination's changes table."""
+
+    def __init__(
+        self,
+        source_dsn: str,
+        destination_dsn: str | None,
+        settings: Settings,
+        *,
+        batch_size: int | None = None,
+        fault: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.batch_size = batch_size or settings.batch_size
+        self.source = connect(source_dsn, role="source database")
+        self.destination = (
+            connect(destination_dsn, role="destination database") if destination_dsn else connect(source_dsn, role="source database")
+        )
+        self.database: str = self.source.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        self.slot = settings.slot_for(self.database)
+        schema, table = settings.destination
+        self.changes = sql.Identifier(schema, table)
+        self.options = wal2json_options(settings)
+        untracked = set(settings.excluded()) | {settings.destination}
+        self.is_tracked = tracked_filter(settings.schemas, untracked)
+        self.types = TypeRegistry(self._load_types)
+        self._fault = fault or _fault_from_env()
+        self._locked = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    def close(self) -> None:
+        for conn in (self.source, self.destination):
+            try:
+                conn.close()
+            except Exception:  # pragma: no cover - closing is best effort
+                pass
+
+    def __enter__(self) -> Poller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def lock(self) -> None:
+        """Take the one-poller-per-slot advisory lock, or raise SlotBusy."""
+        key = self.source.execute(query("lock_key"), {"slot": self.slot}).fetchone()[0]  # type: ignore[index]
+        if self.source.execute(query("try_lock"), {"key": key}).fetchone()[0]:  # type: ignore[index]
+            self._locked = True
+            return
+        hi, lo = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
+        row = self.source.execute(query("lock_holder"), {"hi": hi, "lo": lo}).fetchone()
+        holder = f" (pid {row[0]})" if row else ""
+        raise SlotBusy(f"another bemi-pg poller is running for slot {self.slot}{holder}; this one exits without touching anything")
+
+    def check_slot(self) -> dict[str, Any]:
+        """The slot's state; raise SlotLost if it is missing or invalidated (never recreated)."""
+        cur = self.source.execute(query("slot_info"), {"slot": self.slot})
+        row = cur.fetchone()
+        if row is None:
+            raise SlotLost(
+                f"replication slot {self.slot} does not exist: run `bemi-pg install` to create it "
+                "(changes made while it was missing were not captured)"
+            )
+        info = dict(zip([d.name for d in cur.description or ()], row))
+        if info["wal_status"] == "lost":
+            raise SlotLost(
+                f"replication slot {self.slot} is invalidated (wal_status lost, max_slot_wal_keep_size exceeded): "
+                "changes were lost; run `bemi-pg uninstall` then `bemi-pg install` to start a new trail"
+            )
+        if info["plugin"] != "wal2json":
+            raise BemiError(f"replication slot {self.slot} uses plugin {info['plugin']}, not wal2json: drop it or set slot.name")
+        return info
+
+    # -- loops -----------------------------------------------------------------------
+    def run_once(self) -> PollStats:
+        """Drain every transaction committed before this call, then return."""
+        started = time.monotonic()
+        self.lock()
+        self.check_slot()
+        self.heartbeat()
+        target = self.source.execute(query("current_lsn")).fetchone()[0]  # type: ignore[index]
+        total = PollStats()
+        while True:
+            stats = self.poll_batch(upto_lsn=target)
+            if stats.batches == 0:
+                break
+            total.add(stats)
+        total.seconds = time.monotonic() - started
+        return total
+
+    def run_follow(self, interval: float, stop: threading.Event, on_batch: Callable[[PollStats], None] | None = None) -> PollStats:
+        """Poll every ``interval`` seconds until ``stop`` is set; the batch in hand is finished first."""
+        started = time.monotonic()
+        self.lock()
+        self.check_slot()
+        total = PollStats()
+        last_heartbeat = 0.0
+        while not stop.is_set():
+            stats = self.poll_batch(upto_lsn=None)
+            total.add(stats)
+            if stats.batches and on_batch:
+                on_batch(stats)
+            if stats.transactions >= self.batch_size:
+                continue  # a backlog: no pause
+            now = time.monotonic()
+            if now - last_heartbeat >= self.settings.heartbeat_interval:
+                self.heartbeat()
+                last_heartbeat = now
+            stop.wait(interval)
+        total.seconds = time.monotonic() - started
+        return total
+
+    def heartbeat(self) -> None:
+        """Commit a tiny transaction in the source, so that the slot can advance past
+        WAL written by other databases or untracked tables while this one is quiet."""
+        self.source.execute(query("heartbeat"))
+
+    # -- one batch -------------------------------------------------------------------
+    def _rows(self, upto_lsn: str | None) -> Iterator[str]:
+        with self.source.cursor(name="bemi_peek") as cur:
+            cur.itersize = FETCH_ROWS
+            cur.execute(query("peek"), {
+                "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.batch_size, "options": self.options,
+            })
+            for (data,) in cur:
+                yield data
+
+    def poll_batch(self, upto_lsn: str | None) -> PollStats:
+        """Peek one bounded batch, write it with the checkpoint, commit, advance the slot."""
+        stats = PollStats()
+        queued_at = datetime.now(timezone.utc).isoformat()
+        with self.destination.transaction():
+            row = self.destination.execute(query("checkpoint"), {"database": self.database, "slot": self.slot}).fetchone()
+            done_until = row[1] if row else -1
+            writer = _Writer(self.destination, self.changes)
+            ambiguous = _Ambiguous()
+            last: Commit | None = None
+            last_written: Commit | None = None
+            state: TransactionState | None = None
+            with self.source.transaction():
+                for data in self._rows(upto_lsn):
+                    event = parse_row(data)
+                    if isinstance(event, Change):
+                        if state is not None and self.is_tracked(event.schema, event.table):
+                            change = state.on_change(event)
+                            if change.ambiguous:
+                                ambiguous.commit_positions[state.xid] = state.commit_lsn
+                            writer.add(change.as_tuple(queued_at), len(change.before) + len(change.after) + 200)
+                    elif isinstance(event, Message):
+                        if state is not None and event.prefix == CONTEXT_PREFIX:
+                            state.on_message(event.content)
+                    elif isinstance(event, Begin):
+                        if event.end_lsn <= done_until:
+                            state = None
+                            stats.skipped += 1
+                        else:
+                            state = TransactionState(self.database, self.types, event, self.settings.max_context_bytes)
+                    elif isinstance(event, Commit):
+                        if state is not None:
+                            stats.transactions += state.seq > 0
+                            last_written = event
+                        last = event
+                        state = None
+                writer.flush()
+                if ambiguous:
+                    self._resolve_ambiguous(ambiguous, format_lsn(last.end_lsn) if last else None)
+            if last is None:
+                return stats
+            stats.batches = 1
+            stats.changes = writer.inserted
+            if last_written is not None:
+                self.destination.execute(query("save_checkpoint"), {
+                    "database": self.database, "slot": self.slot, "commit_position": last_written.commit_lsn,
+                    "end_position": last_written.end_lsn, "written": writer.inserted,
+                })
+            self._fault("before_commit")
+        self._fault("after_commit")
+        self._advance(last.end_lsn)
+        self._fault("after_advance")
+        stats.end_lsn = last.end_lsn
+        return stats
+
+    def _advance(self, lsn: int) -> None:
+        try:
+            self.source.execute(query("advance_slot"), {"slot": self.slot, "lsn": format_lsn(lsn)})
+        except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+            if "minimum is" not in str(exc):  # already further on: nothing to do
+                raise
+
+    def _load_types(self, oids: list[int]) -> list[tuple[int, str, str, int, str, int]]:
+        return [tuple(r) for r in self.source.execute(query("types"), {"oids": oids}).fetchall()]  # type: ignore[misc]
+
+    # -- NaN and Infinity ------------------------------------------------------------
+    def _resolve_ambiguous(self, ambiguous: _Ambiguous, upto_lsn: str | None) -> None:
+        """Decode the batch again with test_decoding and patch NaN/±Infinity values
+        that wal2json wrote as null (only in transactions that had such a null)."""
+        copy = f"{self.slot[:48]}_specials_{os.getpid()}"
+        self.source.execute(query("copy_slot_test_decoding"), {"slot": self.slot, "copy": copy})
+        patch = sql.SQL(
+            "UPDATE {} SET before = before || %(before)s::jsonb, after = after || %(after)s::jsonb "
+            "WHERE \"database\" = %(database)s AND commit_position = %(commit)s AND seq = %(seq)s"
+        ).format(self.changes)
+        try:
+            seq: dict[int, int] = {}
+            with self.source.cursor(name="bemi_specials") as cur:
+                cur.itersize = FETCH_ROWS
+                cur.execute(query("peek_test_decoding"), {"slot": copy, "upto_lsn": upto_lsn})
+                updates = []
+                for xid, data in cur:
+                    commit = ambiguous.commit_positions.get(xid)
+                    if commit is None:
+                        continue
+                    change = parse_change(data)
+                    if change is None:
+                        continue
+                    for relation in change.relations:
+                        if not self.is_tracked(*relation):
+                            continue
+                        n = seq.get(xid, 0)
+                        seq[xid] = n + 1
+                        before = {k: v for k, v in change.old.items() if v in SPECIALS}
+                        after = {k: v for k, v in change.new.items() if v in SPECIALS}
+                        if change.action == "UPDATE":
+                            after = {**{k: v for k, v in before.items() if k not in change.new}, **after}
+                        if before or after:
+                            updates.append({
+                                "before": json.dumps(before), "after": json.dumps(after),
+                                "database": self.database, "commit": commit, "seq": n,
+                            })
+            if updates:
+                with self.destination.cursor() as dcur:
+                    dcur.executemany(patch, updates)
+        finally:
+            self.source.execute(query("drop_slot"), {"slot": copy})
+
+
+def _fault_from_env() -> Callable[[str], None]:
+    """A test hook: BEMI_FAULT=<point> makes the poller exit abruptly at that point."""
+    point = os.environ.get("BEMI_FAULT")
+
+    def fault(here: str) -> None:
+        if point and point == here:
+            os._exit(99)
+
+    return fault

@@ -1,0 +1,154 @@
+"""Templates -> SQL text: deterministic, quoted by code, checked by pglast.
+
+Every identifier goes through :func:`quote_ident` and every literal through
+:func:`quote_literal` (both built on :mod:`psycopg.sql`); no template quotes by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import jinja2
+import pglast
+from pglast import keywords
+from psycopg import sql
+
+from . import __version__
+from .config import Settings
+from .errors import BemiError
+
+__all__ = ["Rendered", "quote_ident", "quote_literal", "render_install", "render_uninstall", "check_sql"]
+
+_PLAIN_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
+_NEEDS_QUOTES = keywords.RESERVED_KEYWORDS | keywords.TYPE_FUNC_NAME_KEYWORDS | keywords.COL_NAME_KEYWORDS
+
+
+def quote_ident(*names: str) -> str:
+    """Quote (and dot-join) identifiers the way ``format('%I')`` does: only where needed."""
+    parts = []
+    for name in names:
+        if _PLAIN_IDENT.match(name) and name not in _NEEDS_QUOTES:
+            parts.append(name)
+        else:
+            parts.append(sql.Identifier(name).as_string())
+    return ".".join(parts)
+
+
+def quote_literal(value: Any) -> str:
+    """A SQL literal for ``value`` (str, bool, int, None)."""
+    return sql.Literal(value).as_string()
+
+
+def _sql_array(values: Any) -> str:
+    items = ", ".join(quote_literal(v) for v in values)
+    return f"ARRAY[{items}]::text[]"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(_load_template),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["ident"] = quote_ident
+    env.filters["sqlliteral"] = quote_literal
+    env.filters["sqlarray"] = _sql_array
+    return env
+
+
+def _load_template(name: str) -> str:
+    return resources.files(__package__).joinpath("sql", "templates", name).read_text(encoding="utf-8")
+
+
+_ENV = _environment()
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The SQL for each database: the same one when the destination is the source."""
+
+    source: str
+    destination: str
+    trailer: str = ""
+
+    def combined(self) -> str:
+        """One script, for a destination inside the source database."""
+        return self.source + "\n" + self.destination + self.trailer
+
+
+def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_changes: bool = False) -> dict[str, Any]:
+    dest_schema, dest_name = settings.destination
+    untracked = [f"{s}.{t}" for s, t in settings.excluded()] + [f"{dest_schema}.{dest_name}"]
+    settings_lines = [f"{k} = {v!r}" if not isinstance(v, str) else f"{k} = {v}" for k, v in settings.summary().items()]
+    return {
+        "version": __version__,
+        "title": title,
+        "uninstall": uninstall,
+        "drop_changes": drop_changes,
+        "settings_lines": settings_lines,
+        "settings_json": settings.summary_json(),
+        "schemas": list(settings.schemas),
+        "untracked_tables": untracked,
+        "replica_identity_full": settings.replica_identity_full,
+        "max_context_bytes": settings.max_context_bytes,
+        "changes_schema": dest_schema,
+        "changes_name": dest_name,
+        "changes_table": quote_ident(dest_schema, dest_name),
+        "row_gin_indexes": settings.row_gin_indexes,
+    }
+
+
+def _render(name: str, context: dict[str, Any]) -> str:
+    text = _ENV.get_template(name).render(context)
+    check_sql(text, name)
+    return text
+
+
+def render_install(settings: Settings) -> Rendered:
+    """The install SQL for the source (capture) and destination (audit table) databases."""
+    return Rendered(
+        source=_render("source.sql.j2", _context(settings, "install, capture side")),
+        destination=_render("destination.sql.j2", _context(settings, "install, destination side")),
+    )
+
+
+def render_uninstall(settings: Settings, *, drop_changes: bool = False) -> Rendered:
+    """The uninstall SQL; the changes table stays unless ``drop_changes``."""
+    ctx = {"uninstall": True, "drop_changes": drop_changes}
+    return Rendered(
+        source=_render("uninstall_source.sql.j2", _context(settings, "uninstall, capture side", **ctx)),
+        destination=_render("uninstall_destination.sql.j2", _context(settings, "uninstall, destination side", **ctx)),
+        trailer=_render("uninstall_schema.sql.j2", {}),
+    )
+
+
+def check_sql(text: str, origin: str = "<sql>") -> int:
+    """Parse every statement (PL/pgSQL bodies included) with pglast; return how many there are."""
+    try:
+        statements = pglast.parse_sql(text)
+    except pglast.parser.ParseError as exc:
+        raise BemiError(f"{origin}: generated SQL does not parse: {exc}") from None
+    for raw in statements:
+        stmt = raw.stmt
+        kind = type(stmt).__name__
+        body = text.encode()[raw.stmt_location : raw.stmt_location + raw.stmt_len].decode() if raw.stmt_len else text.encode()[raw.stmt_location :].decode()
+        if kind in ("CreateFunctionStmt", "DoStmt") and _is_plpgsql(stmt):
+            try:
+                pglast.parse_plpgsql(body)
+            except pglast.parser.ParseError as exc:
+                raise BemiError(f"{origin}: PL/pgSQL does not parse: {exc}\n{body}") from None
+    return len(statements)
+
+
+def _is_plpgsql(stmt: Any) -> bool:
+    options = stmt.options if type(stmt).__name__ == "CreateFunctionStmt" else stmt.args
+    for opt in options or ():
+        if opt.defname == "language":
+            return str(opt.arg.sval) == "plpgsql"
+    return type(stmt).__name__ == "DoStmt"

@@ -1,0 +1,104 @@
+-- Runtime queries, looked up by name (see bemi_pg.queries). Placeholders are psycopg's.
+
+-- name: session_setup
+SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'
+
+-- name: try_lock
+SELECT pg_catalog.pg_try_advisory_lock(%(key)s::bigint)
+
+-- name: lock_key
+SELECT pg_catalog.hashtextextended('bemi-pg poller ' || %(slot)s, 0)
+
+-- name: lock_holder
+SELECT l.pid FROM pg_catalog.pg_locks l
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND l.classid = %(hi)s::bigint::oid AND l.objid = %(lo)s::bigint::oid
+   AND l.pid <> pg_catalog.pg_backend_pid()
+ LIMIT 1
+
+-- name: slot_info
+SELECT s.plugin, s.database, s.wal_status, s.active_pid, s.confirmed_flush_lsn::text,
+       pg_catalog.pg_current_wal_lsn()::text AS current_lsn,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes,
+       s.restart_lsn::text
+  FROM pg_catalog.pg_replication_slots s
+ WHERE s.slot_name = %(slot)s
+
+-- name: create_slot
+SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot(%(slot)s, 'wal2json')
+
+-- name: drop_slot
+SELECT pg_catalog.pg_drop_replication_slot(slot_name)
+  FROM pg_catalog.pg_replication_slots WHERE slot_name = %(slot)s
+
+-- name: heartbeat
+SELECT pg_catalog.pg_logical_emit_message(true, '_bemi_heartbeat', pg_catalog.now()::text)::text
+
+-- name: current_lsn
+SELECT pg_catalog.pg_current_wal_lsn()::text
+
+-- name: peek
+SELECT data FROM pg_catalog.pg_logical_slot_peek_changes(%(slot)s, %(upto_lsn)s::pg_lsn, %(upto_nchanges)s, VARIADIC %(options)s::text[])
+
+-- name: peek_test_decoding
+SELECT xid::text::bigint, data FROM pg_catalog.pg_logical_slot_peek_changes(%(slot)s, %(upto_lsn)s::pg_lsn, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')
+
+-- name: copy_slot_test_decoding
+SELECT slot_name FROM pg_catalog.pg_copy_logical_replication_slot(%(slot)s, %(copy)s, true, 'test_decoding')
+
+-- name: advance_slot
+SELECT end_lsn::text FROM pg_catalog.pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn)
+
+-- name: types
+SELECT t.oid::bigint, t.typtype::text, t.typcategory::text, t.typelem::bigint, t.typdelim::text, t.typbasetype::bigint
+  FROM pg_catalog.pg_type t WHERE t.oid = ANY(%(oids)s::oid[])
+
+-- name: checkpoint
+SELECT commit_position, end_position, changes_written, updated_at
+  FROM bemi.checkpoint WHERE "database" = %(database)s AND slot_name = %(slot)s
+
+-- name: save_checkpoint
+INSERT INTO bemi.checkpoint ("database", slot_name, commit_position, end_position, changes_written, updated_at)
+VALUES (%(database)s, %(slot)s, %(commit_position)s, %(end_position)s, %(written)s, pg_catalog.now())
+ON CONFLICT ("database", slot_name) DO UPDATE
+   SET commit_position = excluded.commit_position,
+       end_position = excluded.end_position,
+       changes_written = bemi.checkpoint.changes_written + excluded.changes_written,
+       updated_at = excluded.updated_at
+
+-- name: installed_version
+SELECT version, settings FROM bemi.installation
+
+-- name: tracked_tables
+SELECT n.nspname, c.relname
+  FROM pg_catalog.pg_trigger t
+  JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE t.tgname = 'bemi_capture'
+ ORDER BY 1, 2
+
+-- name: tables_without_pk
+SELECT n.nspname, c.relname
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(%(schemas)s::text[])
+   AND NOT (n.nspname || '.' || c.relname) = ANY(%(untracked)s::text[])
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+ ORDER BY 1, 2
+
+-- name: tables_not_owned
+SELECT n.nspname, c.relname
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(%(schemas)s::text[])
+   AND NOT (n.nspname || '.' || c.relname) = ANY(%(untracked)s::text[])
+   AND NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')
+ ORDER BY 1, 2
+
+-- name: role_info
+SELECT r.rolsuper, r.rolreplication,
+       pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE') AS can_create,
+       pg_catalog.current_database() AS database,
+       pg_catalog.current_setting('wal_level') AS wal_level,
+       pg_catalog.current_setting('max_replication_slots')::int AS max_slots,
+       (SELECT count(*) FROM pg_catalog.pg_replication_slots)::int AS used_slots,
+       pg_catalog.current_setting('server_version_num')::int AS version_num
+  FROM pg_catalog.pg_roles r WHERE r.rolname = current_user

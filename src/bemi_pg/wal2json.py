@@ -1,0 +1,314 @@
+"""Pure parsing of wal2json format-version 2 rows, and exact conversion of column values.
+
+wal2json gives each value as its PostgreSQL text output (numbers and booleans unquoted).
+:func:`value_json` turns that into the JSON text that ``to_jsonb`` would give for the same
+value, under ``TimeZone=UTC`` and ``DateStyle=ISO``: numbers exact, timestamps in ISO 8601
+with ``T``, bytea as ``"\\x…"``, arrays as JSON arrays, json and jsonb nested.
+
+One limit of wal2json: it writes the numeric and float specials (NaN, ±Infinity) as
+``null``. :class:`Column` marks such a null as *ambiguous*; the poller resolves it exactly
+(see ``poller._resolve_ambiguous``). No I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Begin", "Change", "Column", "Commit", "Message", "TypeInfo", "TypeRegistry",
+    "parse_lsn", "format_lsn", "parse_row", "value_json", "parse_array",
+]
+
+
+class RawNumber(str):
+    """A JSON number kept as its exact text (never a float)."""
+
+
+_decoder = json.JSONDecoder(parse_float=RawNumber, parse_int=RawNumber, parse_constant=RawNumber)
+
+
+def parse_lsn(text: str) -> int:
+    """``'16/B374D848'`` -> the LSN as a 64-bit number."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def format_lsn(value: int) -> str:
+    """The inverse of :func:`parse_lsn`."""
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+# -- types -------------------------------------------------------------------------------
+
+NUMBER, BOOL, JSON, DATE, TIMESTAMP, TIMESTAMPTZ, BYTEA, STRING, ARRAY = (
+    "number", "bool", "json", "date", "timestamp", "timestamptz", "bytea", "string", "array",
+)
+
+AMBIGUOUS_NULL_OIDS = frozenset({700, 701, 1700})  # float4, float8, numeric: NaN/Infinity arrive as null
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    """How ``to_jsonb`` renders a type: its kind and, for arrays, the element type."""
+
+    kind: str
+    element: TypeInfo | None = None
+    delimiter: str = ","
+    specials_as_null: bool = False  # a null from wal2json may be NaN or ±Infinity
+
+
+_SCALARS: dict[int, TypeInfo] = {
+    16: TypeInfo(BOOL),
+    20: TypeInfo(NUMBER), 21: TypeInfo(NUMBER), 23: TypeInfo(NUMBER), 26: TypeInfo(NUMBER),
+    700: TypeInfo(NUMBER, specials_as_null=True), 701: TypeInfo(NUMBER, specials_as_null=True),
+    1700: TypeInfo(NUMBER, specials_as_null=True),
+    114: TypeInfo(JSON), 3802: TypeInfo(JSON),
+    1082: TypeInfo(DATE), 1114: TypeInfo(TIMESTAMP), 1184: TypeInfo(TIMESTAMPTZ),
+    17: TypeInfo(BYTEA),
+    25: TypeInfo(STRING), 1043: TypeInfo(STRING), 1042: TypeInfo(STRING), 2950: TypeInfo(STRING),
+    1083: TypeInfo(STRING), 1266: TypeInfo(STRING), 1186: TypeInfo(STRING), 19: TypeInfo(STRING),
+}
+_ARRAYS: dict[int, int] = {
+    1000: 16, 1005: 21, 1007: 23, 1016: 20, 1028: 26, 1021: 700, 1022: 701, 1231: 1700,
+    199: 114, 3807: 3802, 1182: 1082, 1115: 1114, 1185: 1184, 1001: 17,
+    1009: 25, 1015: 1043, 1014: 1042, 2951: 2950, 1183: 1083, 1270: 1266, 1187: 1186,
+}
+
+
+class TypeRegistry:
+    """Maps type OIDs to :class:`TypeInfo`; unknown OIDs are asked of ``loader``.
+
+    ``loader(oids)`` returns catalog rows ``(oid, typtype, typcategory, typelem, typdelim,
+    typbasetype)`` for the given OIDs; the poller passes a function that queries pg_type.
+    """
+
+    def __init__(self, loader: Callable[[list[int]], Iterable[tuple[int, str, str, int, str, int]]] | None = None):
+        self._known: dict[int, TypeInfo] = dict(_SCALARS)
+        for array_oid, elem in _ARRAYS.items():
+            self._known[array_oid] = TypeInfo(ARRAY, element=_SCALARS[elem])
+        self._loader = loader
+
+    def __getitem__(self, oid: int) -> TypeInfo:
+        info = self._known.get(oid)
+        if info is None:
+            info = self._load(oid)
+        return info
+
+    def _load(self, oid: int) -> TypeInfo:
+        rows = {r[0]: r for r in (self._loader([oid]) if self._loader else [])}
+        row = rows.get(oid)
+        if row is None:
+            info = TypeInfo(STRING)
+        else:
+            _, typtype, category, elem, _delim, base = row
+            if typtype == "d" and base:
+                info = self[base]
+            elif category == "A" and elem:
+                elem_info = self[elem]
+                elem_delim = self._delimiter(elem)
+                info = TypeInfo(ARRAY, element=elem_info, delimiter=elem_delim)
+            else:
+                info = TypeInfo(STRING)
+        self._known[oid] = info
+        return info
+
+    def _delimiter(self, oid: int) -> str:
+        rows = list(self._loader([oid])) if self._loader else []
+        return rows[0][4] if rows else ","
+
+
+# -- values ------------------------------------------------------------------------------
+
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?\Z")
+_TZ_OFFSET = re.compile(r"([+-]\d\d)((?::\d\d){0,2})( BC)?\Z")
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _from_text(info: TypeInfo, text: str) -> str:
+    """JSON for a value given as its PostgreSQL text output."""
+    kind = info.kind
+    if kind == STRING:
+        return _dumps(text)
+    if kind == NUMBER:
+        return text if _JSON_NUMBER.match(text) else _dumps(text)
+    if kind == BOOL:
+        return "true" if text in ("t", "true") else "false"
+    if kind == JSON:
+        return text
+    if kind == TIMESTAMP or kind == TIMESTAMPTZ:
+        if text[0].isdigit():
+            text = text.replace(" ", "T", 1)
+            if kind == TIMESTAMPTZ:
+                m = _TZ_OFFSET.search(text)
+                if m and not m.group(2):
+                    text = f"{text[: m.start()]}{m.group(1)}:00{m.group(3) or ''}"
+        return _dumps(text)
+    if kind == DATE:
+        return _dumps(text)
+    if kind == BYTEA:
+        return _dumps(text if text.startswith("\\x") else "\\x" + text)
+    if kind == ARRAY:
+        assert info.element is not None
+        return _array_json(parse_array(text, info.delimiter), info.element)
+    return _dumps(text)
+
+
+def value_json(info: TypeInfo, value: Any) -> str:
+    """JSON text, as ``to_jsonb`` gives it, for a value as wal2json decoded it."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, RawNumber):
+        if info.kind == NUMBER:
+            return str.__str__(value)
+        return _from_text(info, str.__str__(value))
+    return _from_text(info, value)
+
+
+def _array_json(items: list[Any], element: TypeInfo) -> str:
+    parts = []
+    for item in items:
+        if item is None:
+            parts.append("null")
+        elif isinstance(item, list):
+            parts.append(_array_json(item, element))
+        else:
+            parts.append(_from_text(element, item))
+    return "[" + ", ".join(parts) + "]"
+
+
+def parse_array(text: str, delimiter: str = ",") -> list[Any]:
+    """Parse PostgreSQL's array text output into nested lists of str (None for NULL)."""
+    if text.startswith("["):  # explicit bounds, e.g. '[0:1]={1,2}': to_jsonb ignores them
+        text = text[text.index("=") + 1 :]
+    pos = 0
+    n = len(text)
+
+    def parse_level() -> list[Any]:
+        nonlocal pos
+        assert text[pos] == "{"
+        pos += 1
+        items: list[Any] = []
+        if text[pos] == "}":
+            pos += 1
+            return items
+        while True:
+            ch = text[pos]
+            if ch == "{":
+                items.append(parse_level())
+            elif ch == '"':
+                pos += 1
+                buf = []
+                while True:
+                    c = text[pos]
+                    if c == "\\":
+                        buf.append(text[pos + 1])
+                        pos += 2
+                    elif c == '"':
+                        pos += 1
+                        break
+                    else:
+                        buf.append(c)
+                        pos += 1
+                items.append("".join(buf))
+            else:
+                start = pos
+                while pos < n and text[pos] != delimiter and text[pos] != "}":
+                    pos += 1
+                token = text[start:pos].strip()
+                items.append(None if token.upper() == "NULL" else token)
+            while text[pos] == " ":
+                pos += 1
+            if text[pos] == "}":
+                pos += 1
+                return items
+            pos += 1  # the delimiter
+            while text[pos] == " ":
+                pos += 1
+
+    return parse_level()
+
+
+# -- rows --------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Begin:
+    xid: int
+    commit_lsn: int
+    end_lsn: int
+    timestamp: str
+
+
+@dataclass(slots=True)
+class Commit:
+    xid: int
+    commit_lsn: int
+    end_lsn: int
+
+
+@dataclass(slots=True)
+class Message:
+    xid: int
+    lsn: int
+    prefix: str
+    content: str
+
+
+@dataclass(slots=True)
+class Column:
+    name: str
+    typeoid: int
+    value: Any
+
+
+@dataclass(slots=True)
+class Change:
+    """One row change; ``action`` is I, U, D or T (truncate)."""
+
+    xid: int
+    lsn: int
+    action: str
+    schema: str
+    table: str
+    columns: list[Column] | None
+    identity: list[Column] | None
+    pk: list[str] | None
+
+
+Event = Begin | Commit | Message | Change
+
+
+def _columns(raw: list[dict[str, Any]] | None) -> list[Column] | None:
+    if raw is None:
+        return None
+    return [Column(c["name"], int(c["typeoid"]), c["value"]) for c in raw]
+
+
+def parse_row(data: str) -> Event:
+    """Parse one wal2json format-version 2 row (options: include-lsn, include-xids,
+    include-timestamp, include-type-oids, include-pk)."""
+    obj = _decoder.decode(data)
+    action = obj["action"]
+    xid = int(obj.get("xid") or 0)
+    if action in ("I", "U", "D", "T"):
+        pk = obj.get("pk")
+        return Change(
+            xid=xid, lsn=parse_lsn(obj["lsn"]), action=action,
+            schema=obj["schema"], table=obj["table"],
+            columns=_columns(obj.get("columns")), identity=_columns(obj.get("identity")),
+            pk=[p["name"] for p in pk] if pk else None,
+        )
+    if action == "B":
+        return Begin(xid, parse_lsn(obj["lsn"]), parse_lsn(obj["nextlsn"]), obj["timestamp"])
+    if action == "C":
+        return Commit(xid, parse_lsn(obj["lsn"]), parse_lsn(obj["nextlsn"]))
+    if action == "M":
+        return Message(xid, parse_lsn(obj["lsn"]), obj["prefix"], obj["content"])
+    raise ValueError(f"unexpected wal2json action {action!r}")
