@@ -37,14 +37,16 @@ def resolve_destination_dsn(flag: str | None, source_dsn: str, env: Mapping[str,
 
 def validate_dsn(dsn: str) -> dict[str, Any]:
     """Parse a DSN; raise ConfigError with a readable message if it is malformed."""
+    hint = "use postgresql://user@host:5432/dbname or 'host=... dbname=...'"
     try:
-        return conninfo.conninfo_to_dict(dsn)
+        params = conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         detail = str(exc).splitlines()[0].replace(dsn, scrub_text(dsn)) if dsn else str(exc)
-        raise ConfigError(
-            f"malformed DSN {scrub_text(dsn)!r} ({detail}): use postgresql://user@host:5432/dbname "
-            "or 'host=... dbname=...'"
-        ) from None
+        raise ConfigError(f"malformed DSN {scrub_text(dsn)!r} ({detail}): {hint}") from None
+    port = str(params.get("port", ""))
+    if port and not all(p.strip().isdigit() for p in port.split(",")):
+        raise ConfigError(f"malformed DSN {scrub(dsn)!r} (port {port!r} is not a number): {hint}")
+    return params
 
 
 def scrub_text(dsn: str) -> str:

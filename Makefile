@@ -1,0 +1,50 @@
+# bemi-pg. `make deps` once (as root: apt packages), then `make test` or `make demo`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PG_PACKAGES := postgresql-15 postgresql-15-wal2json
+DEMO_DIR ?= .demo
+
+.PHONY: deps test unit lint demo demo-stop install clean
+
+deps: .stamp-apt .stamp-venv
+
+# Debian packages: the PostgreSQL 15 server and wal2json, only if missing.
+.stamp-apt:
+	@missing=$$(for p in $(PG_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "error: missing Debian packages: $$missing; run: sudo make deps" >&2; exit 1; fi; \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+.stamp-venv: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	@touch $@
+
+test: deps
+	$(BIN)/pytest tests
+
+unit: .stamp-venv
+	$(BIN)/pytest tests/unit
+
+lint: .stamp-venv
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+# A throwaway server in $(DEMO_DIR), Bemi's README example replayed, the changes printed.
+demo: deps
+	$(BIN)/python -m bemi_pg._demo $(DEMO_DIR)
+
+demo-stop:
+	@if [ -d $(DEMO_DIR)/data ]; then $(BIN)/python -m bemi_pg._localpg stop $(DEMO_DIR)/data; fi
+
+# Install into the database named by DATABASE_URL (or libpq's PG* variables).
+install: .stamp-venv
+	$(BIN)/bemi-pg install
+
+clean: demo-stop
+	rm -rf $(VENV) $(DEMO_DIR) .stamp-* build dist src/*.egg-info

@@ -1,0 +1,129 @@
+"""Test harness: a throwaway PostgreSQL cluster (wal_level=logical, wal2json) per session,
+and a fresh database per test.
+
+Set BEMI_TEST_DSN to use a running server instead (superuser, wal_level=logical, wal2json).
+Without either, the integration tests are skipped and the unit tests still run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import conninfo
+
+from bemi_pg import commands
+from bemi_pg._localpg import LocalCluster, find_bindir
+from bemi_pg.config import Settings, load_settings
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> Iterator[str]:
+    """The DSN of a superuser connection to the ``postgres`` database of the test server."""
+    if os.environ.get("BEMI_TEST_DSN"):
+        yield os.environ["BEMI_TEST_DSN"]
+        return
+    try:
+        find_bindir()
+    except FileNotFoundError as exc:
+        pytest.skip(f"no PostgreSQL server binaries ({exc}) and no BEMI_TEST_DSN")
+    root = Path(tempfile.mkdtemp(prefix="bemi-pg-test-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    cluster = LocalCluster(root / "data")
+    dsn = cluster.start()
+    try:
+        yield dsn
+    finally:
+        cluster.destroy()
+        try:
+            root.rmdir()
+        except OSError:
+            pass
+
+
+def _with_db(dsn: str, dbname: str) -> str:
+    params = conninfo.conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return conninfo.make_conninfo(**params)
+
+
+class Database:
+    """A database of its own for one test, with helpers that go through the public API."""
+
+    def __init__(self, server_dsn: str, name: str) -> None:
+        self.server_dsn = server_dsn
+        self.name = name
+        self.dsn = _with_db(server_dsn, name)
+        self.settings: Settings = load_settings(None)
+
+    def execute(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, **kwargs)
+
+    def install(self, destination: str | None = None, **settings: Any) -> None:
+        if settings:
+            self.settings = load_settings(None, **settings)
+        commands.install(self.dsn, destination, self.settings)
+
+    def poll(self, destination: str | None = None, **kwargs: Any) -> Any:
+        return commands.poll_once(self.dsn, destination, self.settings, **kwargs)
+
+    def changes(self, where: str = "true", dsn: str | None = None) -> list[dict[str, Any]]:
+        with psycopg.connect(dsn or self.dsn, autocommit=True) as conn:
+            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            return cur.execute(f"SELECT * FROM changes WHERE {where} ORDER BY commit_position, seq").fetchall()
+
+
+def create_database(server_dsn: str, prefix: str = "t") -> str:
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_database(server_dsn: str, name: str) -> None:
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s AND NOT active", (name,)
+        )
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(server_dsn: str) -> Iterator[Database]:
+    name = create_database(server_dsn)
+    try:
+        yield Database(server_dsn, name)
+    finally:
+        drop_database(server_dsn, name)
+
+
+@pytest.fixture
+def other_db(server_dsn: str) -> Iterator[Database]:
+    name = create_database(server_dsn, "dest")
+    try:
+        yield Database(server_dsn, name)
+    finally:
+        drop_database(server_dsn, name)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bemi_pg`` as a user would."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMI_", "PG")) and k != "DATABASE_URL"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "bemi_pg", *args], env=full_env, text=True,
+                          capture_output=True, timeout=timeout)

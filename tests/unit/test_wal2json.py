@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bemi_pg.specials import parse_change
+from bemi_pg.stitch import context_json
+from bemi_pg.wal2json import Begin, Change, TypeInfo, TypeRegistry, format_lsn, parse_array, parse_lsn, parse_row, value_json
+
+TYPES = TypeRegistry()
+
+
+def test_lsn_roundtrip():
+    assert parse_lsn("16/B374D848") == 0x16B374D848
+    assert format_lsn(parse_lsn("0/151FEA0")) == "0/151FEA0"
+
+
+@pytest.mark.parametrize("oid, raw, expected", [
+    (20, '9007199254740993', '9007199254740993'),
+    (1700, '123456789012345678901234567890.123456789', '123456789012345678901234567890.123456789'),
+    (701, '1e+300', '1e+300'),
+    (16, 'true', 'true'),
+    (25, '"q\\"\\\\x"', '"q\\"\\\\x"'),
+    (1184, '"2024-01-02 03:04:05.5+00"', '"2024-01-02T03:04:05.5+00:00"'),
+    (1184, '"0044-03-15 10:00:01.5+00 BC"', '"0044-03-15T10:00:01.5+00:00 BC"'),
+    (1114, '"2024-01-02 03:04:05"', '"2024-01-02T03:04:05"'),
+    (1114, '"infinity"', '"infinity"'),
+    (1082, '"-infinity"', '"-infinity"'),
+    (17, '"deadbeef"', '"\\\\xdeadbeef"'),
+    (3802, '"{\\"a\\": [1, 2]}"', '{"a": [1, 2]}'),
+    (1009, '"{a,NULL,\\"b\\\\\\"c\\"}"', '["a", null, "b\\"c"]'),
+    (1007, '"{{1,2},{3,4}}"', '[[1, 2], [3, 4]]'),
+    (1231, '"{NaN,1.5}"', '["NaN", 1.5]'),
+    (1115, '"{\\"2024-01-01 00:00:00\\"}"', '["2024-01-01T00:00:00"]'),
+    (1000, '"{t,f}"', '[true, false]'),
+])
+def test_value_json_matches_to_jsonb(oid, raw, expected):
+    value = parse_row(json.dumps({"action": "I", "lsn": "0/1", "schema": "s", "table": "t",
+                                  "columns": [{"name": "c", "typeoid": oid, "value": json.loads(raw)}]}).replace(
+        json.dumps(json.loads(raw)), raw)).columns[0].value
+    assert value_json(TYPES[oid], value) == expected
+
+
+def test_array_parsing_edge_cases():
+    assert parse_array("{}") == []
+    assert parse_array("[0:1]={1,2}") == ["1", "2"]
+    assert parse_array('{"",NULL,"NULL"}') == ["", None, "NULL"]
+    assert parse_array("{(1,2);(3,4)}", ";") == ["(1,2)", "(3,4)"]
+
+
+def test_unknown_types_are_looked_up():
+    rows = {16500: (16500, "e", "E", 0, ",", 0), 16501: (16501, "b", "A", 16500, ",", 0), 16502: (16502, "d", "N", 0, ",", 1700)}
+    registry = TypeRegistry(lambda oids: [rows[o] for o in oids if o in rows])
+    assert registry[16500] == TypeInfo("string")
+    assert registry[16501].kind == "array"
+    assert registry[16502].kind == "number"
+
+
+def test_begin_and_change_rows():
+    begin = parse_row('{"action":"B","xid":738,"timestamp":"2026-11-26 10:15:27+00","lsn":"0/151FE70","nextlsn":"0/151FEA0"}')
+    assert isinstance(begin, Begin) and begin.commit_lsn == 0x151FE70 and begin.end_lsn == 0x151FEA0
+    change = parse_row('{"action":"T","xid":740,"lsn":"0/1520B78","schema":"public","table":"t"}')
+    assert isinstance(change, Change) and change.columns is None
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("", {}),
+    ('["{\\"a\\": 1}", null, null]', {"a": 1}),
+    ('["{\\"a\\": 1, \\"b\\": 1}", "{\\"b\\": 2}", " {\\"c\\": 3} "]', {"a": 1, "b": 2, "c": 3}),
+    ('[null, null, " %7B%22u%22%3A%201%7D "]', {"u": 1}),
+])
+def test_context_merge(message, expected):
+    assert json.loads(context_json(message)) == expected
+
+
+@pytest.mark.parametrize("message, error", [
+    ('["not json", null, null]', "not valid JSON"),
+    ('[null, null, "[1, 2]"]', "not an object"),
+    ('[null, "\\"x\\"", null]', "not an object"),
+])
+def test_bad_context_is_marked(message, error):
+    ctx = json.loads(context_json(message))
+    assert error in ctx["_bemi_error"][0]["error"]
+
+
+def test_oversized_context_is_marked():
+    big = json.dumps([None, json.dumps({"x": "y" * 2000}), None])
+    ctx = json.loads(context_json(big, 1000))
+    assert "over 1000 bytes" in ctx["_bemi_error"][0]["error"]
+
+
+def test_test_decoding_rows():
+    line = ("table public.\"we\"\"ird\": UPDATE: old-key: id[bigint]:1 n[numeric]:NaN t[text]:'it''s' "
+            "new-tuple: id[bigint]:1 n[numeric]:-Infinity a[integer[]]:'{1,2}' t[text]:'x y'")
+    change = parse_change(line)
+    assert change.relations == [("public", 'we"ird')] and change.action == "UPDATE"
+    assert change.old["n"] == "NaN" and change.new["n"] == "-Infinity" and change.new["t"] is None
+    trunc = parse_change("table public.a, s.b: TRUNCATE: (no-flags)")
+    assert trunc.relations == [("public", "a"), ("s", "b")]
+    assert parse_change("BEGIN 12") is None
