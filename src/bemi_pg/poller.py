@@ -167,6 +167,7 @@ class Poller:
         self.types = TypeRegistry(self._load_types)
         self._fault = fault or _fault_from_env()
         self._locked = False
+        self._keys: dict[tuple[str, str], list[str]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -295,7 +296,8 @@ class Poller:
                             state = None
                             stats.skipped += 1
                         else:
-                            state = TransactionState(self.database, self.types, event, self.settings.max_context_bytes)
+                            state = TransactionState(self.database, self.types, event, self.settings.max_context_bytes,
+                                                     self._key_order)
                     elif isinstance(event, Commit):
                         if state is not None:
                             stats.transactions += state.seq > 0
@@ -327,6 +329,15 @@ class Poller:
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
             if "minimum is" not in str(exc):  # already further on: nothing to do
                 raise
+
+    def _key_order(self, schema: str, table: str, columns: list[str]) -> list[str]:
+        key = (schema, table)
+        order = self._keys.get(key)
+        if order is None:
+            rows = self.source.execute(query("primary_key_order"), {"schema": schema, "table": table}).fetchall()
+            order = [r[0] for r in rows]
+            self._keys[key] = order
+        return order if sorted(order) == sorted(columns) else columns
 
     def _load_types(self, oids: list[int]) -> list[tuple[int, str, str, int, str, int]]:
         return [tuple(r) for r in self.source.execute(query("types"), {"oids": oids}).fetchall()]  # type: ignore[misc]

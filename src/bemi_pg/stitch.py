@@ -127,11 +127,13 @@ def _pk_text(value: Any) -> str | None:
 class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
-    __slots__ = ("database", "types", "xid", "commit_lsn", "end_lsn", "committed_at", "context", "seq", "max_bytes")
+    __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "end_lsn", "committed_at", "context", "seq", "max_bytes")
 
-    def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int) -> None:
+    def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
+                 key_order: Callable[[str, str, list[str]], list[str]] | None = None) -> None:
         self.database = database
         self.types = types
+        self.key_order = key_order
         self.xid = begin.xid
         self.commit_lsn = begin.commit_lsn
         self.end_lsn = begin.end_lsn
@@ -181,7 +183,9 @@ class TransactionState:
                 if len(change.pk) == 1:
                     primary_key = _pk_text(source[change.pk[0]][1])
                 else:
-                    primary_key = "[" + ", ".join(value_json(*source[name]) for name in change.pk) + "]"
+                    # wal2json lists key columns in table order; the key's own order is in the catalog.
+                    names = self.key_order(change.schema, change.table, change.pk) if self.key_order else change.pk
+                    primary_key = "[" + ", ".join(value_json(*source[name]) for name in names) + "]"
 
         row = ChangeRow(
             database=self.database, schema=change.schema, table=change.table, primary_key=primary_key,

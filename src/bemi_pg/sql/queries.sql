@@ -53,6 +53,15 @@ SELECT end_lsn::text FROM pg_catalog.pg_replication_slot_advance(%(slot)s, %(lsn
 SELECT t.oid::bigint, t.typtype::text, t.typcategory::text, t.typelem::bigint, t.typdelim::text, t.typbasetype::bigint
   FROM pg_catalog.pg_type t WHERE t.oid = ANY(%(oids)s::oid[])
 
+-- name: primary_key_order
+SELECT a.attname::text
+  FROM pg_catalog.pg_index i
+  JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+ WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND i.indisprimary
+ ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)
+
 -- name: checkpoint
 SELECT commit_position, end_position, changes_written, updated_at
   FROM bemi.checkpoint WHERE "database" = %(database)s AND slot_name = %(slot)s
