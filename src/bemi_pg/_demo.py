@@ -34,7 +34,10 @@ COLUMNS = ["primary_key", "table", "operation", "before", "after", "context", "c
 
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-    line = lambda cells: " " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+
+    def line(cells: tuple[str, ...] | list[str]) -> str:
+        return " " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
     out = [line(COLUMNS), "-" + "-+-".join("-" * w for w in widths) + "-"]
     out += [line(r) for r in rows]
     out.append(f"({len(rows)} rows)")
@@ -66,7 +69,8 @@ def main(directory: str) -> int:
             "to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || '+00' "
             "FROM changes ORDER BY commit_position, seq"
         ).fetchall()
-    print(f"\n$ psql {dsn} -c 'SELECT \"primary_key\", \"table\", \"operation\", \"before\", \"after\", \"context\", \"committed_at\" FROM changes;'\n")
+    columns = ", ".join(f'"{c}"' for c in COLUMNS)
+    print(f"\n$ psql {dsn} -c 'SELECT {columns} FROM changes;'\n")
     print(_table([tuple("" if v is None else str(v) for v in r) for r in rows]))
     return 0
 

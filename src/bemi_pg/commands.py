@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from .config import Settings
-from .db import connect
+from .db import connect, fetch_dict
 from .errors import BemiError, PreflightError
 from .poller import Poller, PollStats
 from .queries import query
@@ -63,7 +63,7 @@ def _plugin_check(conn: psycopg.Connection[Any], plugin: str, slot: str, slot_ex
         msg = " ".join(str(exc).split())
         if "output_plugin_libraries" in msg or "output_plugin_libraries" in str(getattr(exc.diag, "message_hint", "")):
             return Check("FAIL", plugin, f"the server refuses it as an output plugin ({msg})",
-                         f"start PostgreSQL with output_plugin_libraries = 'pgoutput,test_decoding,wal2json' "
+                         "start PostgreSQL with output_plugin_libraries = 'pgoutput,test_decoding,wal2json' "
                          "(Debian's PostgreSQL 15.20 and later) and restart")
         if "could not access file" in msg or "No such file" in msg:
             pkg = "postgresql-15-wal2json" if plugin == "wal2json" else "postgresql-15"
@@ -76,8 +76,8 @@ def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
     """Check that the databases are ready for bemi-pg; one Check per line."""
     checks: list[Check] = []
     with connect(source_dsn, role="source database") as conn:
-        cur = conn.execute(query("role_info"))
-        info = dict(zip([d.name for d in cur.description or ()], cur.fetchone() or ()))
+        info = fetch_dict(conn, query("role_info"))
+        assert info is not None
         slot = settings.slot_for(info["database"])
         version = info["version_num"]
         checks.append(Check("OK" if version >= MIN_SERVER_VERSION else "FAIL", "server",
@@ -221,12 +221,10 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         slot = settings.slot_for(database)
         result["database"] = database
         result["slot"] = slot
-        cur = src.execute(query("slot_info"), {"slot": slot})
-        row = cur.fetchone()
-        if row is None:
+        info = fetch_dict(src, query("slot_info"), {"slot": slot})
+        if info is None:
             result["slot_exists"] = False
         else:
-            info = dict(zip([d.name for d in cur.description or ()], row))
             result.update(slot_exists=True, wal_status=info["wal_status"], lag_bytes=info["lag_bytes"],
                           confirmed_flush_lsn=info["confirmed_flush_lsn"], current_lsn=info["current_lsn"],
                           active_pid=info["active_pid"])

@@ -8,11 +8,12 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo
+from psycopg.rows import dict_row
 
 from .errors import ConfigError, ConnectionError
 from .queries import query
 
-__all__ = ["connect", "resolve_dsn", "resolve_destination_dsn", "scrub", "validate_dsn"]
+__all__ = ["connect", "fetch_dict", "resolve_dsn", "resolve_destination_dsn", "scrub", "validate_dsn"]
 
 APPLICATION_NAME = "bemi-pg"
 
@@ -66,7 +67,13 @@ def scrub(dsn: str) -> str:
     except psycopg.ProgrammingError:
         return scrub_text(dsn)
     params.pop("password", None)
-    return conninfo.make_conninfo(**params) or "(libpq defaults: PGHOST, PGDATABASE, ...)"
+    return conninfo.make_conninfo("", **params) or "(libpq defaults: PGHOST, PGDATABASE, ...)"
+
+
+def fetch_dict(conn: psycopg.Connection[Any], sql_text: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The first row of a query as a dict, or None."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql_text, params).fetchone()
 
 
 def connect(dsn: str, *, autocommit: bool = True, role: str = "database") -> psycopg.Connection[Any]:

@@ -14,19 +14,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from .config import Settings
-from .db import connect
+from .db import connect, fetch_dict
 from .errors import BemiError, SlotBusy, SlotLost
 from .queries import query
 from .specials import SPECIALS, parse_change
-from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, TransactionState, tracked_filter
-from .wal2json import Begin, Change, Commit, Message, TypeRegistry, format_lsn, parse_lsn, parse_row
+from .stitch import COLUMNS, CONTEXT_PREFIX, TransactionState, tracked_filter
+from .wal2json import Begin, Change, Commit, Message, TypeRegistry, format_lsn, parse_row
 
 __all__ = ["Poller", "PollStats", "wal2json_options"]
 
@@ -196,14 +196,12 @@ class Poller:
 
     def check_slot(self) -> dict[str, Any]:
         """The slot's state; raise SlotLost if it is missing or invalidated (never recreated)."""
-        cur = self.source.execute(query("slot_info"), {"slot": self.slot})
-        row = cur.fetchone()
-        if row is None:
+        info = fetch_dict(self.source, query("slot_info"), {"slot": self.slot})
+        if info is None:
             raise SlotLost(
                 f"replication slot {self.slot} does not exist: run `bemi-pg install` to create it "
                 "(changes made while it was missing were not captured)"
             )
-        info = dict(zip([d.name for d in cur.description or ()], row))
         if info["wal_status"] == "lost":
             raise SlotLost(
                 f"replication slot {self.slot} is invalidated (wal_status lost, max_slot_wal_keep_size exceeded): "
@@ -270,7 +268,7 @@ class Poller:
     def poll_batch(self, upto_lsn: str | None) -> PollStats:
         """Peek one bounded batch, write it with the checkpoint, commit, advance the slot."""
         stats = PollStats()
-        queued_at = datetime.now(timezone.utc).isoformat()
+        queued_at = datetime.now(UTC).isoformat()
         with self.destination.transaction():
             row = self.destination.execute(query("checkpoint"), {"database": self.database, "slot": self.slot}).fetchone()
             done_until = row[1] if row else -1
@@ -340,7 +338,8 @@ class Poller:
         return order if sorted(order) == sorted(columns) else columns
 
     def _load_types(self, oids: list[int]) -> list[tuple[int, str, str, int, str, int]]:
-        return [tuple(r) for r in self.source.execute(query("types"), {"oids": oids}).fetchall()]  # type: ignore[misc]
+        rows = self.source.execute(query("types"), {"oids": oids}).fetchall()
+        return [(int(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4]), int(r[5])) for r in rows]
 
     # -- NaN and Infinity ------------------------------------------------------------
     def _resolve_ambiguous(self, ambiguous: _Ambiguous, upto_lsn: str | None) -> None:

@@ -137,7 +137,10 @@ def check_sql(text: str, origin: str = "<sql>") -> int:
     for raw in statements:
         stmt = raw.stmt
         kind = type(stmt).__name__
-        body = text.encode()[raw.stmt_location : raw.stmt_location + raw.stmt_len].decode() if raw.stmt_len else text.encode()[raw.stmt_location :].decode()
+        encoded = text.encode()
+        start = raw.stmt_location or 0
+        end = start + raw.stmt_len if raw.stmt_len else len(encoded)
+        body = encoded[start:end].decode()
         if kind in ("CreateFunctionStmt", "DoStmt") and _is_plpgsql(stmt):
             try:
                 pglast.parse_plpgsql(body)

@@ -22,20 +22,25 @@ class TDChange:
     new: dict[str, str | None] = field(default_factory=dict)
 
 
+def _quoted(text: str, pos: int, quote: str) -> tuple[str, int]:
+    """Read a quoted token starting at ``pos`` (a doubled quote stands for one)."""
+    out = []
+    pos += 1
+    while True:
+        ch = text[pos]
+        if ch == quote:
+            if text[pos + 1 : pos + 2] == quote:
+                out.append(quote)
+                pos += 2
+                continue
+            return "".join(out), pos + 1
+        out.append(ch)
+        pos += 1
+
+
 def _ident(text: str, pos: int) -> tuple[str, int]:
     if text[pos] == '"':
-        out = []
-        pos += 1
-        while True:
-            ch = text[pos]
-            if ch == '"':
-                if text[pos + 1 : pos + 2] == '"':
-                    out.append('"')
-                    pos += 2
-                    continue
-                return "".join(out), pos + 1
-            out.append(ch)
-            pos += 1
+        return _quoted(text, pos, '"')
     start = pos
     while text[pos] not in ".,:[ ":
         pos += 1
@@ -79,19 +84,7 @@ def parse_change(line: str) -> TDChange | None:
         end = line.index("]:", pos)  # type names may hold '[]' but never ']:'
         pos = end + 2
         if pos < n and line[pos] == "'":
-            out = []
-            pos += 1
-            while True:
-                ch = line[pos]
-                if ch == "'":
-                    if line[pos + 1 : pos + 2] == "'":
-                        out.append("'")
-                        pos += 2
-                        continue
-                    pos += 1
-                    break
-                out.append(ch)
-                pos += 1
+            _, pos = _quoted(line, pos, "'")
             target[name] = None  # a quoted value is never a bare NaN/Infinity special
         else:
             space = line.find(" ", pos)

@@ -88,7 +88,7 @@ def context_json(message: str, max_bytes: int = 1_048_576) -> str:
         parts = [None, None, message]
     if not isinstance(parts, list):
         parts = [None, None, message]
-    present = [(s, p) for s, p in zip(_SOURCES, parts) if isinstance(p, str)]
+    present = [(s, p) for s, p in zip(_SOURCES, parts, strict=False) if isinstance(p, str)]
     if len(present) == 1:
         text = present[0][1].strip()
         if text.startswith("{") and len(text.encode()) <= max_bytes:
@@ -111,7 +111,7 @@ def context_json(message: str, max_bytes: int = 1_048_576) -> str:
 
 
 def _object_json(names: list[str], values: list[str]) -> str:
-    return "{" + ", ".join(f"{json.dumps(n, ensure_ascii=False)}: {v}" for n, v in zip(names, values)) + "}"
+    return "{" + ", ".join(f"{json.dumps(n, ensure_ascii=False)}: {v}" for n, v in zip(names, values, strict=True)) + "}"
 
 
 def _pk_text(value: Any) -> str | None:
@@ -167,7 +167,7 @@ class TransactionState:
         after_names, after_values, after_raw = render(change.columns)
         if change.action == "U" and before_raw:
             # wal2json leaves out unchanged TOASTed columns: their value is the old one.
-            for name, value in zip(before_names, before_values):
+            for name, value in zip(before_names, before_values, strict=True):
                 if name not in after_raw:
                     after_names.append(name)
                     after_values.append(value)

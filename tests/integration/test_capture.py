@@ -102,7 +102,8 @@ def test_destination_table_and_excluded_tables_are_not_tracked(db):
     db.poll()
     db.poll()  # the first poll's own writes into changes must not come back as changes
     assert [(c["table"], c["operation"]) for c in db.changes()] == [("todo", "CREATE")]
-    assert db.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'bemi_capture' AND tgrelid IN ('log'::regclass, 'changes'::regclass)") == [(0,)]
+    triggers = "SELECT count(*) FROM pg_trigger WHERE tgname = 'bemi_capture' AND tgrelid IN ('log'::regclass, 'changes'::regclass)"
+    assert db.execute(triggers) == [(0,)]
 
 
 def test_changes_committed_after_poll_once_started_wait_for_the_next_run(db):
