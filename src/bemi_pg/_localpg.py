@@ -129,10 +129,10 @@ class LocalCluster:
             "full_page_writes=off",
             "shared_buffers=256MB",
             "log_min_messages=warning",
-            *extra_settings,
         ]
         if self.supports_output_plugin_libraries():
             settings.append(f"output_plugin_libraries={OUTPUT_PLUGINS}")
+        settings += extra_settings  # later settings win
         opts = " ".join(f"-c {s}" if "=" in s and " " not in s else f"-c '{s}'" for s in settings)
         log = self.datadir / "server.log"
         res = self._run(

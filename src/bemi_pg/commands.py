@@ -60,15 +60,15 @@ def _plugin_check(conn: psycopg.Connection[Any], plugin: str, slot: str, slot_ex
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, %s, true)", (temp, plugin))
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (temp,))
     except psycopg.Error as exc:
-        msg = " ".join(str(exc).split())
-        if "output_plugin_libraries" in msg or "output_plugin_libraries" in str(getattr(exc.diag, "message_hint", "")):
-            return Check("FAIL", plugin, f"the server refuses it as an output plugin ({msg})",
-                         "start PostgreSQL with output_plugin_libraries = 'pgoutput,test_decoding,wal2json' "
-                         "(Debian's PostgreSQL 15.20 and later) and restart")
-        if "could not access file" in msg or "No such file" in msg:
-            pkg = "postgresql-15-wal2json" if plugin == "wal2json" else "postgresql-15"
+        msg = exc.diag.message_primary or " ".join(str(exc).split())
+        if "output_plugin_libraries" in f"{msg} {exc.diag.message_hint or ''}":
+            return Check("FAIL", plugin, f"the server refuses it ({msg})",
+                         "ALTER SYSTEM SET output_plugin_libraries = 'pgoutput,test_decoding,wal2json'; "
+                         "SELECT pg_reload_conf() (Debian's PostgreSQL 15.20 and later)")
+        if "could not access file" in msg:
+            pkg = "postgresql-15-wal2json" if plugin == "wal2json" else "postgresql-contrib"
             return Check("FAIL", plugin, "not installed on the server", f"apt-get install -y {pkg}, or your platform's {plugin}")
-        return Check("FAIL", plugin, f"cannot be loaded: {msg}", "see the message; run bemi-pg doctor -v")
+        return Check("FAIL", plugin, f"cannot be loaded: {msg}", "see the message; bemi-pg doctor -v shows more")
     return Check("OK", plugin, "loadable as an output plugin")
 
 

@@ -1,0 +1,68 @@
+"""doctor and the preflight: one line per check, each FAIL with its fix."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from bemi_pg import commands
+from bemi_pg._localpg import LocalCluster
+from bemi_pg.config import load_settings
+from bemi_pg.errors import PreflightError
+
+from ..conftest import run_cli
+
+
+def test_a_missing_plugin_names_the_package(db):
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        if conn.execute("SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'").fetchone()[0]:
+            conn.execute("SET output_plugin_libraries = 'no_such_plugin'")  # so that the file is looked for
+        check = commands._plugin_check(conn, "no_such_plugin", "unused", False)
+    assert check.status == "FAIL" and "not installed" in check.detail and "apt-get install" in check.fix
+
+
+def test_debian_output_plugin_libraries_is_explained(db):
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        if conn.execute("SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'").fetchone()[0] == 0:
+            pytest.skip("this server build has no output_plugin_libraries (Debian 15.20 and later do)")
+        conn.execute("CREATE ROLE bemi_rep LOGIN REPLICATION")
+        conn.execute(f'GRANT CREATE ON DATABASE "{db.name}" TO bemi_rep')
+        # As a role setting, it overrides the test server's command line, for this role only.
+        conn.execute("ALTER ROLE bemi_rep SET output_plugin_libraries = 'pgoutput'")
+    try:
+        result = run_cli("doctor", env={"BEMI_DSN": db.dsn.replace("user=postgres", "user=bemi_rep")})
+        assert result.returncode == 1
+        line = next(x for x in result.stdout.splitlines() if x.startswith("FAIL wal2json"))
+        assert "output_plugin_libraries = 'pgoutput,test_decoding,wal2json'" in line
+    finally:
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            conn.execute(f'REVOKE CREATE ON DATABASE "{db.name}" FROM bemi_rep')
+            conn.execute("DROP ROLE bemi_rep")
+
+
+@pytest.fixture(scope="module")
+def replica_level_server():
+    root = Path(tempfile.mkdtemp(prefix="bemi-pg-replica-", dir="/tmp"))
+    root.chmod(0o755)
+    cluster = LocalCluster(root / "data")
+    dsn = cluster.start("wal_level=replica", "max_wal_senders=10")
+    yield dsn
+    cluster.destroy()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_wal_level_not_logical_fails_with_the_fix(replica_level_server):
+    result = run_cli("doctor", env={"BEMI_DSN": replica_level_server})
+    assert result.returncode == 1
+    assert "FAIL wal_level: replica (fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL)" in result.stdout
+    install = run_cli("install", env={"BEMI_DSN": replica_level_server})
+    assert install.returncode == 1
+    assert install.stderr.startswith("error: FAIL wal_level: replica") and len(install.stderr.splitlines()) == 1
+    with pytest.raises(PreflightError):
+        commands.install(replica_level_server, None, load_settings(None))
+    with psycopg.connect(replica_level_server) as conn:
+        assert conn.execute("SELECT to_regnamespace('bemi')").fetchone() == (None,)
