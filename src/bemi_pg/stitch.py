@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
-from .wal2json import Begin, Change, Column, RawNumber, TypeRegistry, value_json
+from .wal2json import Begin, Change, Column, RawNumber, TypeInfo, TypeRegistry, value_json
 
 __all__ = ["ChangeRow", "TransactionState", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
@@ -110,8 +110,23 @@ def context_json(message: str, max_bytes: int = 1_048_576) -> str:
     return json.dumps(merged, ensure_ascii=False)
 
 
-def _object_json(names: list[str], values: list[str]) -> str:
-    return "{" + ", ".join(f"{json.dumps(n, ensure_ascii=False)}: {v}" for n, v in zip(names, values, strict=True)) + "}"
+_members: dict[str, str] = {}
+
+
+def _member_prefix(name: str) -> str:
+    """``"name": `` for a column name, computed once per name."""
+    prefix = _members.get(name)
+    if prefix is None:
+        prefix = _members[name] = json.dumps(name, ensure_ascii=False) + ": "
+    return prefix
+
+
+# name -> (JSON text of the value, its type, the value as decoded)
+Fields = dict[str, tuple[str, TypeInfo, Any]]
+
+
+def _object_json(fields: Fields) -> str:
+    return "{" + ", ".join(_member_prefix(name) + text for name, (text, _, _) in fields.items()) + "}"
 
 
 def _pk_text(value: Any) -> str | None:
@@ -145,55 +160,50 @@ class TransactionState:
     def on_message(self, content: str) -> None:
         self.context = context_json(content, self.max_bytes)
 
-    def on_change(self, change: Change) -> ChangeRow:
+    def _fields(self, columns: list[Column] | None) -> tuple[Fields, bool]:
+        """The row's fields, and whether one of them is an ambiguous null (maybe NaN)."""
         types = self.types
+        fields: Fields = {}
         ambiguous = False
+        for col in columns or ():
+            info = types[col.typeoid]
+            value = col.value
+            if value is None:
+                ambiguous = ambiguous or info.specials_as_null
+                fields[col.name] = ("null", info, None)
+            else:
+                fields[col.name] = (value_json(info, value), info, value)
+        return fields, ambiguous
 
-        def render(cols: list[Column] | None) -> tuple[list[str], list[str], dict[str, Any]]:
-            nonlocal ambiguous
-            names: list[str] = []
-            values: list[str] = []
-            raw: dict[str, Any] = {}
-            for col in cols or ():
-                info = types[col.typeoid]
-                if col.value is None and info.specials_as_null:
-                    ambiguous = True
-                names.append(col.name)
-                values.append(value_json(info, col.value))
-                raw[col.name] = (info, col.value)
-            return names, values, raw
-
-        before_names, before_values, before_raw = render(change.identity)
-        after_names, after_values, after_raw = render(change.columns)
-        if change.action == "U" and before_raw:
+    def on_change(self, change: Change) -> ChangeRow:
+        before, ambiguous_before = self._fields(change.identity)
+        after, ambiguous_after = self._fields(change.columns)
+        if change.action == "U" and before:
             # wal2json leaves out unchanged TOASTed columns: their value is the old one.
-            for name, value in zip(before_names, before_values, strict=True):
-                if name not in after_raw:
-                    after_names.append(name)
-                    after_values.append(value)
-                    after_raw[name] = before_raw[name]
-        if change.action == "D" and not before_names and after_names:
-            before_names, before_values, before_raw = after_names, after_values, after_raw
-            after_names, after_values, after_raw = [], [], {}
+            for name, field in before.items():
+                if name not in after:
+                    after[name] = field
+        elif change.action == "D" and not before and after:
+            before, after = after, {}
 
         primary_key: str | None = None
         if change.pk:
-            source = before_raw if change.action == "D" else after_raw
+            source = before if change.action == "D" else after
             if all(name in source for name in change.pk):
                 if len(change.pk) == 1:
-                    primary_key = _pk_text(source[change.pk[0]][1])
+                    primary_key = _pk_text(source[change.pk[0]][2])
                 else:
                     # wal2json lists key columns in table order; the key's own order is in the catalog.
                     names = self.key_order(change.schema, change.table, change.pk) if self.key_order else change.pk
-                    primary_key = "[" + ", ".join(value_json(*source[name]) for name in names) + "]"
+                    primary_key = "[" + ", ".join(source[name][0] for name in names) + "]"
 
         row = ChangeRow(
             database=self.database, schema=change.schema, table=change.table, primary_key=primary_key,
             operation=OPERATIONS[change.action],
-            before=_object_json(before_names, before_values),
-            after=_object_json(after_names, after_values),
+            before=_object_json(before),
+            after=_object_json(after),
             context=self.context, committed_at=self.committed_at, transaction_id=self.xid,
-            position=change.lsn, commit_position=self.commit_lsn, seq=self.seq, ambiguous=ambiguous,
+            position=change.lsn, commit_position=self.commit_lsn, seq=self.seq, ambiguous=ambiguous_before or ambiguous_after,
         )
         self.seq += 1
         return row

@@ -87,15 +87,19 @@ class TypeRegistry:
     """
 
     def __init__(self, loader: Callable[[list[int]], Iterable[tuple[int, str, str, int, str, int]]] | None = None):
-        self._known: dict[int, TypeInfo] = dict(_SCALARS)
+        self._known: dict[int | str, TypeInfo] = {}
+        for oid, info in _SCALARS.items():
+            self._known[oid] = info
         for array_oid, elem in _ARRAYS.items():
             self._known[array_oid] = TypeInfo(ARRAY, element=_SCALARS[elem])
         self._loader = loader
 
-    def __getitem__(self, oid: int) -> TypeInfo:
+    def __getitem__(self, oid: int | str) -> TypeInfo:
         info = self._known.get(oid)
         if info is None:
-            info = self._load(oid)
+            number = int(oid)
+            info = self._known.get(number) or self._load(number)
+            self._known[oid] = info  # wal2json's OIDs arrive as text: remember that key too
         return info
 
     def _load(self, oid: int) -> TypeInfo:
@@ -159,6 +163,8 @@ def _from_text(info: TypeInfo, text: str) -> str:
 
 def value_json(info: TypeInfo, value: Any) -> str:
     """JSON text, as ``to_jsonb`` gives it, for a value as wal2json decoded it."""
+    if info.kind is STRING and type(value) is str:
+        return _dumps(value)
     if value is None:
         return "null"
     if value is True:
@@ -264,7 +270,7 @@ class Message:
 @dataclass(slots=True)
 class Column:
     name: str
-    typeoid: int
+    typeoid: int | str  # as wal2json wrote it; TypeRegistry takes either
     value: Any
 
 
@@ -288,7 +294,7 @@ Event = Begin | Commit | Message | Change
 def _columns(raw: list[dict[str, Any]] | None) -> list[Column] | None:
     if raw is None:
         return None
-    return [Column(c["name"], int(c["typeoid"]), c["value"]) for c in raw]
+    return [Column(c["name"], c["typeoid"], c["value"]) for c in raw]
 
 
 def parse_row(data: str) -> Event:
