@@ -66,3 +66,21 @@ def test_wal_level_not_logical_fails_with_the_fix(replica_level_server):
         commands.install(replica_level_server, None, load_settings(None))
     with psycopg.connect(replica_level_server) as conn:
         assert conn.execute("SELECT to_regnamespace('bemi')").fetchone() == (None,)
+
+
+def test_no_free_slot_fails_with_the_fix(tmp_path_factory):
+    root = Path(tempfile.mkdtemp(prefix="bemi-pg-slots-", dir="/tmp"))
+    root.chmod(0o755)
+    cluster = LocalCluster(root / "data")
+    try:
+        dsn = cluster.start("max_replication_slots=1")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_create_logical_replication_slot('someone_else', 'test_decoding')")
+        result = run_cli("doctor", env={"BEMI_DSN": dsn})
+        assert result.returncode == 1
+        assert "FAIL replication slots: 0 of 1 free (fix: raise max_replication_slots" in result.stdout
+        install = run_cli("install", env={"BEMI_DSN": dsn})
+        assert install.returncode == 1 and install.stderr.startswith("error: FAIL replication slots")
+    finally:
+        cluster.destroy()
+        shutil.rmtree(root, ignore_errors=True)

@@ -112,6 +112,14 @@ def test_bad_input_is_one_clear_line(args, env, message):
     assert "hunter2" not in result.stderr
 
 
+def test_malformed_bemi_toml_is_one_clear_line(tmp_path):
+    config = tmp_path / "bemi.toml"
+    config.write_text("[source]\nschemas = 'public'\n")
+    result = run_cli("render", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr == f"error: {config}: source.schemas must be a list, not 'public'\n"
+
+
 def test_poll_without_a_slot_says_so(db):
     result = run_cli("poll", "--once", env={"DATABASE_URL": db.dsn})
     assert result.returncode == 3
