@@ -62,6 +62,7 @@ class Settings:
     batch_size: int = 10_000
     heartbeat_interval: float = 30.0
     max_context_bytes: int = 1_048_576
+    database_keys: str = "no_context"  # session_user, application_name, client_addr: no_context, always, never
     source_file: str | None = field(default=None, compare=False)
 
     @property
@@ -89,7 +90,7 @@ class Settings:
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "source": {"schemas": list, "exclude_tables": list},
-    "capture": {"replica_identity_full": bool, "max_context_bytes": int},
+    "capture": {"replica_identity_full": bool, "max_context_bytes": int, "database_keys": str},
     "slot": {"name": str},
     "destination": {"table": str, "row_gin_indexes": bool},
     "poll": {"batch_size": int, "heartbeat_interval": (int, float)},
@@ -130,6 +131,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     mapping = {
         "source.schemas": "schemas", "source.exclude_tables": "exclude_tables",
         "capture.replica_identity_full": "replica_identity_full", "capture.max_context_bytes": "max_context_bytes",
+        "capture.database_keys": "database_keys",
         "slot.name": "slot_name", "destination.table": "destination_table",
         "destination.row_gin_indexes": "row_gin_indexes",
         "poll.batch_size": "batch_size", "poll.heartbeat_interval": "heartbeat_interval",
@@ -156,5 +158,7 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"{where}: slot.name {settings.slot_name!r} is not a valid slot name (a-z, 0-9 and _, at most 63)")
     if settings.batch_size < 1:
         raise ConfigError(f"{where}: poll.batch_size must be at least 1")
+    if settings.database_keys not in ("no_context", "always", "never"):
+        raise ConfigError(f"{where}: capture.database_keys must be \"no_context\", \"always\" or \"never\"")
     if settings.max_context_bytes < 1:
         raise ConfigError(f"{where}: capture.max_context_bytes must be at least 1")

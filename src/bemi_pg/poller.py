@@ -295,7 +295,7 @@ class Poller:
                             stats.skipped += 1
                         else:
                             state = TransactionState(self.database, self.types, event, self.settings.max_context_bytes,
-                                                     self._key_order)
+                                                     self._key_order, self.settings.database_keys)
                     elif isinstance(event, Commit):
                         if state is not None:
                             stats.transactions += state.seq > 0

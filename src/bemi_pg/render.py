@@ -97,6 +97,8 @@ def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_ch
         "untracked_tables": untracked,
         "replica_identity_full": settings.replica_identity_full,
         "max_context_bytes": settings.max_context_bytes,
+        "max_query_bytes": 4 * settings.max_context_bytes,
+        "database_keys": settings.database_keys,
         "changes_schema": dest_schema,
         "changes_name": dest_name,
         "changes_table": quote_ident(dest_schema, dest_name),

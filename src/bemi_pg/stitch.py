@@ -1,20 +1,23 @@
 """Pure stitching: decoded wal2json events -> change rows, each with its statement's context.
 
 A change's context is the last ``_bemi`` message before it in its transaction, in output
-order. The capture trigger emits ``[session, transaction, comment]`` (JSON strings as the
-application gave them, or null) and never validates them, so that no context can make a
-write fail; this module validates, merges (session < transaction < comment) and marks
-what was wrong under the key ``_bemi_error``.
+order. The capture trigger emits the raw parts (see ``bemi.capture_context``) and never
+validates them, so that no context can make a write fail; this module validates, merges
+(PostgREST < session < transaction < comment) and marks what was wrong under the key
+``_bemi_error``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
+
+from pglast.parser import scan
 
 from .wal2json import Begin, Change, Column, RawNumber, TypeInfo, TypeRegistry, value_json
 
@@ -22,8 +25,6 @@ __all__ = ["ChangeRow", "TransactionState", "context_json", "CONTEXT_PREFIX", "O
 
 CONTEXT_PREFIX = "_bemi"
 OPERATIONS = {"I": "CREATE", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
-_SOURCES = ("session", "transaction", "comment")
-
 
 @dataclass(slots=True)
 class ChangeRow:
@@ -58,53 +59,127 @@ COLUMNS = (
 )
 
 
-def _parse_part(source: str, text: str, max_bytes: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def _parse_object(source: str, text: str, max_bytes: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Return (context object, error marker) for one source's raw text."""
     size = len(text.encode())
     if size > max_bytes:
         return None, {"source": source, "error": f"context over {max_bytes} bytes", "bytes": size}
-    candidates = [text.strip()]
-    if source == "comment" and "%" in text:
-        candidates.append(unquote(text.strip()))  # bemi-django URL-quotes the comment
-    for candidate in candidates:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None, {"source": source, "error": "context is not valid JSON", "value": text[:200]}
+    if isinstance(value, dict):
+        return value, None
+    return None, {"source": source, "error": f"context is a JSON {type(value).__name__}, not an object"}
+
+
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_DJANGO_SAFE = re.compile(r"""[A-Za-z0-9_.~{},\[\]:"'\\/=()% -]*""")
+
+
+def final_comment(query: str, truncated: bool = False) -> str | None:
+    """The text inside the ``/*Bemi … Bemi*/`` comment that ends ``query``, if it has one.
+
+    Only a comment that ends the query counts (trailing semicolons aside): a string literal
+    or an earlier comment holding ``/*Bemi … Bemi*/`` never does. The query is lexed with
+    PostgreSQL's own scanner (pglast), so quotes, dollar quotes and nested comments are exact.
+    """
+    if not truncated:
         try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value, None
-        return None, {"source": source, "error": f"context is a JSON {type(value).__name__}, not an object"}
-    return None, {"source": source, "error": "context is not valid JSON", "value": text[:200]}
+            tokens = scan(query)
+        except Exception:  # noqa: BLE001 - not lexable: fall back to the plain reading below
+            tokens = None
+        if tokens is not None:
+            while tokens and tokens[-1].name == "ASCII_59":  # ';'
+                tokens.pop()
+            if not tokens or tokens[-1].name != "C_COMMENT":
+                return None
+            last = tokens[-1]
+            comment = query.encode()[last.start : last.end + 1].decode()
+            if comment.startswith("/*Bemi") and comment.endswith("Bemi*/"):
+                return comment[6:-6]
+            return None
+    # Only the tail of a very long query was sent: take the last comment that closes it.
+    tail = query.rstrip().rstrip(";").rstrip()
+    start = tail.rfind("/*Bemi")
+    if start < 0 or not tail.endswith("Bemi*/"):
+        return None
+    return tail[start + 6 : -6]
+
+
+def _comment_text(raw: str) -> str:
+    """Undo bemi-django's quoting (it URL-quotes the JSON and doubles every %)."""
+    text = raw.strip()
+    if "%" in text and _PERCENT_ESCAPE.search(text.replace("%%", "%")) and _DJANGO_SAFE.fullmatch(text):
+        return unquote(text.replace("%%", "%"))
+    return text
+
+
+def _request_context(request: list[Any], max_bytes: int, errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """PostgREST's per-request settings: method, path, the JWT's sub and role, x-bemi-context."""
+    method, path, claims_text, headers_text = (request + [None] * 4)[:4]
+    ctx: dict[str, Any] = {}
+    if method:
+        ctx["method"] = method
+    if path:
+        ctx["path"] = path
+    if claims_text:
+        claims, error = _parse_object("request.jwt.claims", claims_text, max_bytes)
+        if claims is not None:
+            ctx.update({k: claims[k] for k in ("sub", "role") if k in claims})
+        elif error is not None:
+            errors.append(error)
+    if headers_text:
+        headers, error = _parse_object("request.headers", headers_text, max_bytes)
+        header = headers.get("x-bemi-context") if headers else None
+        if isinstance(header, str):
+            value, error = _parse_object("x-bemi-context", header, max_bytes)
+            if value is not None:
+                ctx.update(value)
+        if error is not None:
+            errors.append(error)
+    return ctx
 
 
 @lru_cache(maxsize=4096)
-def context_json(message: str, max_bytes: int = 1_048_576) -> str:
-    """The context JSON text for one ``_bemi`` message's content."""
+def context_json(message: str, max_bytes: int = 1_048_576, database_keys: str = "no_context") -> str:
+    """The context JSON text for one ``_bemi`` message's content.
+
+    Sources merge key by key, later ones winning: PostgREST request < session
+    (``bemi_set_context``) < transaction (``bemi.set_context``) < the statement's comment.
+    What the database knows of the session (session_user, application_name, client_addr)
+    is added where the application said nothing (``no_context``), always, or never.
+    """
     if not message:
         return "{}"
     try:
         parts = json.loads(message)
     except ValueError:
-        parts = [None, None, message]
+        parts = None
     if not isinstance(parts, list):
-        parts = [None, None, message]
-    present = [(s, p) for s, p in zip(_SOURCES, parts, strict=False) if isinstance(p, str)]
-    if len(present) == 1:
-        text = present[0][1].strip()
-        if text.startswith("{") and len(text.encode()) <= max_bytes:
-            try:
-                if isinstance(json.loads(text), dict):
-                    return text  # exactly as the application wrote it
-            except ValueError:
-                pass
+        parts = [None, None, None]
+    session, local, query, request, database, truncated = (parts + [None] * 6)[:6]
     merged: dict[str, Any] = {}
-    errors = []
-    for source, text in present:
-        value, error = _parse_part(source, text, max_bytes)
-        if value is not None:
-            merged.update(value)
-        if error is not None:
-            errors.append(error)
+    errors: list[dict[str, Any]] = []
+    sources_used: list[str] = []  # the raw text of each source that gave an object
+    if isinstance(request, list):
+        merged.update(_request_context(request, max_bytes, errors))
+        sources_used += ["request"] if merged else []
+    comment = final_comment(query, bool(truncated)) if isinstance(query, str) else None
+    for source, text in (("session", session), ("transaction", local),
+                         ("comment", None if comment is None else _comment_text(comment))):
+        if isinstance(text, str):
+            value, error = _parse_object(source, text.strip(), max_bytes)
+            if value is not None:
+                merged.update(value)
+                sources_used.append(text.strip())
+            if error is not None:
+                errors.append(error)
+    if len(sources_used) == 1 and not errors and sources_used[0] != "request" and database_keys != "always":
+        return sources_used[0]  # exactly as the application wrote it: numbers keep every digit
+    if isinstance(database, list) and (database_keys == "always" or (database_keys == "no_context" and not merged and not errors)):
+        known = dict(zip(("session_user", "application_name", "client_addr"), database, strict=False))
+        merged = {**{k: v for k, v in known.items() if v not in (None, "")}, **merged}
     if errors:
         merged["_bemi_error"] = errors
     return json.dumps(merged, ensure_ascii=False)
@@ -142,10 +217,12 @@ def _pk_text(value: Any) -> str | None:
 class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
-    __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "end_lsn", "committed_at", "context", "seq", "max_bytes")
+    __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "end_lsn", "committed_at", "context", "seq", "max_bytes", "database_keys")
 
     def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
-                 key_order: Callable[[str, str, list[str]], list[str]] | None = None) -> None:
+                 key_order: Callable[[str, str, list[str]], list[str]] | None = None,
+                 database_keys: str = "no_context") -> None:
+        self.database_keys = database_keys
         self.database = database
         self.types = types
         self.key_order = key_order
@@ -158,7 +235,7 @@ class TransactionState:
         self.max_bytes = max_context_bytes
 
     def on_message(self, content: str) -> None:
-        self.context = context_json(content, self.max_bytes)
+        self.context = context_json(content, self.max_bytes, self.database_keys)
 
     def _fields(self, columns: list[Column] | None) -> tuple[Fields, bool]:
         """The row's fields, and whether one of them is an ambiguous null (maybe NaN)."""

@@ -29,7 +29,9 @@ def test_each_change_carries_the_context_of_its_statement(db):
     assert got == [
         ("CREATE", "1", {"step": 1}, 0), ("CREATE", "2", {"step": 1}, 1),
         ("UPDATE", "1", {"step": 2}, 2), ("CREATE", "3", {"step": 3}, 3),
-        ("DELETE", "2", {"step": 2}, 4), ("CREATE", "4", {}, 0),
+        ("DELETE", "2", {"step": 2}, 4),
+        # No application context: what the database knows of the session is recorded instead.
+        ("CREATE", "4", {"session_user": "postgres", "client_addr": "127.0.0.1"}, 0),
     ]
 
 

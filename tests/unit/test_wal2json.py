@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bemi_pg.specials import parse_change
-from bemi_pg.stitch import context_json
+from bemi_pg.stitch import context_json, final_comment
 from bemi_pg.wal2json import Begin, Change, TypeInfo, TypeRegistry, format_lsn, parse_array, parse_lsn, parse_row, value_json
 
 TYPES = TypeRegistry()
@@ -64,20 +64,49 @@ def test_begin_and_change_rows():
     assert isinstance(change, Change) and change.columns is None
 
 
+def _message(session=None, local=None, query=None, request=None, database=None, truncated=None):
+    return json.dumps([session, local, query, request, database, truncated])
+
+
 @pytest.mark.parametrize("message, expected", [
     ("", {}),
-    ('["{\\"a\\": 1}", null, null]', {"a": 1}),
-    ('["{\\"a\\": 1, \\"b\\": 1}", "{\\"b\\": 2}", " {\\"c\\": 3} "]', {"a": 1, "b": 2, "c": 3}),
-    ('[null, null, " %7B%22u%22%3A%201%7D "]', {"u": 1}),
+    (_message(session='{"a": 1}'), {"a": 1}),
+    (_message(session='{"a": 1, "b": 1}', local='{"b": 2}', query='UPDATE t SET x = 1 /*Bemi {"c": 3} Bemi*/;'),
+     {"a": 1, "b": 2, "c": 3}),
+    (_message(query='UPDATE t SET x = 1 /*Bemi %7B%22u%22%3A%20%22a%40b%22%7D Bemi*/'), {"u": "a@b"}),
+    (_message(query='UPDATE t SET x = 1 /*Bemi {"u": "50%25 @ 100%"} Bemi*/'), {"u": "50%25 @ 100%"}),
+    # A string literal or an earlier comment never counts; nor does the SQL key inside the comment.
+    (_message(query="INSERT INTO t VALUES ('/*Bemi {\"user\": \"admin\"} Bemi*/')"), {}),
+    (_message(query="INSERT INTO t VALUES ('/*Bemi {\"user\": \"admin\"} Bemi*/') "
+                    '/*Bemi {"user": "me", "SQL": "INSERT /*Bemi {} Bemi*/"} Bemi*/'),
+     {"user": "me", "SQL": "INSERT /*Bemi {} Bemi*/"}),
+    (_message(query='/*Bemi {"early": 1} Bemi*/ UPDATE t SET x = 1'), {}),
+    (_message(request=["POST", "/todos", '{"sub": "u1", "role": "authenticated", "exp": 1}',
+                       '{"x-bemi-context": "{\\"tenant\\": 7}", "accept": "*/*"}'], session='{"role": "app"}'),
+     {"method": "POST", "path": "/todos", "sub": "u1", "role": "app", "tenant": 7}),
+    (_message(database=["alice", "psql", "10.0.0.1"]), {"session_user": "alice", "application_name": "psql", "client_addr": "10.0.0.1"}),
+    (_message(local='{"a": 1}', database=["alice", "psql", None]), {"a": 1}),
+    (_message(local='{"n": 1.000000000000000000001}'), {"n": 1.000000000000000000001}),
 ])
 def test_context_merge(message, expected):
     assert json.loads(context_json(message)) == expected
 
 
+def test_context_keeps_the_application_text_exactly():
+    assert context_json(_message(local='{"n": 1.000000000000000000001}')) == '{"n": 1.000000000000000000001}'
+
+
+def test_database_keys_always_and_never():
+    message = _message(local='{"a": 1}', database=["alice", "", None])
+    assert json.loads(context_json(message, database_keys="always")) == {"session_user": "alice", "a": 1}
+    assert json.loads(context_json(_message(database=["alice", "", None]), database_keys="never")) == {}
+
+
 @pytest.mark.parametrize("message, error", [
-    ('["not json", null, null]', "not valid JSON"),
-    ('[null, null, "[1, 2]"]', "not an object"),
-    ('[null, "\\"x\\"", null]', "not an object"),
+    (_message(session="not json"), "not valid JSON"),
+    (_message(query="SELECT 1 /*Bemi [1, 2] Bemi*/"), "not an object"),
+    (_message(local='"x"'), "not an object"),
+    (_message(request=["GET", "/", "not json", None]), "not valid JSON"),
 ])
 def test_bad_context_is_marked(message, error):
     ctx = json.loads(context_json(message))
@@ -85,9 +114,13 @@ def test_bad_context_is_marked(message, error):
 
 
 def test_oversized_context_is_marked():
-    big = json.dumps([None, json.dumps({"x": "y" * 2000}), None])
+    big = _message(local=json.dumps({"x": "y" * 2000}))
     ctx = json.loads(context_json(big, 1000))
     assert "over 1000 bytes" in ctx["_bemi_error"][0]["error"]
+
+
+def test_final_comment_of_a_truncated_query():
+    assert final_comment('...tail of a query\' /*Bemi {"a": 1} Bemi*/ ;', truncated=True) == ' {"a": 1} '
 
 
 def test_test_decoding_rows():
