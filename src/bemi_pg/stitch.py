@@ -217,7 +217,8 @@ def _pk_text(value: Any) -> str | None:
 class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
-    __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "end_lsn", "committed_at", "context", "seq", "max_bytes", "database_keys")
+    __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "end_lsn", "committed_at", "context", "seq",
+                 "max_bytes", "database_keys")
 
     def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
                  key_order: Callable[[str, str, list[str]], list[str]] | None = None,
