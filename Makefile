@@ -2,14 +2,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PG_PACKAGES := postgresql-15 postgresql-15-wal2json
+PG_PACKAGES := postgresql-15 postgresql-15-wal2json pgbouncer
 DEMO_DIR ?= .demo
 
 .PHONY: deps test unit lint demo demo-stop install clean
 
 deps: .stamp-apt .stamp-venv
 
-# Debian packages: the PostgreSQL 15 server and wal2json, only if missing.
+# Debian packages: the PostgreSQL 15 server, wal2json and pgbouncer (for tests), only if missing.
 .stamp-apt:
 	@missing=$$(for p in $(PG_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -21,7 +21,7 @@ import pytest
 from psycopg import conninfo
 
 from bemi_pg import commands
-from bemi_pg._localpg import LocalCluster, find_bindir
+from bemi_pg._localpg import LocalCluster, LocalPgBouncer, find_bindir
 from bemi_pg.config import Settings, load_settings
 
 _counter = itertools.count()
@@ -127,3 +127,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "bemi_pg", *args], env=full_env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(server_dsn: str) -> Iterator[LocalPgBouncer]:
+    """pgbouncer in transaction mode, one server connection per database shared by all clients."""
+    import shutil as _shutil
+
+    if not (_shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists()):
+        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer; make deps does it)")
+    root = Path(tempfile.mkdtemp(prefix="bemi-pg-bouncer-", dir="/tmp"))
+    root.chmod(0o755)
+    port = int(conninfo.conninfo_to_dict(server_dsn)["port"])
+    bouncer = LocalPgBouncer(root, port, pool_size=1)
+    bouncer.start()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+        _shutil.rmtree(root, ignore_errors=True)

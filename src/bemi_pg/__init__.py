@@ -3,3 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .context import annotate, current_context, set_context, sql_comment, transaction, use_context  # noqa: E402
+
+__all__ = ["__version__", "annotate", "current_context", "set_context", "sql_comment", "transaction", "use_context"]

@@ -19,9 +19,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-__all__ = ["LocalCluster", "find_bindir"]
+__all__ = ["LocalCluster", "LocalPgBouncer", "find_bindir"]
 
 OUTPUT_PLUGINS = "pgoutput,test_decoding,wal2json"
 
@@ -153,6 +154,59 @@ class LocalCluster:
         """Stop the server and delete its data directory."""
         self.stop("immediate")
         shutil.rmtree(self.datadir, ignore_errors=True)
+
+
+class LocalPgBouncer:
+    """pgbouncer in transaction pooling mode in front of a local cluster (tests only)."""
+
+    def __init__(self, directory: Path | str, server_port: int, *, pool_size: int = 1) -> None:
+        self.directory = Path(directory).absolute()
+        self.server_port = server_port
+        self.pool_size = pool_size
+        self.port = _free_port()
+        self._proc: subprocess.Popen[str] | None = None
+
+    def dsn(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def start(self) -> None:
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        if not Path(binary).exists():
+            raise FileNotFoundError("pgbouncer not found: apt-get install -y pgbouncer")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "users.txt").write_text('"postgres" ""\n')
+        ini = self.directory / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={self.server_port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.directory / 'users.txt'}\n"
+            f"pool_mode = transaction\ndefault_pool_size = {self.pool_size}\nmax_client_conn = 100\n"
+            "ignore_startup_parameters = extra_float_digits,options\n"
+            f"logfile = {self.directory / 'pgbouncer.log'}\n"
+        )
+        cmd = [binary, str(ini)]
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+            for f in self.directory.iterdir():
+                shutil.chown(f, "postgres", "postgres")
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"pgbouncer did not start: {self._proc.stderr.read() if self._proc.stderr else ''}")
+            time.sleep(0.05)
+        raise RuntimeError("pgbouncer did not start listening")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._proc = None
 
 
 def main(argv: list[str]) -> int:

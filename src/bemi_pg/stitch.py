@@ -95,7 +95,7 @@ def final_comment(query: str, truncated: bool = False) -> str | None:
             if not tokens or tokens[-1].name != "C_COMMENT":
                 return None
             last = tokens[-1]
-            comment = query.encode()[last.start : last.end + 1].decode()
+            comment = query[last.start : last.end + 1]  # pglast gives character offsets
             if comment.startswith("/*Bemi") and comment.endswith("Bemi*/"):
                 return comment[6:-6]
             return None

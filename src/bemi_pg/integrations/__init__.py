@@ -1,0 +1,1 @@
+"""Framework integrations: SQLAlchemy, Django, ASGI. Each imports its framework lazily."""
