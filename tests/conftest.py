@@ -146,3 +146,20 @@ def pgbouncer(server_dsn: str) -> Iterator[LocalPgBouncer]:
     finally:
         bouncer.stop()
         _shutil.rmtree(root, ignore_errors=True)
+
+
+def package_venv(name: str, *requirements: str) -> Path:
+    """A virtualenv with ``requirements`` from PyPI, kept in /tmp between runs; its python.
+
+    Bemi's own client packages each install a top-level module named ``bemi``, so each
+    gets an environment of its own."""
+    import hashlib
+
+    key = hashlib.sha1(" ".join(requirements).encode()).hexdigest()[:10]
+    path = Path(tempfile.gettempdir()) / f"bemi-pg-venv-{name}-{key}"
+    if not (path / "ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(path)], check=True)
+        subprocess.run([str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", *requirements],
+                       check=True, timeout=900)
+        (path / "ready").touch()
+    return path / "bin" / "python"
