@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from . import __version__, commands
+from . import __version__, commands, migrations
 from .config import load_settings
 from .db import resolve_destination_dsn, resolve_dsn
 from .errors import BemiError
@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     sub.add_parser("doctor", parents=[common], help="check the database is ready; one line per check")
+
+    p = sub.add_parser("migration", parents=[common], help="write a migration for your framework that installs bemi-pg")
+    msub = p.add_subparsers(dest="migration_command", required=True, metavar="new")
+    new = msub.add_parser("new", parents=[common], help="write the migration file; needs no database")
+    kind = new.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--supabase", nargs="?", const="supabase/migrations", metavar="DIR",
+                      help="write DIR/<timestamp>_bemi.sql (default DIR: supabase/migrations)")
+    kind.add_argument("--alembic", metavar="DIR", help="write an Alembic revision into the versions directory DIR")
+    kind.add_argument("--django", metavar="APP", help="write a migration into the Django app directory APP")
     return parser
 
 
@@ -82,6 +91,16 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.command == "render":
         sys.stdout.write(commands.render(settings, uninstall=args.uninstall, drop_changes=args.drop_changes))
+        return 0
+    if args.command == "migration":
+        if args.supabase:
+            path = migrations.new_supabase(settings, args.supabase)
+        elif args.alembic:
+            path = migrations.new_alembic(settings, args.alembic)
+        else:
+            path = migrations.new_django(settings, args.django)
+        print(path)
+        log.info("bemi-pg: %s", migrations.SLOT_NOTE)
         return 0
     dsn = resolve_dsn(args.dsn)
     dest = resolve_destination_dsn(args.destination_dsn, dsn)
