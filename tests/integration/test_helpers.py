@@ -68,3 +68,25 @@ def test_sql_comment_survives_hostile_values(db):
     db.poll()
     assert [c["context"] for c in db.changes()] == [hostile, hostile]
     assert db.execute("SELECT count(*) FROM item") == [(2,)]
+
+
+def test_psycopg2_connections_too(db):
+    psycopg2 = pytest.importorskip("psycopg2")
+    db.execute("CREATE TABLE item (id bigserial PRIMARY KEY)")
+    db.install(database_keys="never")
+    conn = psycopg2.connect(db.dsn)
+    try:
+        with bemi_pg.transaction(conn, {"driver": "psycopg2"}):
+            conn.cursor().execute("INSERT INTO item DEFAULT VALUES")
+        bemi_pg.set_context(conn, {"driver": "psycopg2", "how": "set_context"})
+        conn.cursor().execute("INSERT INTO item DEFAULT VALUES")
+        conn.commit()
+        conn.cursor().execute("INSERT INTO item DEFAULT VALUES")  # the next transaction: nothing carried over
+        conn.commit()
+        conn.autocommit = True
+        with pytest.raises(BemiError, match="needs an open transaction"):
+            bemi_pg.set_context(conn, {"a": 1})
+    finally:
+        conn.close()
+    db.poll()
+    assert [c["context"] for c in db.changes()] == [{"driver": "psycopg2"}, {"driver": "psycopg2", "how": "set_context"}, {}]
