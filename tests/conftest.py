@@ -163,3 +163,22 @@ def package_venv(name: str, *requirements: str) -> Path:
                        check=True, timeout=900)
         (path / "ready").touch()
     return path / "bin" / "python"
+
+
+def django_script(settings: str, body: str) -> str:
+    """A stand-alone Django program: settings for the database named by argv[1], then ``body``."""
+    preamble = '''
+import sys
+import django
+from django.conf import settings
+from psycopg import conninfo
+
+p = conninfo.conninfo_to_dict(sys.argv[1])
+settings.configure(
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": p["dbname"], "USER": p["user"],
+                           "HOST": p["host"], "PORT": p["port"]}},
+    ROOT_URLCONF="__main__", ALLOWED_HOSTS=["*"], SECRET_KEY="x", USE_TZ=True,
+    %s
+)
+'''
+    return preamble % settings + body

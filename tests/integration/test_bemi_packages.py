@@ -8,7 +8,7 @@ import textwrap
 
 from psycopg import conninfo
 
-from ..conftest import package_venv
+from ..conftest import django_script, package_venv
 
 
 def _run(python, script: str, *args: str) -> str:
@@ -59,22 +59,9 @@ def test_bemi_sqlalchemy_core_and_orm(db):
     assert got[0][3].startswith("INSERT INTO todo") and got[2][3].startswith("UPDATE todo")
 
 
-DJANGO_SETTINGS = """
-import sys
-import django
-from django.conf import settings
-from psycopg import conninfo
-
-p = conninfo.conninfo_to_dict(sys.argv[1])
-settings.configure(
-    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": p["dbname"], "USER": p["user"],
-                           "HOST": p["host"], "PORT": p["port"]}},
-    INSTALLED_APPS=["bemi"],
-    MIDDLEWARE=["bemi.middleware.BemiMiddleware"],
-    BEMI_CONTEXT_FUNCTION="__main__.get_context",
-    ROOT_URLCONF="__main__", ALLOWED_HOSTS=["*"], SECRET_KEY="x", USE_TZ=True,
-)
-
+DJANGO_SETTINGS = django_script(
+    'INSTALLED_APPS=["bemi"], MIDDLEWARE=["bemi.middleware.BemiMiddleware"], BEMI_CONTEXT_FUNCTION="__main__.get_context",',
+    """
 def get_context(request):
     return {"user": request.headers.get("X-User"), "endpoint": request.path, "note": "50% off: a@b.example"}
 
@@ -94,7 +81,7 @@ def complete(request, pk):
 
 urlpatterns = [path("todos/", create), path("todos/<int:pk>/complete", complete)]
 django.setup()
-"""
+""")
 
 DJANGO_REQUESTS = DJANGO_SETTINGS + """
 from django.test import Client

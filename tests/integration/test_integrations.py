@@ -12,6 +12,8 @@ import pytest
 import bemi_pg
 from bemi_pg.integrations.asgi import BemiContextMiddleware
 
+from ..conftest import django_script
+
 
 def _sqlalchemy_url(dsn: str) -> str:
     from psycopg import conninfo
@@ -54,21 +56,9 @@ def test_sqlalchemy_transactions_carry_the_current_context(db):
     ]
 
 
-DJANGO_SCRIPT = """
-import sys
-import django
-from django.conf import settings
-from psycopg import conninfo
-
-p = conninfo.conninfo_to_dict(sys.argv[1])
-settings.configure(
-    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": p["dbname"], "USER": p["user"],
-                           "HOST": p["host"], "PORT": p["port"]}},
-    MIDDLEWARE=["bemi_pg.integrations.django.BemiContextMiddleware"],
-    BEMI_PG_CONTEXT="__main__.request_context",
-    ROOT_URLCONF="__main__", ALLOWED_HOSTS=["*"], SECRET_KEY="x", USE_TZ=True,
-)
-
+DJANGO_SCRIPT = django_script(
+    'MIDDLEWARE=["bemi_pg.integrations.django.BemiContextMiddleware"], BEMI_PG_CONTEXT="__main__.request_context",',
+    """
 def request_context(request):
     return {"method": request.method, "path": request.path, "user": request.headers.get("X-User")}
 
@@ -89,7 +79,7 @@ from django.test import Client
 assert Client().post("/todos/", HTTP_X_USER="alice").status_code == 200
 with connection.cursor() as cur:  # outside any request: no context
     cur.execute("DELETE FROM todo")
-"""
+""")
 
 
 def test_django_middleware_annotates_each_write(db, tmp_path):
