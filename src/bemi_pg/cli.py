@@ -16,6 +16,7 @@ from . import __version__, commands, migrations
 from .config import load_settings
 from .db import resolve_destination_dsn, resolve_dsn
 from .errors import BemiError
+from .render import render_roles
 from .wal2json import format_lsn
 
 log = logging.getLogger("bemi_pg")
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", parents=[common], help="print the install (or uninstall) SQL; needs no database")
     p.add_argument("--uninstall", action="store_true")
     p.add_argument("--drop-changes", action="store_true", help="with --uninstall: also drop the changes table")
+    p.add_argument("--roles", action="store_true", help="print the GRANTs for a least-privilege poller role instead")
+    p.add_argument("--role", default="bemi_poller", help="with --roles: the role's name (default bemi_poller)")
 
     p = sub.add_parser("install", parents=[common], help="preflight, install, create the slot (idempotent)")
     p.add_argument("--dry-run", action="store_true", help="run the checks and print the SQL; change nothing")
@@ -90,7 +93,10 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.command == "render":
-        sys.stdout.write(commands.render(settings, uninstall=args.uninstall, drop_changes=args.drop_changes))
+        if args.roles:
+            sys.stdout.write(render_roles(settings, args.role))
+        else:
+            sys.stdout.write(commands.render(settings, uninstall=args.uninstall, drop_changes=args.drop_changes))
         return 0
     if args.command == "migration":
         if args.supabase:

@@ -23,6 +23,7 @@ from psycopg import sql
 from .config import Settings
 from .db import connect, fetch_dict
 from .errors import BemiError, SlotBusy, SlotLost
+from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
 from .stitch import COLUMNS, CONTEXT_PREFIX, TransactionState, tracked_filter
@@ -67,6 +68,7 @@ class PollStats:
     """What a poll did."""
 
     batches: int = 0
+    rows: int = 0  # rows read from the slot (the batch limit counts these)
     transactions: int = 0
     changes: int = 0  # rows inserted into the destination (duplicates not counted)
     skipped: int = 0  # transactions already at or before the checkpoint
@@ -75,6 +77,7 @@ class PollStats:
 
     def add(self, other: PollStats) -> None:
         self.batches += other.batches
+        self.rows += other.rows
         self.transactions += other.transactions
         self.changes += other.changes
         self.skipped += other.skipped
@@ -153,10 +156,10 @@ class Poller:
     ) -> None:
         self.settings = settings
         self.batch_size = batch_size or settings.batch_size
+        self._source_dsn = source_dsn
+        self._destination_dsn = destination_dsn
         self.source = connect(source_dsn, role="source database")
-        self.destination = (
-            connect(destination_dsn, role="destination database") if destination_dsn else connect(source_dsn, role="source database")
-        )
+        self.destination = connect(destination_dsn or source_dsn, role="destination database")
         self.database: str = self.source.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         self.slot = settings.slot_for(self.database)
         schema, table = settings.destination
@@ -170,6 +173,14 @@ class Poller:
         self._keys: dict[tuple[str, str], list[str]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
+    def _reconnect(self) -> None:
+        """Open both connections again; take the lock again (it went with the old session)."""
+        self.close()
+        self.source = connect(self._source_dsn, role="source database")
+        self.destination = connect(self._destination_dsn or self._source_dsn, role="destination database")
+        self.lock()
+        self.check_slot()
+
     def close(self) -> None:
         for conn in (self.source, self.destination):
             try:
@@ -228,24 +239,43 @@ class Poller:
         total.seconds = time.monotonic() - started
         return total
 
-    def run_follow(self, interval: float, stop: threading.Event, on_batch: Callable[[PollStats], None] | None = None) -> PollStats:
-        """Poll every ``interval`` seconds until ``stop`` is set; the batch in hand is finished first."""
+    def run_follow(self, interval: float, stop: threading.Event, on_batch: Callable[[PollStats], None] | None = None,
+                   *, max_backoff: float = 60.0) -> PollStats:
+        """Poll every ``interval`` seconds until ``stop`` is set; the batch in hand is finished first.
+
+        When a database cannot be reached, retry with exponential backoff (1 s doubling to
+        ``max_backoff``) and catch up when it returns: nothing was advanced past what was written."""
         started = time.monotonic()
         self.lock()
         self.check_slot()
         total = PollStats()
         last_heartbeat = 0.0
+        backoff = 1.0
         while not stop.is_set():
-            stats = self.poll_batch(upto_lsn=None)
+            try:
+                if self.source.closed or self.destination.closed:
+                    self._reconnect()
+                stats = self.poll_batch(upto_lsn=None)
+                now = time.monotonic()
+                if stats.rows < self.batch_size and now - last_heartbeat >= self.settings.heartbeat_interval:
+                    self.heartbeat()
+                    last_heartbeat = now
+            except (psycopg.OperationalError, psycopg.InterfaceError, Unreachable) as exc:
+                which = "destination" if self.destination.closed or self.destination.broken else "source"
+                log.warning("bemi-pg: the %s database is unreachable (%s); retrying in %.0fs",
+                            which, " ".join(str(exc).split())[:300], backoff)
+                self.close()
+                stop.wait(backoff)
+                backoff = min(backoff * 2, max_backoff)
+                continue
+            if backoff > 1.0:
+                log.info("bemi-pg: reconnected; catching up")
+                backoff = 1.0
             total.add(stats)
             if stats.batches and on_batch:
                 on_batch(stats)
-            if stats.transactions >= self.batch_size:
+            if stats.rows >= self.batch_size:
                 continue  # a backlog: no pause
-            now = time.monotonic()
-            if now - last_heartbeat >= self.settings.heartbeat_interval:
-                self.heartbeat()
-                last_heartbeat = now
             stop.wait(interval)
         total.seconds = time.monotonic() - started
         return total
@@ -279,6 +309,7 @@ class Poller:
             state: TransactionState | None = None
             with self.source.transaction():
                 for data in self._rows(upto_lsn):
+                    stats.rows += 1
                     event = parse_row(data)
                     if isinstance(event, Change):
                         if state is not None and self.is_tracked(event.schema, event.table):

@@ -20,7 +20,7 @@ from . import __version__
 from .config import Settings
 from .errors import BemiError
 
-__all__ = ["Rendered", "quote_ident", "quote_literal", "render_install", "render_uninstall", "check_sql"]
+__all__ = ["Rendered", "quote_ident", "quote_literal", "render_install", "render_roles", "render_uninstall", "check_sql"]
 
 _PLAIN_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
 _NEEDS_QUOTES = keywords.RESERVED_KEYWORDS | keywords.TYPE_FUNC_NAME_KEYWORDS | keywords.COL_NAME_KEYWORDS
@@ -128,6 +128,11 @@ def render_uninstall(settings: Settings, *, drop_changes: bool = False) -> Rende
         destination=_render("uninstall_destination.sql.j2", _context(settings, "uninstall, destination side", **ctx)),
         trailer=_render("uninstall_schema.sql.j2", {}),
     )
+
+
+def render_roles(settings: Settings, role: str = "bemi_poller") -> str:
+    """SQL creating a least-privilege role for the poller: REPLICATION plus the destination."""
+    return _render("roles.sql.j2", {**_context(settings, "poller role"), "role": role})
 
 
 def check_sql(text: str, origin: str = "<sql>") -> int:

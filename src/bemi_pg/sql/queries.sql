@@ -111,3 +111,12 @@ SELECT r.rolsuper, r.rolreplication,
        (SELECT count(*) FROM pg_catalog.pg_replication_slots)::int AS used_slots,
        pg_catalog.current_setting('server_version_num')::int AS version_num
   FROM pg_catalog.pg_roles r WHERE r.rolname = current_user
+
+-- name: oldest_transaction
+SELECT a.datname, a.pid, a.usename, a.application_name, a.state,
+       extract(epoch FROM pg_catalog.now() - a.xact_start)::bigint AS seconds,
+       pg_catalog.left(a.query, 200) AS query
+  FROM pg_catalog.pg_stat_activity a
+ WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_catalog.pg_backend_pid()
+ ORDER BY a.xact_start
+ LIMIT 1
