@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PG_PACKAGES := postgresql-15 postgresql-15-wal2json pgbouncer
 DEMO_DIR ?= .demo
 
-.PHONY: deps test unit lint demo demo-stop install clean
+.PHONY: deps test unit lint soak demo demo-stop install clean
 
 deps: .stamp-apt .stamp-venv
 
@@ -30,6 +30,10 @@ test: deps
 
 unit: .stamp-venv
 	$(BIN)/pytest tests/unit
+
+# The fault-injection suite with soak-sized numbers (500 kills, 20 crashes); prints the figures.
+soak: deps
+	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
 
 lint: .stamp-venv
 	$(BIN)/ruff check src tests

@@ -1,0 +1,82 @@
+"""`make soak`: the fault-injection suite with soak-sized numbers, on a throwaway cluster.
+
+    python scripts/soak.py [--kills 500] [--crashes 20] [--writers 4] [--copy-rows 20000]
+
+Prints the figures (kills, faults, crashes survived; rows checked; lost, duplicated,
+misattributed) and exits non-zero if anything was lost, duplicated or misattributed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bemi_pg import commands  # noqa: E402
+from bemi_pg._localpg import LocalCluster  # noqa: E402
+from bemi_pg.config import load_settings  # noqa: E402
+from tests.faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=500)
+    parser.add_argument("--crashes", type=int, default=20)
+    parser.add_argument("--writers", type=int, default=4)
+    parser.add_argument("--copy-rows", type=int, default=20_000)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bemi-pg-soak-", dir="/tmp"))
+    root.chmod(0o755)
+    cluster = LocalCluster(root / "data")
+    try:
+        admin = cluster.start()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE soak")
+        dsn = cluster.dsn("soak")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(SCHEMA)
+        settings = load_settings(None, exclude_tables=EXCLUDE)
+        commands.install(dsn, None, settings)
+        config = root / "bemi.toml"
+        config.write_text('[source]\nexclude_tables = ["public.ledger_tx"]\n')
+
+        ledger, stop = Ledger(), threading.Event()
+        writers = [Writer(dsn, w, ledger, stop, copy_rows=args.copy_rows if w == 0 else 0, seed=7) for w in range(args.writers)]
+        for writer in writers:
+            writer.start()
+        started = time.monotonic()
+        figures = kill_pollers(dsn, args.kills, seed=7, config=str(config), fault_every=6)
+        crashes = 0
+        for _ in range(args.crashes):
+            commands.poll_once(dsn, None, settings)
+            time.sleep(1.0)
+            cluster.stop("immediate")
+            cluster.start()
+            crashes += 1
+            figures_k = kill_pollers(dsn, 3, seed=crashes, config=str(config), fault_every=0)
+            figures["kills"] += figures_k["kills"]
+        stop.set()
+        for writer in writers:
+            writer.join()
+        commands.poll_once(dsn, None, settings)
+        result = compare(dsn, dsn, ledger)
+        figures.update(crashes=crashes, seconds=round(time.monotonic() - started), **result)
+        print(json.dumps(figures, indent=2))
+        bad = result["lost"] + result["duplicated"] + result["misattributed"] + result["phantom"]
+        return 1 if bad else 0
+    finally:
+        cluster.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
