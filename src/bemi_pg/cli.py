@@ -12,11 +12,11 @@ from typing import Any
 
 import psycopg
 
-from . import __version__, commands, migrations
+from . import __version__, commands, migrations, revert, timetravel
 from .config import load_settings
-from .db import resolve_destination_dsn, resolve_dsn
-from .errors import BemiError
-from .render import render_roles
+from .db import connect, resolve_destination_dsn, resolve_dsn
+from .errors import BemiError, ConfigError
+from .render import quote_ident, render_roles
 from .wal2json import format_lsn
 
 log = logging.getLogger("bemi_pg")
@@ -57,6 +57,32 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", parents=[common], help="check the database is ready; one line per check")
 
+    p = sub.add_parser("history", parents=[common], help="a row's changes, newest first, with what each changed")
+    p.add_argument("table", help="table or schema.table")
+    p.add_argument("primary_key", help="its primary key (composite keys as JSON array text)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=100)
+
+    p = sub.add_parser("as-of", parents=[common], help="the row (or, with --all, the table) as it was at a moment")
+    p.add_argument("table")
+    p.add_argument("args", nargs="+", metavar="PK TIMESTAMP", help="PK TIMESTAMP, or with --all just TIMESTAMP")
+    p.add_argument("--all", action="store_true", help="every row of the table at TIMESTAMP, one JSON object a line")
+
+    p = sub.add_parser("blame", parents=[common], help="for each column, the change that last set its value")
+    p.add_argument("table")
+    p.add_argument("primary_key")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("revert", parents=[common], help="SQL that undoes changes (run it with --apply)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--change", metavar="ID", help="one change, by its id")
+    which.add_argument("--transaction", metavar="XID", type=int, help="every change of a transaction")
+    which.add_argument("--context", metavar="JSON", help="every change whose context contains this JSON")
+    p.add_argument("--apply", action="store_true", help="run it, in one transaction, instead of printing it")
+
+    p = sub.add_parser("prune", parents=[common], help="delete changes older than a duration (drops whole partitions)")
+    p.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 90d, 12w, 36h")
+
     p = sub.add_parser("migration", parents=[common], help="write a migration for your framework that installs bemi-pg")
     msub = p.add_subparsers(dest="migration_command", required=True, metavar="new")
     new = msub.add_parser("new", parents=[common], help="write the migration file; needs no database")
@@ -88,6 +114,72 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
                                  batch_size=args.batch_size, on_batch=on_batch)
     log.info("bemi-pg: stopped after writing %d changes", total.changes)
     return 0
+
+
+def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any) -> int:
+    with connect(dest or dsn, role="destination database") as conn:
+        if args.command == "history":
+            rows = timetravel.history(conn, args.table, args.primary_key, args.limit)
+            if args.json:
+                print(json.dumps(rows, default=str, indent=2))
+            for row in rows if not args.json else []:
+                print(f"{row['committed_at'].isoformat()}  {row['operation']:<8} xid {row['transaction_id']}  "
+                      f"context {json.dumps(row['context'], default=str)}")
+                for column, (old, new) in sorted(row["changed"].items()):
+                    print(f"    {column}: {json.dumps(old, default=str)} → {json.dumps(new, default=str)}")
+            if not rows:
+                raise BemiError(f"no changes recorded for {args.table} {args.primary_key}")
+            return 0
+        if args.command == "as-of":
+            if args.all:
+                if len(args.args) != 1:
+                    raise ConfigError("as-of TABLE --all TIMESTAMP takes one TIMESTAMP")
+                for (text,) in conn.execute("SELECT row_data::text FROM bemi.as_of_all(%s, %s::timestamptz)", (args.table, args.args[0])):
+                    print(text)
+                return 0
+            if len(args.args) != 2:
+                raise ConfigError("as-of TABLE PK TIMESTAMP takes a primary key and a timestamp")
+            pk, at = args.args
+            found = conn.execute("SELECT bemi.as_of(%s, %s, %s::timestamptz)::text", (args.table, pk, at)).fetchone()
+            if found is None or found[0] is None:
+                print(f"{args.table} {pk} did not exist at {at}", file=sys.stderr)
+                return 3
+            print(found[0])
+            return 0
+        if args.command == "blame":
+            rows = timetravel.blame(conn, args.table, args.primary_key)
+            if not rows:
+                raise BemiError(f"{args.table} {args.primary_key} does not exist (or has no recorded changes)")
+            if args.json:
+                print(json.dumps(rows, default=str, indent=2))
+                return 0
+            width = max(len(r["column"]) for r in rows)
+            for r in rows:
+                print(f"{r['column']:<{width}}  {json.dumps(r['value'], default=str):<30} {r['operation']:<8} "
+                      f"{r['committed_at'].isoformat()}  {r['id']}  {json.dumps(r['context'], default=str)}")
+            return 0
+        if args.command == "prune":
+            result = commands.prune(conn, settings, args.older_than)
+            log.info("bemi-pg: pruned %d changes older than %s (%d partitions dropped)",
+                     result["deleted"], result["cutoff"], result["partitions_dropped"])
+            return 0
+    # revert: read from the destination, write to the source
+    try:
+        context = json.loads(args.context) if args.context else None
+    except ValueError:
+        raise ConfigError(f"--context {args.context!r} is not JSON: pass an object, e.g. '{{\"user_id\": 42}}'") from None
+    with connect(dsn, role="source database") as src, connect(dest or dsn, role="destination database") as dconn:
+        plan = revert.plan_revert(src, dconn, quote_ident(*settings.destination), change_id=args.change,
+                                  transaction_id=args.transaction, context=context)
+        revert.apply_revert(src, plan, commit=args.apply)
+    if not args.apply:
+        sys.stdout.write(plan.script())
+    for step in plan.steps:
+        if step.outcome in ("conflict", "impossible"):
+            print(f"conflict: {step.description}: {step.conflict}", file=sys.stderr)
+    applied = sum(s.outcome == "applied" for s in plan.steps)
+    log.info("bemi-pg: %s %d of %d change(s)", "reverted" if args.apply else "would revert", applied, len(plan.steps))
+    return 0 if applied == len(plan.steps) else 4
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -131,6 +223,8 @@ def _run(args: argparse.Namespace) -> int:
             return _follow(args, dsn, dest, settings)
         commands.poll_once(dsn, dest, settings, batch_size=args.batch_size)
         return 0
+    if args.command in ("history", "as-of", "blame", "revert", "prune"):
+        return _timetravel(args, dsn, dest, settings)
     if args.command == "status":
         result = commands.status(dsn, dest, settings)
         if args.json:

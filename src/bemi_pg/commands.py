@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from .config import Settings
 from .db import connect, fetch_dict
-from .errors import BemiError, PreflightError
+from .errors import BemiError, ConfigError, PreflightError
 from .poller import Poller, PollStats
 from .queries import query
-from .render import Rendered, render_install, render_uninstall
+from .render import Rendered, quote_ident, render_install, render_uninstall
 
-__all__ = ["Check", "doctor", "install", "uninstall", "poll_once", "poll_follow", "status", "render"]
+__all__ = ["Check", "doctor", "install", "uninstall", "poll_once", "poll_follow", "prune", "status", "render"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -211,6 +214,52 @@ def poll_follow(source_dsn: str, destination_dsn: str | None, settings: Settings
     """Poll every ``interval`` seconds until ``stop`` is set."""
     with Poller(source_dsn, destination_dsn, settings, batch_size=batch_size) as poller:
         return poller.run_follow(interval, stop, on_batch)
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90d``, ``12w``, ``36h``, ``30m``, ``45s`` -> timedelta."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"duration {text!r} not understood: write a number and a unit, e.g. 90d, 12w, 36h")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def prune(dest: psycopg.Connection[Any], settings: Settings, older_than: str, *, batch: int = 10_000) -> dict[str, Any]:
+    """Delete the changes committed before now - ``older_than``. With monthly partitions, whole
+    partitions before the cutoff are dropped; the rest is deleted in batches of ``batch`` rows,
+    each its own transaction."""
+    age = parse_duration(older_than)
+    schema, name = settings.destination
+    table = sql.Identifier(schema, name)
+    cutoff = dest.execute("SELECT now() - %s::interval", (age,)).fetchone()[0]  # type: ignore[index]
+    dropped = 0
+    if settings.partition_by_month:
+        parts = dest.execute(query("changes_partitions"), {"table": f"{quote_ident(schema, name)}"}).fetchall()
+        for part_schema, part_name, upper in parts:
+            if upper is not None and upper <= cutoff:
+                with dest.transaction():
+                    dest.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(table, sql.Identifier(part_schema, part_name)))
+                    dest.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(part_schema, part_name)))
+                dropped += 1
+    deleted = 0
+    delete = sql.SQL(
+        "DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE committed_at < %s LIMIT %s))"
+    ).format(t=table)
+    if settings.partition_by_month:  # ctid is per partition: delete by key instead
+        delete = sql.SQL(
+            "DELETE FROM {t} WHERE (id, committed_at) IN (SELECT id, committed_at FROM {t} WHERE committed_at < %s LIMIT %s)"
+        ).format(t=table)
+    while True:
+        with dest.transaction():
+            count = dest.execute(delete, (cutoff, batch)).rowcount
+        deleted += count
+        if count < batch:
+            break
+    return {"cutoff": cutoff.isoformat(), "deleted": deleted, "partitions_dropped": dropped}
 
 
 def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> dict[str, Any]:

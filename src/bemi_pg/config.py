@@ -59,6 +59,9 @@ class Settings:
     slot_name: str | None = None  # None: bemi_<database>
     destination_table: str = "public.changes"
     row_gin_indexes: bool = False
+    partition_by_month: bool = False
+    ignore_columns: tuple[str, ...] = ()  # "table.column", "schema.table.column", "*.updated_at"
+    exclude_columns: tuple[str, ...] = ()
     batch_size: int = 10_000
     heartbeat_interval: float = 30.0
     max_context_bytes: int = 1_048_576
@@ -82,6 +85,8 @@ class Settings:
             data.pop(key)
         data["schemas"] = list(self.schemas)
         data["exclude_tables"] = list(self.exclude_tables)
+        data["ignore_columns"] = list(self.ignore_columns)
+        data["exclude_columns"] = list(self.exclude_columns)
         return data
 
     def summary_json(self) -> str:
@@ -92,7 +97,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "source": {"schemas": list, "exclude_tables": list},
     "capture": {"replica_identity_full": bool, "max_context_bytes": int, "database_keys": str},
     "slot": {"name": str},
-    "destination": {"table": str, "row_gin_indexes": bool},
+    "destination": {"table": str, "row_gin_indexes": bool, "partition_by_month": bool},
+    "columns": {"ignore": list, "exclude": list},
     "poll": {"batch_size": int, "heartbeat_interval": (int, float)},
 }
 
@@ -133,7 +139,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         "capture.replica_identity_full": "replica_identity_full", "capture.max_context_bytes": "max_context_bytes",
         "capture.database_keys": "database_keys",
         "slot.name": "slot_name", "destination.table": "destination_table",
-        "destination.row_gin_indexes": "row_gin_indexes",
+        "destination.row_gin_indexes": "row_gin_indexes", "destination.partition_by_month": "partition_by_month",
+        "columns.ignore": "ignore_columns", "columns.exclude": "exclude_columns",
         "poll.batch_size": "batch_size", "poll.heartbeat_interval": "heartbeat_interval",
     }
     for key, value in values.items():

@@ -26,7 +26,7 @@ from .errors import BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
-from .stitch import COLUMNS, CONTEXT_PREFIX, TransactionState, tracked_filter
+from .stitch import COLUMNS, CONTEXT_PREFIX, ColumnRules, TransactionState, tracked_filter
 from .wal2json import Begin, Change, Commit, Message, TypeRegistry, format_lsn, parse_row
 
 __all__ = ["Poller", "PollStats", "wal2json_options"]
@@ -95,8 +95,10 @@ class PollStats:
 class _Writer:
     """Buffers change rows and writes them with COPY + INSERT ... ON CONFLICT DO NOTHING."""
 
-    def __init__(self, conn: psycopg.Connection[Any], changes: sql.Composable) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], changes: sql.Composable, partitioned: bool = False) -> None:
         self.conn = conn
+        self.partitioned = partitioned
+        self.months: set[str] = set()
         self.changes = changes
         self.rows: list[tuple[Any, ...]] = []
         self.bytes = 0
@@ -121,6 +123,10 @@ class _Writer:
     def flush(self) -> None:
         if not self.rows:
             return
+        if self.partitioned:  # committed_at is text in UTC: 'YYYY-MM-...'
+            for month in {row[8][:7] for row in self.rows} - self.months:
+                self.conn.execute("SELECT bemi.ensure_changes_partition(%s::date)", (month + "-01",))
+                self.months.add(month)
         with self.conn.cursor() as cur:
             with cur.copy(self._copy) as copy:
                 for row in self.rows:
@@ -168,6 +174,7 @@ class Poller:
         untracked = set(settings.excluded()) | {settings.destination}
         self.is_tracked = tracked_filter(settings.schemas, untracked)
         self.types = TypeRegistry(self._load_types)
+        self.column_rules = ColumnRules(settings.ignore_columns, settings.exclude_columns)
         self._fault = fault or _fault_from_env()
         self._locked = False
         self._keys: dict[tuple[str, str], list[str]] = {}
@@ -302,7 +309,7 @@ class Poller:
         with self.destination.transaction():
             row = self.destination.execute(query("checkpoint"), {"database": self.database, "slot": self.slot}).fetchone()
             done_until = row[1] if row else -1
-            writer = _Writer(self.destination, self.changes)
+            writer = _Writer(self.destination, self.changes, self.settings.partition_by_month)
             ambiguous = _Ambiguous()
             last: Commit | None = None
             last_written: Commit | None = None
@@ -314,6 +321,8 @@ class Poller:
                     if isinstance(event, Change):
                         if state is not None and self.is_tracked(event.schema, event.table):
                             change = state.on_change(event)
+                            if change is None:  # an UPDATE of ignored columns only
+                                continue
                             if change.ambiguous:
                                 ambiguous.commit_positions[state.xid] = state.commit_lsn
                             writer.add(change.as_tuple(queued_at), len(change.before) + len(change.after) + 200)
@@ -326,7 +335,7 @@ class Poller:
                             stats.skipped += 1
                         else:
                             state = TransactionState(self.database, self.types, event, self.settings.max_context_bytes,
-                                                     self._key_order, self.settings.database_keys)
+                                                     self._key_order, self.settings.database_keys, self.column_rules)
                     elif isinstance(event, Commit):
                         if state is not None:
                             stats.transactions += state.seq > 0
@@ -400,8 +409,9 @@ class Poller:
                             continue
                         n = seq.get(xid, 0)
                         seq[xid] = n + 1
-                        before = {k: v for k, v in change.old.items() if v in SPECIALS}
-                        after = {k: v for k, v in change.new.items() if v in SPECIALS}
+                        excluded = self.column_rules.excluded(*relation, change.old.keys() | change.new.keys())
+                        before = {k: v for k, v in change.old.items() if v in SPECIALS and k not in excluded}
+                        after = {k: v for k, v in change.new.items() if v in SPECIALS and k not in excluded}
                         if change.action == "UPDATE":
                             after = {**{k: v for k, v in before.items() if k not in change.new}, **after}
                         if before or after:

@@ -103,6 +103,7 @@ def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_ch
         "changes_name": dest_name,
         "changes_table": quote_ident(dest_schema, dest_name),
         "row_gin_indexes": settings.row_gin_indexes,
+        "partitioned": settings.partition_by_month,
     }
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
@@ -214,16 +215,48 @@ def _pk_text(value: Any) -> str | None:
     return str.__str__(value) if isinstance(value, RawNumber) else str(value)
 
 
+class ColumnRules:
+    """Columns never stored (``exclude``) and columns whose change alone is no change (``ignore``).
+
+    Patterns match ``schema.table.column`` or ``table.column`` (fnmatch: ``*.updated_at``)."""
+
+    def __init__(self, ignore: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> None:
+        self.ignore_patterns = ignore
+        self.exclude_patterns = exclude
+        self._cache: dict[tuple[str, str, str], tuple[bool, bool]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.ignore_patterns or self.exclude_patterns)
+
+    def _rule(self, schema: str, table: str, column: str) -> tuple[bool, bool]:
+        key = (schema, table, column)
+        rule = self._cache.get(key)
+        if rule is None:
+            names = (f"{schema}.{table}.{column}", f"{table}.{column}")
+            rule = (any(fnmatchcase(n, p) for p in self.ignore_patterns for n in names),
+                    any(fnmatchcase(n, p) for p in self.exclude_patterns for n in names))
+            self._cache[key] = rule
+        return rule
+
+    def excluded(self, schema: str, table: str, columns: Iterable[str]) -> set[str]:
+        """The excluded columns among ``columns``."""
+        return {c for c in columns if self._rule(schema, table, c)[1]}
+
+    def ignored(self, schema: str, table: str, column: str) -> bool:
+        return self._rule(schema, table, column)[0]
+
+
 class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
     __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "end_lsn", "committed_at", "context", "seq",
-                 "max_bytes", "database_keys")
+                 "max_bytes", "database_keys", "column_rules")
 
     def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
                  key_order: Callable[[str, str, list[str]], list[str]] | None = None,
-                 database_keys: str = "no_context") -> None:
+                 database_keys: str = "no_context", column_rules: ColumnRules | None = None) -> None:
         self.database_keys = database_keys
+        self.column_rules = column_rules
         self.database = database
         self.types = types
         self.key_order = key_order
@@ -253,7 +286,9 @@ class TransactionState:
                 fields[col.name] = (value_json(info, value), info, value)
         return fields, ambiguous
 
-    def on_change(self, change: Change) -> ChangeRow:
+    def on_change(self, change: Change) -> ChangeRow | None:
+        """The change row; None for an UPDATE that changed ignored columns only. Either way
+        the change takes its place in the transaction's order (``seq``)."""
         before, ambiguous_before = self._fields(change.identity)
         after, ambiguous_after = self._fields(change.columns)
         if change.action == "U" and before:
@@ -263,6 +298,18 @@ class TransactionState:
                     after[name] = field
         elif change.action == "D" and not before and after:
             before, after = after, {}
+        rules = self.column_rules
+        if rules:
+            schema, table = change.schema, change.table
+            if change.action == "U":
+                changed = [k for k in after.keys() | before.keys()
+                           if (before.get(k) or ("",))[0] != (after.get(k) or ("",))[0]]
+                if changed and all(rules.ignored(schema, table, k) for k in changed):
+                    self.seq += 1
+                    return None
+            for name in rules.excluded(schema, table, after.keys() | before.keys()):
+                before.pop(name, None)
+                after.pop(name, None)
 
         primary_key: str | None = None
         if change.pk:

@@ -120,3 +120,12 @@ SELECT a.datname, a.pid, a.usename, a.application_name, a.state,
  WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_catalog.pg_backend_pid()
  ORDER BY a.xact_start
  LIMIT 1
+
+-- name: changes_partitions
+SELECT n.nspname, c.relname,
+       (pg_catalog.regexp_match(pg_catalog.pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz AS upper_bound
+  FROM pg_catalog.pg_inherits i
+  JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE i.inhparent = %(table)s::regclass
+ ORDER BY upper_bound
