@@ -119,16 +119,21 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
 def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any) -> int:
     with connect(dest or dsn, role="destination database") as conn:
         if args.command == "history":
-            rows = timetravel.history(conn, args.table, args.primary_key, args.limit)
-            if args.json:
-                print(json.dumps(rows, default=str, indent=2))
-            for row in rows if not args.json else []:
-                print(f"{row['committed_at'].isoformat()}  {row['operation']:<8} xid {row['transaction_id']}  "
-                      f"context {json.dumps(row['context'], default=str)}")
-                for column, (old, new) in sorted(row["changed"].items()):
-                    print(f"    {column}: {json.dumps(old, default=str)} → {json.dumps(new, default=str)}")
+            # Straight from the database as JSON text, so numbers print with every digit.
+            rows = conn.execute(
+                "SELECT h.committed_at, h.operation, h.transaction_id, h.context::text, h.changed::text, to_jsonb(h)::text "
+                "FROM bemi.history(%s, %s, %s) WITH ORDINALITY AS h ORDER BY h.ordinality",
+                (args.table, args.primary_key, args.limit)).fetchall()
             if not rows:
                 raise BemiError(f"no changes recorded for {args.table} {args.primary_key}")
+            if args.json:
+                print("[" + ",\n ".join(r[5] for r in rows) + "]")
+                return 0
+            for committed_at, operation, xid, context, changed, _ in rows:
+                print(f"{committed_at.isoformat()}  {operation:<8} xid {xid}  context {context}")
+                for column, old, new in conn.execute(
+                        "SELECT key, (value->0)::text, (value->1)::text FROM jsonb_each(%s::jsonb) ORDER BY key", (changed,)):
+                    print(f"    {column}: {old} → {new}")
             return 0
         if args.command == "as-of":
             if args.all:

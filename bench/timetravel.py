@@ -1,0 +1,69 @@
+"""Time travel on a large trail: history, as-of and blame of one row on 5 million changes.
+
+    python bench/timetravel.py [--rows 5000000] [--samples 200]
+
+Starts a throwaway cluster, fills a synthetic changes table and prints the median and p95
+time of each query over random rows (the plans use the (table, primary_key, committed_at)
+index; tests/integration/test_timetravel.py checks that)."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bemi_pg._localpg import LocalCluster  # noqa: E402
+from bemi_pg.config import load_settings  # noqa: E402
+from tests.bigtrail import KEYS, TABLES, fill_changes  # noqa: E402
+
+QUERIES = {
+    "history": "SELECT count(*) FROM bemi.history(%s, %s, 100)",
+    "as-of": "SELECT bemi.as_of(%s, %s, '2024-02-15')",
+    "blame": "SELECT count(*) FROM bemi.blame(%s, %s)",
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5_000_000)
+    parser.add_argument("--samples", type=int, default=200)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bemi-pg-bench-", dir="/tmp"))
+    root.chmod(0o755)
+    cluster = LocalCluster(root / "data")
+    try:
+        with psycopg.connect(cluster.start(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE trail")
+        dsn = cluster.dsn("trail")
+        started = time.monotonic()
+        fill_changes(dsn, load_settings(None), args.rows)
+        print(f"filled {args.rows:,} changes in {time.monotonic() - started:.0f}s")
+        rng = random.Random(1)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for name, sql in QUERIES.items():
+                times = []
+                for _ in range(args.samples):
+                    key = (f"t{rng.randrange(TABLES)}", str(rng.randrange(KEYS)))
+                    t0 = time.perf_counter()
+                    conn.execute(sql, key).fetchall()
+                    times.append((time.perf_counter() - t0) * 1000)
+                times.sort()
+                print(f"{name:<8} median {statistics.median(times):.2f} ms   p95 {times[int(len(times) * 0.95)]:.2f} ms "
+                      f"({args.samples} rows of {args.rows:,} changes)")
+        return 0
+    finally:
+        cluster.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
