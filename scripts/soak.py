@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bemi_pg import commands  # noqa: E402
 from bemi_pg._localpg import LocalCluster  # noqa: E402
 from bemi_pg.config import load_settings  # noqa: E402
-from tests.faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers  # noqa: E402
+from tests.faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers, poller_env  # noqa: E402
 
 
 def main() -> int:
@@ -32,6 +34,7 @@ def main() -> int:
     parser.add_argument("--crashes", type=int, default=20)
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--copy-rows", type=int, default=20_000)
+    parser.add_argument("--pause", type=float, default=0.05, help="at most this long between a writer's transactions")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bemi-pg-soak-", dir="/tmp"))
@@ -50,20 +53,25 @@ def main() -> int:
         config.write_text('[source]\nexclude_tables = ["public.ledger_tx"]\n')
 
         ledger, stop = Ledger(), threading.Event()
-        writers = [Writer(dsn, w, ledger, stop, copy_rows=args.copy_rows if w == 0 else 0, seed=7) for w in range(args.writers)]
+        writers = [Writer(dsn, w, ledger, stop, copy_rows=args.copy_rows if w == 0 else 0, seed=7, pause=args.pause)
+                   for w in range(args.writers)]
         for writer in writers:
             writer.start()
         started = time.monotonic()
         figures = kill_pollers(dsn, args.kills, seed=7, config=str(config), fault_every=6)
+        print(f"kills done after {time.monotonic() - started:.0f}s: {figures}", flush=True)
+        # Crashes: a --follow poller keeps running (it reconnects by itself) while the server dies.
+        env = poller_env(dsn, config=str(config))
+        poller = subprocess.Popen([sys.executable, "-m", "bemi_pg", "poll", "--follow", "--interval", "0.05"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         crashes = 0
         for _ in range(args.crashes):
-            commands.poll_once(dsn, None, settings)
-            time.sleep(1.0)
+            time.sleep(3.0)
             cluster.stop("immediate")
             cluster.start()
             crashes += 1
-            figures_k = kill_pollers(dsn, 3, seed=crashes, config=str(config), fault_every=0)
-            figures["kills"] += figures_k["kills"]
+        poller.send_signal(signal.SIGTERM)
+        poller.wait(timeout=600)
         stop.set()
         for writer in writers:
             writer.join()
