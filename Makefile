@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PG_PACKAGES := postgresql-15 postgresql-15-wal2json pgbouncer
 DEMO_DIR ?= .demo
 
-.PHONY: deps test unit lint soak demo demo-stop install clean
+.PHONY: deps test unit lint soak bench demo demo-stop install clean
 
 deps: .stamp-apt .stamp-venv
 
@@ -34,6 +34,16 @@ unit: .stamp-venv
 # The fault-injection suite with soak-sized numbers (500 kills, 20 crashes); prints the figures.
 soak: deps
 	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
+
+# Benchmarks (bench/README.md): ingest against raw decode (with the batch-size chart), write
+# overhead under pgbench, the poller's memory, follow-mode latency, time travel on 5M changes.
+bench: deps
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/ingest.py --rounds 3 --chart bench/batch-size.png
+	$(BIN)/python bench/pgbench_overhead.py --seconds 15 --rounds 3
+	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/latency.py --tps 500 --seconds 20
+	$(BIN)/python bench/timetravel.py --rows 5000000 --samples 200
 
 lint: .stamp-venv
 	$(BIN)/ruff check src tests
