@@ -58,7 +58,8 @@ def main() -> int:
         for writer in writers:
             writer.start()
         started = time.monotonic()
-        figures = kill_pollers(dsn, args.kills, seed=7, config=str(config), fault_every=6)
+        # Every sixth round is a fault point instead of a kill: enough rounds for --kills kills.
+        figures = kill_pollers(dsn, -(-args.kills * 6 // 5), seed=7, config=str(config), fault_every=6)
         print(f"kills done after {time.monotonic() - started:.0f}s: {figures}", flush=True)
         # Crashes: a --follow poller keeps running (it reconnects by itself) while the server dies.
         env = poller_env(dsn, config=str(config))
