@@ -32,7 +32,7 @@ TABLE = "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, price
 
 def backlog(dsn: str, start: int, inserts: int, updates: int) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO item SELECT g, md5(g::text), g % 1000, g / 100.0, now() "
+        conn.execute("INSERT INTO item SELECT g, md5(g::text), g %% 1000, g / 100.0, now() "
                      "FROM generate_series(%s, %s) g", (start, start + inserts - 1))
         conn.execute("UPDATE item SET qty = qty + 1 WHERE id BETWEEN %s AND %s", (start, start + updates - 1))
     return inserts + updates
