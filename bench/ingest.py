@@ -11,10 +11,8 @@ rates, the medians and the ratio; with --chart, also throughput against batch si
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_pg import commands  # noqa: E402
-from bemi_pg._localpg import LocalCluster  # noqa: E402
+from bemi_pg._localpg import throwaway_cluster  # noqa: E402
 from bemi_pg.config import load_settings  # noqa: E402
 from bemi_pg.poller import wal2json_options  # noqa: E402
 
@@ -33,8 +31,8 @@ TABLE = "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, price
 def backlog(dsn: str, start: int, inserts: int, updates: int) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO item SELECT g, md5(g::text), g %% 1000, g / 100.0, now() "
-                     "FROM generate_series(%s, %s) g", (start, start + inserts - 1))
-        conn.execute("UPDATE item SET qty = qty + 1 WHERE id BETWEEN %s AND %s", (start, start + updates - 1))
+                     "FROM generate_series(%s::bigint, %s::bigint) g", (start, start + inserts - 1))
+        conn.execute("UPDATE item SET qty = qty + 1 WHERE id BETWEEN %s::bigint AND %s::bigint", (start, start + updates - 1))
     return inserts + updates
 
 
@@ -52,13 +50,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chart", help="write throughput against batch size to this PNG")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-bench-", dir="/tmp"))
-    root.chmod(0o755)
-    cluster = LocalCluster(root / "data")
-    try:
-        with psycopg.connect(cluster.start(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE src")
-            conn.execute("CREATE DATABASE dst")
+    with throwaway_cluster("src", "dst", settings=(), prefix="bemi-pg-bench-") as cluster:
         src, dst = cluster.dsn("src"), cluster.dsn("dst")
         with psycopg.connect(src, autocommit=True) as conn:
             conn.execute(TABLE)
@@ -107,9 +99,6 @@ def main() -> int:
             fig.savefig(args.chart, dpi=120)
             print(f"chart: {args.chart}")
         return 0
-    finally:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

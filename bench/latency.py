@@ -9,11 +9,9 @@ committed_at, and prints p50, p99 and the share within 1 s."""
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_pg import commands  # noqa: E402
-from bemi_pg._localpg import LocalCluster  # noqa: E402
+from bemi_pg._localpg import throwaway_cluster  # noqa: E402
 from bemi_pg.config import load_settings  # noqa: E402
 
 
@@ -55,12 +53,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--interval", type=float, default=0.2)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-bench-", dir="/tmp"))
-    root.chmod(0o755)
-    cluster = LocalCluster(root / "data")
-    try:
-        with psycopg.connect(cluster.start(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE src")
+    with throwaway_cluster("src", settings=(), prefix="bemi-pg-bench-") as cluster:
         dsn = cluster.dsn("src")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE TABLE event (id bigserial PRIMARY KEY, kind text, at timestamptz DEFAULT now())")
@@ -84,9 +77,6 @@ def main() -> int:
         print(f"{committed:,} transactions at {rate:.0f}/s, poll interval {args.interval}s: {count:,} changes; "
               f"latency p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, {within * 100:.1f}% within 1 s")
         return 0
-    finally:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

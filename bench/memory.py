@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_pg import commands  # noqa: E402
-from bemi_pg._localpg import LocalCluster  # noqa: E402
+from bemi_pg._localpg import throwaway_cluster  # noqa: E402
 from bemi_pg.config import load_settings  # noqa: E402
 
 POLL = ("import re, sys\nfrom bemi_pg.cli import main\nrc = main(['poll', '--once'])\n"
@@ -33,21 +31,16 @@ def main() -> int:
     parser.add_argument("--small-transactions", type=int, default=5_000)
     parser.add_argument("--rows-each", type=int, default=100)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-bench-", dir="/tmp"))
-    root.chmod(0o755)
-    cluster = LocalCluster(root / "data")
-    try:
-        with psycopg.connect(cluster.start(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE src")
+    with throwaway_cluster("src", settings=(), prefix="bemi-pg-bench-") as cluster:
         dsn = cluster.dsn("src")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE TABLE item (id bigint PRIMARY KEY, name text, qty int, price numeric, at timestamptz)")
         commands.install(dsn, None, load_settings(None))
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("INSERT INTO item SELECT g, md5(g::text), g, g / 3.0, now() FROM generate_series(1, %s) g", (args.big,))
+            conn.execute("INSERT INTO item SELECT g, md5(g::text), g, g / 3.0, now() FROM generate_series(1, %s::bigint) g", (args.big,))
             start = args.big + 1
             for _ in range(args.small_transactions):
-                conn.execute("INSERT INTO item SELECT g, md5(g::text), g, g / 3.0, now() FROM generate_series(%s, %s) g",
+                conn.execute("INSERT INTO item SELECT g, md5(g::text), g, g / 3.0, now() FROM generate_series(%s::bigint, %s::bigint) g",
                              (start, start + args.rows_each - 1))
                 start += args.rows_each
         total = start - 1
@@ -59,9 +52,6 @@ def main() -> int:
         print(f"backlog {total:,} changes (one transaction of {args.big:,}): poller peak RSS {peak_mb:.0f} MB, "
               f"drained in {seconds:.0f}s")
         return 0
-    finally:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_pg import commands  # noqa: E402
-from bemi_pg._localpg import LocalCluster  # noqa: E402
+from bemi_pg._localpg import LocalCluster, throwaway_cluster  # noqa: E402
 from bemi_pg.config import load_settings  # noqa: E402
 
 TPCB = """\\set aid random(1, 100000 * :scale)
@@ -55,18 +51,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--scale", type=int, default=10)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-bench-", dir="/tmp"))
-    root.chmod(0o755)
-    cluster = LocalCluster(root / "data")
-    try:
-        with psycopg.connect(cluster.start("synchronous_commit=off"), autocommit=True) as conn:
-            for db in ("plain", "tracked"):
-                conn.execute(f"CREATE DATABASE {db}")
+    with throwaway_cluster("plain", "tracked", settings=("synchronous_commit=off",), prefix="bemi-pg-bench-") as cluster:
         for db in ("plain", "tracked"):
             subprocess.run([str(cluster.bindir / "pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
                             "-p", str(cluster.port), "-U", "postgres", db], check=True, capture_output=True)
         commands.install(cluster.dsn("tracked"), None, load_settings(None))
-        plain_script, context_script = root / "tpcb.sql", root / "tpcb-context.sql"
+        plain_script, context_script = cluster.datadir.parent / "tpcb.sql", cluster.datadir.parent / "tpcb-context.sql"
         plain_script.write_text(TPCB.format(context=""))
         context_script.write_text(TPCB.format(context=CONTEXT))
         results: dict[str, list[float]] = {"no tracking": [], "bemi-pg, no context": [], "bemi-pg, set_context": []}
@@ -79,9 +69,6 @@ def main() -> int:
             median = statistics.median(tps)
             print(f"{name:<22} median {median:8.0f} tps  ratio {median / base:.3f}   rounds {', '.join(f'{t:.0f}' for t in tps)}")
         return 0
-    finally:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bemi_pg._localpg import LocalCluster  # noqa: E402
+from bemi_pg._localpg import throwaway_cluster  # noqa: E402
 from bemi_pg.config import load_settings  # noqa: E402
 from tests.bigtrail import KEYS, TABLES, fill_changes  # noqa: E402
 
@@ -37,12 +35,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--samples", type=int, default=200)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-bench-", dir="/tmp"))
-    root.chmod(0o755)
-    cluster = LocalCluster(root / "data")
-    try:
-        with psycopg.connect(cluster.start(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE trail")
+    with throwaway_cluster("trail", settings=(), prefix="bemi-pg-bench-") as cluster:
         dsn = cluster.dsn("trail")
         started = time.monotonic()
         fill_changes(dsn, load_settings(None), args.rows)
@@ -60,9 +53,6 @@ def main() -> int:
                 print(f"{name:<8} median {statistics.median(times):.2f} ms   p95 {times[int(len(times) * 0.95)]:.2f} ms "
                       f"({args.samples} rows of {args.rows:,} changes)")
         return 0
-    finally:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

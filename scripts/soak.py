@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_pg import commands  # noqa: E402
-from bemi_pg._localpg import LocalCluster  # noqa: E402
+from bemi_pg._localpg import throwaway_cluster  # noqa: E402
 from bemi_pg.config import load_settings  # noqa: E402
 from tests.faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers, poller_env  # noqa: E402
 
@@ -37,19 +35,13 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=0.05, help="at most this long between a writer's transactions")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-soak-", dir="/tmp"))
-    root.chmod(0o755)
-    cluster = LocalCluster(root / "data")
-    try:
-        admin = cluster.start()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE soak")
+    with throwaway_cluster("soak", prefix="bemi-pg-soak-") as cluster:
         dsn = cluster.dsn("soak")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(SCHEMA)
         settings = load_settings(None, exclude_tables=EXCLUDE)
         commands.install(dsn, None, settings)
-        config = root / "bemi.toml"
+        config = cluster.datadir.parent / "bemi.toml"
         config.write_text('[source]\nexclude_tables = ["public.ledger_tx"]\n')
 
         ledger, stop = Ledger(), threading.Event()
@@ -82,9 +74,6 @@ def main() -> int:
         print(json.dumps(figures, indent=2))
         bad = result["lost"] + result["duplicated"] + result["misattributed"] + result["phantom"]
         return 1 if bad else 0
-    finally:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

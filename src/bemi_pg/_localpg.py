@@ -19,10 +19,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["LocalCluster", "LocalPgBouncer", "find_bindir"]
+__all__ = ["LocalCluster", "LocalPgBouncer", "find_bindir", "throwaway_cluster"]
 
 OUTPUT_PLUGINS = "pgoutput,test_decoding,wal2json"
 
@@ -154,6 +157,26 @@ class LocalCluster:
         """Stop the server and delete its data directory."""
         self.stop("immediate")
         shutil.rmtree(self.datadir, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_cluster(*databases: str, settings: tuple[str, ...] = (), prefix: str = "bemi-pg-") -> Iterator[LocalCluster]:
+    """A cluster in a new directory under /tmp with ``databases`` created; destroyed on exit."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    root.chmod(0o755)  # the postgres OS user must reach the data directory
+    cluster = LocalCluster(root / "data")
+    try:
+        admin = cluster.start(*settings)
+        if databases:
+            import psycopg
+
+            with psycopg.connect(admin, autocommit=True) as conn:
+                for name in databases:
+                    conn.execute(f'CREATE DATABASE "{name}"')
+        yield cluster
+    finally:
+        cluster.destroy()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class LocalPgBouncer:

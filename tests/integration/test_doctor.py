@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import psycopg
 import pytest
 
 from bemi_pg import commands
-from bemi_pg._localpg import LocalCluster
+from bemi_pg._localpg import throwaway_cluster
 from bemi_pg.config import load_settings
 from bemi_pg.errors import PreflightError
 
@@ -46,13 +42,8 @@ def test_debian_output_plugin_libraries_is_explained(db):
 
 @pytest.fixture(scope="module")
 def replica_level_server():
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-replica-", dir="/tmp"))
-    root.chmod(0o755)
-    cluster = LocalCluster(root / "data")
-    dsn = cluster.start("wal_level=replica", "max_wal_senders=10")
-    yield dsn
-    cluster.destroy()
-    shutil.rmtree(root, ignore_errors=True)
+    with throwaway_cluster(settings=("wal_level=replica", "max_wal_senders=10")) as cluster:
+        yield cluster.dsn()
 
 
 def test_wal_level_not_logical_fails_with_the_fix(replica_level_server):
@@ -68,12 +59,9 @@ def test_wal_level_not_logical_fails_with_the_fix(replica_level_server):
         assert conn.execute("SELECT to_regnamespace('bemi')").fetchone() == (None,)
 
 
-def test_no_free_slot_fails_with_the_fix(tmp_path_factory):
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-slots-", dir="/tmp"))
-    root.chmod(0o755)
-    cluster = LocalCluster(root / "data")
-    try:
-        dsn = cluster.start("max_replication_slots=1")
+def test_no_free_slot_fails_with_the_fix():
+    with throwaway_cluster(settings=("max_replication_slots=1",)) as cluster:
+        dsn = cluster.dsn()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_create_logical_replication_slot('someone_else', 'test_decoding')")
         result = run_cli("doctor", env={"BEMI_DSN": dsn})
@@ -81,6 +69,3 @@ def test_no_free_slot_fails_with_the_fix(tmp_path_factory):
         assert "FAIL replication slots: 0 of 1 free (fix: raise max_replication_slots" in result.stdout
         install = run_cli("install", env={"BEMI_DSN": dsn})
         assert install.returncode == 1 and install.stderr.startswith("error: FAIL replication slots")
-    finally:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)

@@ -6,20 +6,20 @@ duplicated, nothing misattributed. `make soak` runs the same with bigger numbers
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from bemi_pg import commands
-from bemi_pg._localpg import LocalCluster
+from bemi_pg._localpg import LocalCluster, throwaway_cluster
 from bemi_pg.config import load_settings
 from bemi_pg.render import render_roles
 
@@ -62,22 +62,13 @@ def test_kill_9_and_fault_points_under_a_mixed_workload(db):
 @pytest.fixture
 def own_cluster():
     """A cluster of this test's own, for faults that would disturb the shared one."""
-    clusters = []
+    with ExitStack() as stack:
 
-    def start(*settings: str) -> tuple[LocalCluster, str]:
-        root = Path(tempfile.mkdtemp(prefix="bemi-pg-fault-", dir="/tmp"))
-        root.chmod(0o755)
-        cluster = LocalCluster(root / "data")
-        clusters.append((cluster, root))
-        admin = cluster.start(*settings)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE app")
-        return cluster, cluster.dsn("app")
+        def start(*settings: str) -> tuple[LocalCluster, str]:
+            cluster = stack.enter_context(throwaway_cluster("app", settings=settings, prefix="bemi-pg-fault-"))
+            return cluster, cluster.dsn("app")
 
-    yield start
-    for cluster, root in clusters:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
+        yield start
 
 
 def test_postgres_crash_under_load(own_cluster):
