@@ -99,3 +99,18 @@ def test_hostile_context_never_breaks_the_write(db):
     assert got["6"] == {"a": "*/ closes nothing"}
     assert got["7"]["_bemi_error"][0]["source"] == "comment"
     assert got["8"]["method"] == "GET" and got["8"]["_bemi_error"][0]["source"] == "request.jwt.claims"
+
+
+def test_a_context_moving_between_sources_is_seen(db):
+    db.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text)")
+    db.install(database_keys="never")
+    with db.connect() as conn:
+        conn.execute("SELECT bemi_set_context('{\"x\": 1}'), bemi.set_context('{\"y\": 2}')")
+        conn.execute("INSERT INTO todo (task) VALUES ('a')")
+        conn.execute("SELECT bemi_set_context(''), bemi.set_context('{\"x\": 1}')")
+        conn.execute("INSERT INTO todo (task) VALUES ('b')")
+        conn.execute("SELECT bemi_set_context('{\"y\": 2}'), bemi.set_context(NULL)")
+        conn.execute("INSERT INTO todo (task) VALUES ('c')")
+        conn.commit()
+    db.poll()
+    assert [c["context"] for c in db.changes()] == [{"x": 1, "y": 2}, {"x": 1}, {"y": 2}]
