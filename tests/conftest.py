@@ -21,7 +21,7 @@ import pytest
 from psycopg import conninfo
 
 from bemi_pg import commands
-from bemi_pg._localpg import LocalCluster, LocalPgBouncer, find_bindir
+from bemi_pg._localpg import LocalPgBouncer, find_bindir, throwaway_cluster
 from bemi_pg.config import Settings, load_settings
 
 _counter = itertools.count()
@@ -37,18 +37,8 @@ def server_dsn() -> Iterator[str]:
         find_bindir()
     except FileNotFoundError as exc:
         pytest.skip(f"no PostgreSQL server binaries ({exc}) and no BEMI_TEST_DSN")
-    root = Path(tempfile.mkdtemp(prefix="bemi-pg-test-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    cluster = LocalCluster(root / "data")
-    dsn = cluster.start()
-    try:
-        yield dsn
-    finally:
-        cluster.destroy()
-        try:
-            root.rmdir()
-        except OSError:
-            pass
+    with throwaway_cluster(prefix="bemi-pg-test-") as cluster:
+        yield cluster.dsn()
 
 
 def _with_db(dsn: str, dbname: str) -> str:

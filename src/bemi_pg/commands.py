@@ -288,7 +288,6 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         result["tracked_tables"] = [f"{s}.{t}" for s, t in src.execute(query("tracked_tables"))]
     with connect(destination_dsn or source_dsn, role="destination database") as dst:
         schema, table = settings.destination
-        from psycopg import sql
         try:
             row = dst.execute(query("checkpoint"), {"database": database, "slot": slot}).fetchone()
             result["last_commit_position"] = row[0] if row else None

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -114,6 +114,14 @@ class _Writer:
             "INSERT INTO {} ({cols}) SELECT {cols} FROM bemi_staging ON CONFLICT DO NOTHING"
         ).format(changes, cols=cols)
 
+    def begin(self) -> None:
+        """Start a batch: nothing buffered, nothing counted, partitions checked again (a
+        rolled-back batch takes the partitions it created with it)."""
+        self.rows.clear()
+        self.bytes = 0
+        self.inserted = 0
+        self.months.clear()
+
     def add(self, row: tuple[Any, ...], size: int) -> None:
         self.rows.append(row)
         self.bytes += size
@@ -136,16 +144,6 @@ class _Writer:
             cur.execute("TRUNCATE bemi_staging")
         self.rows.clear()
         self.bytes = 0
-
-
-@dataclass
-class _Ambiguous:
-    """Transactions of a batch holding a float/numeric null that may be NaN or Infinity."""
-
-    commit_positions: dict[int, int] = field(default_factory=dict)  # xid -> commit position
-
-    def __bool__(self) -> bool:
-        return bool(self.commit_positions)
 
 
 class Poller:
@@ -176,8 +174,9 @@ class Poller:
         self.types = TypeRegistry(self._load_types)
         self.column_rules = ColumnRules(settings.ignore_columns, settings.exclude_columns)
         self._fault = fault or _fault_from_env()
-        self._locked = False
         self._keys: dict[tuple[str, str], list[str]] = {}
+        self._writer_for: psycopg.Connection[Any] | None = None
+        self._current_writer: _Writer
 
     # -- lifecycle -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -205,7 +204,6 @@ class Poller:
         """Take the one-poller-per-slot advisory lock, or raise SlotBusy."""
         key = self.source.execute(query("lock_key"), {"slot": self.slot}).fetchone()[0]  # type: ignore[index]
         if self.source.execute(query("try_lock"), {"key": key}).fetchone()[0]:  # type: ignore[index]
-            self._locked = True
             return
         hi, lo = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
         row = self.source.execute(query("lock_holder"), {"hi": hi, "lo": lo}).fetchone()
@@ -309,8 +307,9 @@ class Poller:
         with self.destination.transaction():
             row = self.destination.execute(query("checkpoint"), {"database": self.database, "slot": self.slot}).fetchone()
             done_until = row[1] if row else -1
-            writer = _Writer(self.destination, self.changes, self.settings.partition_by_month)
-            ambiguous = _Ambiguous()
+            writer = self._writer()
+            # Transactions holding a float/numeric null that may be NaN or ±Infinity: xid -> commit position.
+            ambiguous: dict[int, int] = {}
             last: Commit | None = None
             last_written: Commit | None = None
             state: TransactionState | None = None
@@ -324,7 +323,7 @@ class Poller:
                             if change is None:  # an UPDATE of ignored columns only
                                 continue
                             if change.ambiguous:
-                                ambiguous.commit_positions[state.xid] = state.commit_lsn
+                                ambiguous[state.xid] = state.commit_lsn
                             writer.add(change.as_tuple(queued_at), len(change.before) + len(change.after) + 200)
                     elif isinstance(event, Message):
                         if state is not None and event.prefix == CONTEXT_PREFIX:
@@ -368,6 +367,15 @@ class Poller:
             if "minimum is" not in str(exc):  # already further on: nothing to do
                 raise
 
+    def _writer(self) -> _Writer:
+        """The writer of the current destination connection (its staging table lives there),
+        ready for a new batch."""
+        if self._writer_for is not self.destination:
+            self._current_writer = _Writer(self.destination, self.changes, self.settings.partition_by_month)
+            self._writer_for = self.destination
+        self._current_writer.begin()
+        return self._current_writer
+
     def _key_order(self, schema: str, table: str, columns: list[str]) -> list[str]:
         key = (schema, table)
         order = self._keys.get(key)
@@ -382,7 +390,7 @@ class Poller:
         return [(int(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4]), int(r[5])) for r in rows]
 
     # -- NaN and Infinity ------------------------------------------------------------
-    def _resolve_ambiguous(self, ambiguous: _Ambiguous, upto_lsn: str | None) -> None:
+    def _resolve_ambiguous(self, ambiguous: dict[int, int], upto_lsn: str | None) -> None:
         """Decode the batch again with test_decoding and patch NaN/±Infinity values
         that wal2json wrote as null (only in transactions that had such a null)."""
         copy = f"{self.slot[:48]}_specials_{os.getpid()}"
@@ -398,7 +406,7 @@ class Poller:
                 cur.execute(query("peek_test_decoding"), {"slot": copy, "upto_lsn": upto_lsn})
                 updates = []
                 for xid, data in cur:
-                    commit = ambiguous.commit_positions.get(xid)
+                    commit = ambiguous.get(xid)
                     if commit is None:
                         continue
                     change = parse_change(data)

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 from pglast.parser import scan
 
-from .wal2json import Begin, Change, Column, RawNumber, TypeInfo, TypeRegistry, value_json
+from .wal2json import Begin, Change, Column, RawNumber, TypeRegistry, value_json
 
 __all__ = ["ChangeRow", "TransactionState", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
@@ -197,12 +197,12 @@ def _member_prefix(name: str) -> str:
     return prefix
 
 
-# name -> (JSON text of the value, its type, the value as decoded)
-Fields = dict[str, tuple[str, TypeInfo, Any]]
+# name -> (JSON text of the value, the value as decoded)
+Fields = dict[str, tuple[str, Any]]
 
 
 def _object_json(fields: Fields) -> str:
-    return "{" + ", ".join(_member_prefix(name) + text for name, (text, _, _) in fields.items()) + "}"
+    return "{" + ", ".join(_member_prefix(name) + text for name, (text, _) in fields.items()) + "}"
 
 
 def _pk_text(value: Any) -> str | None:
@@ -249,7 +249,7 @@ class ColumnRules:
 class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
-    __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "end_lsn", "committed_at", "context", "seq",
+    __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "committed_at", "context", "seq",
                  "max_bytes", "database_keys", "column_rules")
 
     def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
@@ -262,7 +262,6 @@ class TransactionState:
         self.key_order = key_order
         self.xid = begin.xid
         self.commit_lsn = begin.commit_lsn
-        self.end_lsn = begin.end_lsn
         self.committed_at = begin.timestamp
         self.context = "{}"
         self.seq = 0
@@ -281,9 +280,9 @@ class TransactionState:
             value = col.value
             if value is None:
                 ambiguous = ambiguous or info.specials_as_null
-                fields[col.name] = ("null", info, None)
+                fields[col.name] = ("null", None)
             else:
-                fields[col.name] = (value_json(info, value), info, value)
+                fields[col.name] = (value_json(info, value), value)
         return fields, ambiguous
 
     def on_change(self, change: Change) -> ChangeRow | None:
@@ -316,7 +315,7 @@ class TransactionState:
             source = before if change.action == "D" else after
             if all(name in source for name in change.pk):
                 if len(change.pk) == 1:
-                    primary_key = _pk_text(source[change.pk[0]][2])
+                    primary_key = _pk_text(source[change.pk[0]][1])
                 else:
                     # wal2json lists key columns in table order; the key's own order is in the catalog.
                     names = self.key_order(change.schema, change.table, change.pk) if self.key_order else change.pk

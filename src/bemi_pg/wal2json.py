@@ -82,7 +82,7 @@ _ARRAYS: dict[int, int] = {
 class TypeRegistry:
     """Maps type OIDs to :class:`TypeInfo`; unknown OIDs are asked of ``loader``.
 
-    ``loader(oids)`` returns catalog rows ``(oid, typtype, typcategory, typelem, typdelim,
+    ``loader(oids)`` returns catalog rows ``(oid, typtype, typcategory, typelem, element's typdelim,
     typbasetype)`` for the given OIDs; the poller passes a function that queries pg_type.
     """
 
@@ -108,21 +108,15 @@ class TypeRegistry:
         if row is None:
             info = TypeInfo(STRING)
         else:
-            _, typtype, category, elem, _delim, base = row
+            _, typtype, category, elem, elem_delimiter, base = row
             if typtype == "d" and base:
                 info = self[base]
             elif category == "A" and elem:
-                elem_info = self[elem]
-                elem_delim = self._delimiter(elem)
-                info = TypeInfo(ARRAY, element=elem_info, delimiter=elem_delim)
+                info = TypeInfo(ARRAY, element=self[elem], delimiter=elem_delimiter or ",")
             else:
                 info = TypeInfo(STRING)
         self._known[oid] = info
         return info
-
-    def _delimiter(self, oid: int) -> str:
-        rows = list(self._loader([oid])) if self._loader else []
-        return rows[0][4] if rows else ","
 
 
 # -- values ------------------------------------------------------------------------------

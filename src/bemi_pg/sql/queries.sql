@@ -50,8 +50,10 @@ SELECT slot_name FROM pg_catalog.pg_copy_logical_replication_slot(%(slot)s, %(co
 SELECT end_lsn::text FROM pg_catalog.pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn)
 
 -- name: types
-SELECT t.oid::bigint, t.typtype::text, t.typcategory::text, t.typelem::bigint, t.typdelim::text, t.typbasetype::bigint
-  FROM pg_catalog.pg_type t WHERE t.oid = ANY(%(oids)s::oid[])
+SELECT t.oid::bigint, t.typtype::text, t.typcategory::text, t.typelem::bigint, coalesce(e.typdelim, t.typdelim)::text,
+       t.typbasetype::bigint
+  FROM pg_catalog.pg_type t LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem
+ WHERE t.oid = ANY(%(oids)s::oid[])
 
 -- name: primary_key_order
 SELECT a.attname::text
