@@ -2,10 +2,13 @@
 
     python bench/pgbench_overhead.py [--seconds 20] [--rounds 3] [--clients 4] [--scale 10]
 
-Two databases on one throwaway server, one plain and one with bemi-pg installed (wal mode,
-REPLICA IDENTITY FULL, the statement trigger); rounds alternate between them, each running
-pgbench's TPC-B-like script, and, on the tracked database, the same script with a
-`bemi.set_context(...)` in every transaction. Prints the median TPS of each and the ratios."""
+Databases on one throwaway server: plain; bemi-pg in wal mode (REPLICA IDENTITY FULL, the
+statement trigger); bemi-pg in trigger mode (statement triggers with transition tables writing
+`changes`); and a per-row audit trigger writing to_jsonb(OLD)/to_jsonb(NEW) into a table, as
+supa_audit-like tools do. Each round runs pgbench's TPC-B-like script on every one in turn
+(wal and trigger mode also with a `bemi.set_context(...)` in every transaction, and wal mode
+also with `bemi-pg poll --follow` draining the slot meanwhile, since decoding shares the
+server). Prints the median TPS of each and its ratio to no tracking."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg  # noqa: E402
 
 from bemi_pg import commands  # noqa: E402
 from bemi_pg._localpg import LocalCluster, throwaway_cluster  # noqa: E402
@@ -34,6 +39,21 @@ UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
 INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
 END;
 """
+AUDIT = """
+CREATE TABLE audit_log (id bigserial PRIMARY KEY, table_name text NOT NULL, operation text NOT NULL,
+                        old_row jsonb, new_row jsonb, at timestamptz NOT NULL DEFAULT now());
+CREATE FUNCTION audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO audit_log (table_name, operation, old_row, new_row)
+  VALUES (TG_TABLE_NAME, TG_OP, CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
+          CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON pgbench_accounts FOR EACH ROW EXECUTE FUNCTION audit_row();
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON pgbench_tellers FOR EACH ROW EXECUTE FUNCTION audit_row();
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON pgbench_branches FOR EACH ROW EXECUTE FUNCTION audit_row();
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON pgbench_history FOR EACH ROW EXECUTE FUNCTION audit_row();
+"""
 CONTEXT = "SELECT bemi.set_context(('{\"user_id\": ' || :aid || ', \"endpoint\": \"/transfer\"}')::jsonb);\n"
 
 
@@ -44,6 +64,18 @@ def pgbench(cluster: LocalCluster, db: str, script: Path, seconds: int, clients:
     return float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
 
+# name -> (database, with set_context?, poller following?)
+CONFIGS = {
+    "no tracking": ("plain", False, False),
+    "wal mode, no context": ("wal", False, False),
+    "wal mode, set_context": ("wal", True, False),
+    "wal mode + poller": ("wal", True, True),
+    "trigger mode, no context": ("triggers", False, False),
+    "trigger mode, set_context": ("triggers", True, False),
+    "per-row audit trigger": ("audit", False, False),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=20)
@@ -51,23 +83,38 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--scale", type=int, default=10)
     args = parser.parse_args()
-    with throwaway_cluster("plain", "tracked", settings=("synchronous_commit=off",), prefix="bemi-pg-bench-") as cluster:
-        for db in ("plain", "tracked"):
+    databases = ("plain", "wal", "triggers", "audit")
+    with throwaway_cluster(*databases, settings=("synchronous_commit=off",), prefix="bemi-pg-bench-") as cluster:
+        for db in databases:
             subprocess.run([str(cluster.bindir / "pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
                             "-p", str(cluster.port), "-U", "postgres", db], check=True, capture_output=True)
-        commands.install(cluster.dsn("tracked"), None, load_settings(None))
-        plain_script, context_script = cluster.datadir.parent / "tpcb.sql", cluster.datadir.parent / "tpcb-context.sql"
-        plain_script.write_text(TPCB.format(context=""))
-        context_script.write_text(TPCB.format(context=CONTEXT))
-        results: dict[str, list[float]] = {"no tracking": [], "bemi-pg, no context": [], "bemi-pg, set_context": []}
+        commands.install(cluster.dsn("wal"), None, load_settings(None))
+        commands.install(cluster.dsn("triggers"), None, load_settings(None, capture_mode="triggers"))
+        with psycopg.connect(cluster.dsn("audit"), autocommit=True) as conn:
+            conn.execute(AUDIT)
+        scripts = {False: cluster.datadir.parent / "tpcb.sql", True: cluster.datadir.parent / "tpcb-context.sql"}
+        scripts[False].write_text(TPCB.format(context=""))
+        scripts[True].write_text(TPCB.format(context=CONTEXT))
+        results: dict[str, list[float]] = {name: [] for name in CONFIGS}
         for _ in range(args.rounds):
-            results["no tracking"].append(pgbench(cluster, "plain", plain_script, args.seconds, args.clients))
-            results["bemi-pg, no context"].append(pgbench(cluster, "tracked", plain_script, args.seconds, args.clients))
-            results["bemi-pg, set_context"].append(pgbench(cluster, "tracked", context_script, args.seconds, args.clients))
+            for name, (db, context, follow) in CONFIGS.items():
+                poller = None
+                if follow:
+                    poller = subprocess.Popen([sys.executable, "-m", "bemi_pg", "poll", "--follow", "--dsn", cluster.dsn(db)],
+                                              stderr=subprocess.DEVNULL)
+                try:
+                    results[name].append(pgbench(cluster, db, scripts[context], args.seconds, args.clients))
+                finally:
+                    if poller is not None:
+                        poller.terminate()
+                        poller.wait()
+                if db == "wal" and not follow:
+                    commands.poll_once(cluster.dsn(db), None, load_settings(None))  # the next round starts drained
         base = statistics.median(results["no tracking"])
+        print(f"pgbench TPC-B-like, {args.clients} clients, scale {args.scale}, {args.rounds} alternating rounds of {args.seconds} s")
         for name, tps in results.items():
             median = statistics.median(tps)
-            print(f"{name:<22} median {median:8.0f} tps  ratio {median / base:.3f}   rounds {', '.join(f'{t:.0f}' for t in tps)}")
+            print(f"{name:<26} median {median:8.0f} tps  ratio {median / base:.3f}   rounds {', '.join(f'{t:.0f}' for t in tps)}")
         return 0
 
 

@@ -38,9 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-changes", action="store_true", help="with --uninstall: also drop the changes table")
     p.add_argument("--roles", action="store_true", help="print the GRANTs for a least-privilege poller role instead")
     p.add_argument("--role", default="bemi_poller", help="with --roles: the role's name (default bemi_poller)")
+    p.add_argument("--capture-mode", choices=("wal", "triggers"), help="render this capture mode (default capture.mode)")
+    p.add_argument("--extension", metavar="DIR", help="write the PGXS extension's generated files into DIR instead")
+    p.add_argument("--check", action="store_true", help="with --extension: change nothing, exit 1 if a file is stale")
 
     p = sub.add_parser("install", parents=[common], help="preflight, install, create the slot (idempotent)")
     p.add_argument("--dry-run", action="store_true", help="run the checks and print the SQL; change nothing")
+    p.add_argument("--capture-mode", choices=("wal", "triggers", "auto"),
+                   help="wal (logical decoding and a poller), triggers (written as they commit), or auto (default capture.mode)")
 
     p = sub.add_parser("uninstall", parents=[common], help="remove triggers, functions, publication and slot")
     p.add_argument("--drop-changes", action="store_true", help="also drop the changes table (the audit data)")
@@ -188,8 +193,17 @@ def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: 
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, capture_mode=getattr(args, "capture_mode", None))
     if args.command == "render":
+        if args.extension:
+            stale = commands.write_extension(args.extension, check=args.check)
+            for name in stale:
+                log.info("bemi-pg: %s %s", "stale:" if args.check else "wrote", name)
+            if args.check and stale:
+                log.error("bemi-pg: the extension's generated files differ from the templates: "
+                          "run `make -C extension generate` and commit them")
+                return 1
+            return 0
         if args.roles:
             sys.stdout.write(render_roles(settings, args.role))
         else:
@@ -217,7 +231,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.dry_run:
             sys.stdout.write(rendered.combined() if dest is None else rendered.source + "\n" + rendered.destination)
         else:
-            log.info("bemi-pg: installed; now run `bemi-pg poll --follow` (or `poll --once` from cron)")
+            if rendered.capture_mode == "triggers":
+                log.info("bemi-pg: installed; triggers write the changes as they commit, no poller needed")
+            else:
+                log.info("bemi-pg: installed; now run `bemi-pg poll --follow` (or `poll --once` from cron)")
         return 0
     if args.command == "uninstall":
         commands.uninstall(dsn, dest, settings, drop_changes=args.drop_changes)

@@ -7,19 +7,20 @@ import re
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from .config import Settings
-from .db import connect, fetch_dict
+from .db import connect, fetch_dict, installed_capture_mode
 from .errors import BemiError, ConfigError, PreflightError
 from .poller import Poller, PollStats
 from .queries import query
-from .render import Rendered, quote_ident, render_install, render_uninstall
+from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
 
 __all__ = ["Check", "doctor", "install", "uninstall", "poll_once", "poll_follow", "prune", "status", "render"]
 
@@ -30,8 +31,24 @@ MIN_SERVER_VERSION = 140000  # CREATE OR REPLACE TRIGGER, split_part with a nega
 
 def render(settings: Settings, *, uninstall: bool = False, drop_changes: bool = False) -> str:
     """The install (or uninstall) SQL as one script; needs no database."""
+    if settings.capture_mode == "auto" and not uninstall:
+        raise ConfigError("capture.mode auto is decided by `bemi-pg install` against the database: "
+                          "render with --capture-mode wal or --capture-mode triggers")
     rendered = render_uninstall(settings, drop_changes=drop_changes) if uninstall else render_install(settings)
     return rendered.combined()
+
+
+def write_extension(directory: str, *, check: bool = False) -> list[str]:
+    """Write the extension's generated files into ``directory``; return the paths that
+    changed. With ``check``, write nothing and return the paths that are stale."""
+    changed = []
+    for name, text in render_extension().items():
+        path = Path(directory) / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            changed.append(str(path))
+            if not check:
+                path.write_text(text, encoding="utf-8")
+    return changed
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,11 @@ class Check:
     def line(self) -> str:
         text = f"{self.status:<4} {self.name}: {self.detail}"
         return f"{text} (fix: {self.fix})" if self.fix and self.status != "OK" else text
+
+
+# The checks only wal mode needs: trigger mode works without logical decoding.
+WAL_CHECKS = frozenset({"wal_level", "replication privilege", "replication slots", "replication slot",
+                        "wal2json", "test_decoding"})
 
 
 def _plugin_check(conn: psycopg.Connection[Any], plugin: str, slot: str, slot_exists: bool) -> Check:
@@ -119,6 +141,11 @@ def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
                             f"no primary key on {', '.join(no_pk[:5])}{' ...' if len(no_pk) > 5 else ''}: "
                             "their changes are recorded with primary_key null" if no_pk else "every tracked table has one",
                             "add a primary key to each of them"))
+    if settings.capture_mode != "wal":
+        # Trigger mode needs none of logical decoding; auto falls back to it.
+        note = "trigger mode does not need it" if settings.capture_mode == "triggers" else "auto will choose trigger mode"
+        checks = [Check("WARN", c.name, f"{c.detail}; {note}", c.fix) if c.status == "FAIL" and c.name in WAL_CHECKS else c
+                  for c in checks]
     if destination_dsn:
         with connect(destination_dsn, role="destination database") as dconn:
             row = dconn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()
@@ -140,24 +167,48 @@ def _notices(conn: psycopg.Connection[Any]) -> None:
     conn.add_notice_handler(show)
 
 
+def choose_capture_mode(settings: Settings, checks: list[Check]) -> tuple[str, str]:
+    """The capture mode to install, and why: ``auto`` takes wal when its checks pass."""
+    if settings.capture_mode != "auto":
+        return settings.capture_mode, "capture.mode"
+    failed = [c for c in checks if c.status == "FAIL" and c.name in WAL_CHECKS]
+    if failed:
+        return "triggers", f"capture.mode auto, and logical decoding is not available ({failed[0].name}: {failed[0].detail})"
+    return "wal", "capture.mode auto, and logical decoding is available"
+
+
 def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *, dry_run: bool = False,
             preflight: bool = True) -> Rendered:
     """Preflight, apply the install SQL in one transaction per database, create the slot.
 
-    Idempotent: a second run changes nothing. With ``dry_run`` nothing is changed."""
-    if preflight:
-        failed = [c for c in doctor(source_dsn, destination_dsn, settings) if c.status == "FAIL"]
-        if failed:
-            raise PreflightError(f"{failed[0].line()}; run `bemi-pg doctor` for every check")
+    Idempotent: a second run changes nothing. With ``dry_run`` nothing is changed. Installing
+    with another capture mode than the installed one switches the database over, neither
+    losing nor duplicating a change (see README, "Capture modes")."""
+    # Every check as wal mode sees it; trigger mode then ignores the ones it does not need.
+    checks = (doctor(source_dsn, destination_dsn, replace(settings, capture_mode="wal"))
+              if preflight or settings.capture_mode == "auto" else [])
+    mode, why = choose_capture_mode(settings, checks)
+    if mode == "triggers" and destination_dsn is not None:
+        raise ConfigError("trigger mode writes the changes table inside the tracked database: "
+                          "leave out --destination-dsn (BEMI_DESTINATION_DSN), or use capture.mode = \"wal\"")
+    failed = [c for c in checks if c.status == "FAIL" and (mode == "wal" or c.name not in WAL_CHECKS)]
+    if preflight and failed:
+        raise PreflightError(f"{failed[0].line()}; run `bemi-pg doctor` for every check")
+    settings = replace(settings, capture_mode=mode)
     rendered = render_install(settings)
     if dry_run:
         return rendered
+    log.info("bemi-pg: capture mode %s (%s)", mode, why)
     with connect(source_dsn, role="source database") as src:
         _notices(src)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
+        previous = installed_capture_mode(src)
+        slot_row = src.execute(query("slot_info"), {"slot": slot}).fetchone()
+        if previous == "wal" and mode == "triggers" and slot_row is not None and slot_row[3] is not None:
+            raise BemiError(f"replication slot {slot} is in use by pid {slot_row[3]}: stop the poller, then switch to trigger mode")
         created = False
-        if src.execute(query("slot_info"), {"slot": slot}).fetchone() is None:
+        if mode == "wal" and slot_row is None:
             # The slot comes first, so that no change made during installation is missed.
             src.execute(query("create_slot"), {"slot": slot})
             created = True
@@ -165,6 +216,7 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
             if destination_dsn is None:
                 with src.transaction():
                     src.execute(rendered.combined())
+                    xid = src.execute("SELECT pg_current_xact_id()::text::bigint % 4294967296").fetchone()[0]  # type: ignore[index]
             else:
                 with connect(destination_dsn, role="destination database") as dst:
                     _notices(dst)
@@ -172,11 +224,39 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                         dst.execute(rendered.destination)
                 with src.transaction():
                     src.execute(rendered.source)
+                    xid = src.execute("SELECT pg_current_xact_id()::text::bigint % 4294967296").fetchone()[0]  # type: ignore[index]
         except BaseException:
             if created:
                 src.execute(query("drop_slot"), {"slot": slot})
             raise
+        if previous is not None and previous != mode and (mode == "wal" or slot_row is not None):
+            _switch_boundary(src, source_dsn, settings, slot, xid, previous, mode)
     return rendered
+
+
+def _switch_boundary(src: psycopg.Connection[Any], source_dsn: str, settings: Settings, slot: str, xid: int,
+                     previous: str, mode: str) -> None:
+    """Hand the changes over at the install transaction's commit, which switched the triggers.
+
+    Every tracked write before it went through the old mode's triggers, every one after it
+    through the new ones: the install transaction waited on each table's writers as it
+    replaced their triggers. Triggers -> wal: the slot skips the transactions committed up to
+    the switch (the triggers wrote them). Wal -> triggers: the poller drains the slot up to
+    the switch, then the slot is dropped."""
+    row = src.execute(query("transaction_commit"), {"slot": slot, "xid": xid}).fetchone()
+    if row is None:
+        raise BemiError(f"the switch to {mode} mode committed, but its transaction {xid} is not in slot {slot}: "
+                        "check `bemi-pg status` before polling")
+    commit_lsn, end_lsn = row
+    if mode == "wal":
+        src.execute(query("advance_slot"), {"slot": slot, "lsn": end_lsn}).fetchall()
+        log.info("bemi-pg: switched from trigger mode to wal mode at %s; the slot starts there", end_lsn)
+        return
+    with Poller(source_dsn, None, replace(settings, capture_mode=previous)) as poller:
+        stats = poller.run_once(upto_lsn=commit_lsn)
+    src.execute(query("drop_slot"), {"slot": slot})
+    log.info("bemi-pg: switched from wal mode to trigger mode at %s; the poller wrote the last %d changes "
+             "and slot %s was dropped", commit_lsn, stats.changes, slot)
 
 
 def uninstall(source_dsn: str, destination_dsn: str | None, settings: Settings, *, drop_changes: bool = False) -> None:
@@ -269,6 +349,7 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
         result["database"] = database
+        result["capture_mode"] = installed_capture_mode(src)
         result["slot"] = slot
         info = fetch_dict(src, query("slot_info"), {"slot": slot})
         if info is None:

@@ -14,6 +14,8 @@ from .errors import ConfigError
 
 __all__ = ["Settings", "load_settings", "default_slot_name", "split_qualified_name"]
 
+CAPTURE_MODES = ("wal", "triggers", "auto")
+
 _IDENT_RE = re.compile(r'^(?:"(?:[^"]|"")+"|[^."]+)\.(?:"(?:[^"]|"")+"|[^."]+)$')
 
 
@@ -53,6 +55,7 @@ def default_slot_name(database: str) -> str:
 class Settings:
     """Everything that shapes the rendered SQL and the poller."""
 
+    capture_mode: str = "wal"  # wal, triggers, or auto (wal when the preflight passes, else triggers)
     schemas: tuple[str, ...] = ("public",)
     exclude_tables: tuple[str, ...] = ()
     replica_identity_full: bool = True
@@ -95,7 +98,7 @@ class Settings:
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "source": {"schemas": list, "exclude_tables": list},
-    "capture": {"replica_identity_full": bool, "max_context_bytes": int, "database_keys": str},
+    "capture": {"mode": str, "replica_identity_full": bool, "max_context_bytes": int, "database_keys": str},
     "slot": {"name": str},
     "destination": {"table": str, "row_gin_indexes": bool, "partition_by_month": bool},
     "columns": {"ignore": list, "exclude": list},
@@ -136,7 +139,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     kwargs: dict[str, Any] = {"source_file": str(chosen) if chosen else None}
     mapping = {
         "source.schemas": "schemas", "source.exclude_tables": "exclude_tables",
-        "capture.replica_identity_full": "replica_identity_full", "capture.max_context_bytes": "max_context_bytes",
+        "capture.mode": "capture_mode", "capture.replica_identity_full": "replica_identity_full",
+        "capture.max_context_bytes": "max_context_bytes",
         "capture.database_keys": "database_keys",
         "slot.name": "slot_name", "destination.table": "destination_table",
         "destination.row_gin_indexes": "row_gin_indexes", "destination.partition_by_month": "partition_by_month",
@@ -165,6 +169,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"{where}: slot.name {settings.slot_name!r} is not a valid slot name (a-z, 0-9 and _, at most 63)")
     if settings.batch_size < 1:
         raise ConfigError(f"{where}: poll.batch_size must be at least 1")
+    if settings.capture_mode not in CAPTURE_MODES:
+        raise ConfigError(f"{where}: capture.mode must be \"wal\", \"triggers\" or \"auto\", not {settings.capture_mode!r}")
     if settings.database_keys not in ("no_context", "always", "never"):
         raise ConfigError(f"{where}: capture.database_keys must be \"no_context\", \"always\" or \"never\"")
     if settings.max_context_bytes < 1:

@@ -91,3 +91,11 @@ def connect(dsn: str, *, autocommit: bool = True, role: str = "database") -> psy
     if not autocommit:
         conn.commit()
     return conn
+
+
+def installed_capture_mode(conn: psycopg.Connection[Any]) -> str | None:
+    """The source database's capture mode, ``wal`` or ``triggers``; None when bemi-pg is not installed."""
+    if conn.execute("SELECT pg_catalog.to_regclass('bemi.installation') IS NULL").fetchone()[0]:  # type: ignore[index]
+        return None
+    row = conn.execute(query("capture_mode")).fetchone()
+    return row[0] if row else None

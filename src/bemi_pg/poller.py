@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings
-from .db import connect, fetch_dict
+from .db import connect, fetch_dict, installed_capture_mode
 from .errors import BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
@@ -214,6 +214,9 @@ class Poller:
         """The slot's state; raise SlotLost if it is missing or invalidated (never recreated)."""
         info = fetch_dict(self.source, query("slot_info"), {"slot": self.slot})
         if info is None:
+            if installed_capture_mode(self.source) == "triggers":
+                raise BemiError("this database captures with triggers (capture mode \"triggers\"): its changes are "
+                                "written as they commit, so there is nothing to poll")
             raise SlotLost(
                 f"replication slot {self.slot} does not exist: run `bemi-pg install` to create it "
                 "(changes made while it was missing were not captured)"
@@ -228,13 +231,13 @@ class Poller:
         return info
 
     # -- loops -----------------------------------------------------------------------
-    def run_once(self) -> PollStats:
-        """Drain every transaction committed before this call, then return."""
+    def run_once(self, upto_lsn: str | None = None) -> PollStats:
+        """Drain every transaction committed before this call (or before ``upto_lsn``), then return."""
         started = time.monotonic()
         self.lock()
         self.check_slot()
         self.heartbeat()
-        target = self.source.execute(query("current_lsn")).fetchone()[0]  # type: ignore[index]
+        target = upto_lsn or self.source.execute(query("current_lsn")).fetchone()[0]  # type: ignore[index]
         total = PollStats()
         while True:
             stats = self.poll_batch(upto_lsn=target)

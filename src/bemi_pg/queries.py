@@ -14,6 +14,8 @@ def _load() -> dict[str, str]:
     text = resources.files(__package__).joinpath("sql", "queries.sql").read_text(encoding="utf-8")
     blocks: dict[str, str] = {}
     for match in re.finditer(r"^-- name: (\w+)\n(.*?)(?=^-- name: |\Z)", text, re.S | re.M):
+        if match.group(1) in blocks:
+            raise AssertionError(f"sql/queries.sql names two queries {match.group(1)}")
         blocks[match.group(1)] = match.group(2).strip()
     return blocks
 

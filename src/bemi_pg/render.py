@@ -20,7 +20,8 @@ from . import __version__
 from .config import Settings
 from .errors import BemiError
 
-__all__ = ["Rendered", "quote_ident", "quote_literal", "render_install", "render_roles", "render_uninstall", "check_sql"]
+__all__ = ["Rendered", "quote_ident", "quote_literal", "render_extension", "render_install", "render_roles",
+           "render_uninstall", "check_sql"]
 
 _PLAIN_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
 _NEEDS_QUOTES = keywords.RESERVED_KEYWORDS | keywords.TYPE_FUNC_NAME_KEYWORDS | keywords.COL_NAME_KEYWORDS
@@ -76,13 +77,44 @@ class Rendered:
     source: str
     destination: str
     trailer: str = ""
+    capture_mode: str = "wal"
 
     def combined(self) -> str:
         """One script, for a destination inside the source database."""
         return self.source + "\n" + self.destination + self.trailer
 
 
-def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_changes: bool = False) -> dict[str, Any]:
+def glob_regex(pattern: str) -> str:
+    """A column rule's glob (``*``, ``?``, ``[...]``, as fnmatch reads it) as an anchored
+    PostgreSQL regular expression, for the triggers of trigger mode."""
+    out = ["^"]
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        i += 1
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[" and (end := pattern.find("]", i + 1 if pattern[i : i + 1] in ("!", "]") else i)) >= 0:
+            body, i = pattern[i:end], end + 1
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+        elif ch.isalnum() or ch == "_":
+            out.append(ch)
+        else:
+            out.append("\\" + ch)
+    return "".join(out) + "$"
+
+
+CHANGE_COLUMNS = (
+    '"database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, '
+    'transaction_id, "position", commit_position, seq'
+)
+
+
+def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_changes: bool = False,
+             extension: bool = False) -> dict[str, Any]:
     dest_schema, dest_name = settings.destination
     untracked = [f"{s}.{t}" for s, t in settings.excluded()] + [f"{dest_schema}.{dest_name}"]
     settings_lines = [f"{k} = {v!r}" if not isinstance(v, str) else f"{k} = {v}" for k, v in settings.summary().items()]
@@ -90,6 +122,7 @@ def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_ch
         "version": __version__,
         "title": title,
         "uninstall": uninstall,
+        "extension": extension,
         "drop_changes": drop_changes,
         "settings_lines": settings_lines,
         "settings_json": settings.summary_json(),
@@ -103,6 +136,9 @@ def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_ch
         "changes_name": dest_name,
         "changes_table": quote_ident(dest_schema, dest_name),
         "row_gin_indexes": settings.row_gin_indexes,
+        "change_columns": CHANGE_COLUMNS,
+        "exclude_column_patterns": [glob_regex(p) for p in settings.exclude_columns],
+        "ignore_column_patterns": [glob_regex(p) for p in settings.ignore_columns],
         "partitioned": settings.partition_by_month,
     }
 
@@ -118,6 +154,7 @@ def render_install(settings: Settings) -> Rendered:
     return Rendered(
         source=_render("source.sql.j2", _context(settings, "install, capture side")),
         destination=_render("destination.sql.j2", _context(settings, "install, destination side")),
+        capture_mode=settings.capture_mode,
     )
 
 
@@ -129,6 +166,31 @@ def render_uninstall(settings: Settings, *, drop_changes: bool = False) -> Rende
         destination=_render("uninstall_destination.sql.j2", _context(settings, "uninstall, destination side", **ctx)),
         trailer=_render("uninstall_schema.sql.j2", {}),
     )
+
+
+EXTENSION = "bemi_pg"
+# The version ALTER EXTENSION bemi_pg UPDATE comes from; its script is kept as released.
+PREVIOUS_EXTENSION_VERSION = "0.1.0"
+
+
+def render_extension() -> dict[str, str]:
+    """The generated files of the PGXS extension (``extension/``): the control file, this
+    version's install script and the upgrade script from the previous version.
+
+    The scripts are the install SQL of the same templates with the default settings, in trigger
+    mode (which needs no slot), plus ``pg_extension_config_dump`` so that pg_dump keeps the
+    extension's tables. The upgrade script is the install script too: every statement in it
+    is idempotent."""
+    settings = Settings(capture_mode="triggers")
+    context = _context(settings, f"extension {EXTENSION} {__version__}", extension=True)
+    body = _render("extension.sql.j2", context)
+    guard = f'\\echo Use "CREATE EXTENSION {EXTENSION}" to load this file. \\quit\n'
+    control = _ENV.get_template("extension.control.j2").render(context)
+    return {
+        f"{EXTENSION}.control": control,
+        f"{EXTENSION}--{__version__}.sql": guard + body,
+        f"{EXTENSION}--{PREVIOUS_EXTENSION_VERSION}--{__version__}.sql": guard + body,
+    }
 
 
 def render_roles(settings: Settings, role: str = "bemi_poller") -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from psycopg import conninfo
 
 from bemi_pg import commands
 from bemi_pg._localpg import throwaway_cluster
@@ -69,3 +70,26 @@ def test_no_free_slot_fails_with_the_fix():
         assert "FAIL replication slots: 0 of 1 free (fix: raise max_replication_slots" in result.stdout
         install = run_cli("install", env={"BEMI_DSN": dsn})
         assert install.returncode == 1 and install.stderr.startswith("error: FAIL replication slots")
+
+
+def test_without_logical_decoding_auto_installs_trigger_mode(replica_level_server, tmp_path):
+    config = tmp_path / "bemi.toml"
+    config.write_text('[capture]\nmode = "auto"\n')
+    with psycopg.connect(replica_level_server, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE auto_mode")
+    dsn = conninfo.make_conninfo(replica_level_server, dbname="auto_mode")
+    env = {"BEMI_DSN": dsn, "BEMI_CONFIG": str(config)}
+    doctor = run_cli("doctor", env=env)
+    assert doctor.returncode == 0, doctor.stdout
+    assert "WARN wal_level: replica; auto will choose trigger mode" in doctor.stdout
+    install = run_cli("install", env=env)
+    assert install.returncode == 0, install.stderr
+    assert ("capture mode triggers (capture.mode auto, and logical decoding is not available (wal_level: replica))"
+            in install.stderr)
+    assert "no poller needed" in install.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO t VALUES (1) /*Bemi {\"job\": \"import\"} Bemi*/")
+        assert conn.execute("SELECT operation, context FROM changes").fetchall() == [("CREATE", {"job": "import"})]
+    poll = run_cli("poll", "--once", env=env)
+    assert poll.returncode == 1 and "nothing to poll" in poll.stderr

@@ -95,7 +95,7 @@ def test_cli_render_install_status_doctor(db):
     status = run_cli("status", "--json", env=env)
     data = json.loads(status.stdout)
     assert data["change_count"] == 2 and data["tracked_tables"] == ["public.nopk", "public.todo"]
-    assert data["wal_status"] == "reserved" and data["installed_version"]
+    assert data["wal_status"] == "reserved" and data["installed_version"] and data["capture_mode"] == "wal"
     assert [c["primary_key"] for c in db.changes()] == ["1", None]
 
 

@@ -85,7 +85,7 @@ SELECT n.nspname, c.relname
   FROM pg_catalog.pg_trigger t
   JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE t.tgname = 'bemi_capture'
+ WHERE t.tgname IN ('bemi_capture', 'bemi_capture_insert')
  ORDER BY 1, 2
 
 -- name: tables_without_pk
@@ -131,3 +131,13 @@ SELECT n.nspname, c.relname,
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE i.inhparent = %(table)s::regclass
  ORDER BY upper_bound
+
+-- name: capture_mode
+SELECT coalesce(settings ->> 'capture_mode', 'wal') FROM bemi.installation
+
+-- name: transaction_commit
+-- Where a transaction's commit record starts and ends, found among the slot's pending transactions.
+SELECT d.data::json ->> 'lsn' AS commit_lsn, d.data::json ->> 'nextlsn' AS end_lsn
+  FROM pg_catalog.pg_logical_slot_peek_changes(%(slot)s, pg_catalog.pg_current_wal_lsn(), NULL,
+         'format-version', '2', 'include-xids', '1', 'include-lsn', '1', 'filter-tables', '*.*') AS d
+ WHERE d.xid = %(xid)s::text::xid AND d.data::json ->> 'action' = 'C'
