@@ -279,25 +279,30 @@ BEGIN
 END
 $fn$;
 
--- The context of the running statement, computed again only when its sources change.
+-- The context of the running statement, computed again only when one of its inputs changes:
+-- the key holds every one of them, so the context is kept across the session's transactions.
 CREATE OR REPLACE FUNCTION bemi.statement_context() RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $fn$
 DECLARE
-  fingerprint text;
+  key text;
   query text;
   comment_query text;
   request json;
   context jsonb;
 BEGIN
-  fingerprint := 'bemi'
+  key := 'bemi'
     || E'\x1e' || coalesce(pg_catalog.current_setting('bemi.session_context', true), E'\x1f')
     || E'\x1e' || coalesce(pg_catalog.current_setting('bemi.context', true), E'\x1f')
     || E'\x1e' || coalesce(pg_catalog.current_setting('request.method', true), E'\x1f')
     || E'\x1e' || CASE WHEN pg_catalog.strpos(pg_catalog.current_query(), '/*Bemi') > 0
-                        THEN pg_catalog.current_query() ELSE E'\x1f' END;
-  IF fingerprint = pg_catalog.current_setting('bemi.last_fingerprint', true) THEN
-    RETURN pg_catalog.current_setting('bemi.last_context', true)::jsonb;
+                        THEN pg_catalog.current_query() ELSE E'\x1f' END
+    || E'\x1e' || coalesce(pg_catalog.current_setting('request.path', true), E'\x1f')
+    || E'\x1e' || coalesce(pg_catalog.current_setting('request.jwt.claims', true), E'\x1f')
+    || E'\x1e' || coalesce(pg_catalog.current_setting('request.headers', true), E'\x1f')
+    || E'\x1e' || session_user || E'\x1e' || pg_catalog.current_setting('application_name');
+  IF key = pg_catalog.current_setting('bemi.context_key', true) THEN
+    RETURN pg_catalog.current_setting('bemi.context_value', true)::jsonb;
   END IF;
   query := pg_catalog.current_query();
   IF pg_catalog.strpos(query, '/*Bemi') > 0 THEN
@@ -324,32 +329,10 @@ BEGIN
     context := pg_catalog.jsonb_build_object('_bemi_error', pg_catalog.jsonb_build_array(
       pg_catalog.jsonb_build_object('source', 'bemi', 'error', SQLERRM)));
   END;
-  PERFORM pg_catalog.set_config('bemi.last_context', context::text, true);
-  PERFORM pg_catalog.set_config('bemi.last_fingerprint', fingerprint, true);
+  PERFORM pg_catalog.set_config('bemi.context_value', context::text, false);
+  PERFORM pg_catalog.set_config('bemi.context_key', key, false);
   RETURN context;
 END
-$fn$;
-
--- A row's primary key as the changes table holds it: the value's text for a one-column key,
--- a JSON array of the values in key order for a composite one; NULL without a key.
-CREATE OR REPLACE FUNCTION bemi.key_text(row_data jsonb, key_columns text[]) RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $fn$
-  SELECT CASE
-           WHEN pg_catalog.cardinality(key_columns) = 0 OR NOT row_data ?& key_columns THEN NULL
-           WHEN pg_catalog.cardinality(key_columns) = 1 THEN row_data ->> key_columns[1]
-           ELSE (SELECT pg_catalog.jsonb_agg(row_data -> k.name ORDER BY k.n)
-                   FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
-         END
-$fn$;
-
--- Whether an UPDATE changed nothing but ignored columns (it then leaves no change).
-CREATE OR REPLACE FUNCTION bemi.only_ignored_changed(before jsonb, after jsonb, ignored text[]) RETURNS boolean
-LANGUAGE sql IMMUTABLE
-AS $fn$
-  SELECT pg_catalog.bool_and(k.key = ANY (ignored)) IS TRUE
-    FROM (SELECT pg_catalog.jsonb_object_keys(before) UNION SELECT pg_catalog.jsonb_object_keys(after)) AS k(key)
-   WHERE (before -> k.key) IS DISTINCT FROM (after -> k.key)
 $fn$;
 
 -- Trigger mode. Statement-level AFTER triggers with transition tables write the statement's
@@ -360,7 +343,8 @@ $fn$;
 --   committed_at    = the clock when the statement's trigger ran, before the commit: a later
 --                     change of the same row is always later (it waits for this commit).
 -- Arguments, set by bemi.track_table: the primary key's columns in key order, the excluded
--- columns, the ignored columns.
+-- columns, the ignored columns. primary_key is the value's text for a one-column key, a JSON
+-- array of the values in key order for a composite one, NULL without a key.
 CREATE OR REPLACE FUNCTION bemi.capture_changes() RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -384,24 +368,48 @@ BEGIN
   wal_position := (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint;
   IF TG_OP = 'INSERT' THEN
     INSERT INTO public.changes ("database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME, bemi.key_text(r.after, key_columns), 'CREATE',
-           '{}', r.after, context, written_at, written_at, xact % 4294967296, wal_position, -xact, first_seq + r.n - 1
+    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME,
+           CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.after ->> key_columns[1]
+                WHEN pg_catalog.cardinality(key_columns) > 1 AND r.after ?& key_columns
+                THEN (SELECT pg_catalog.jsonb_agg(r.after -> k.name ORDER BY k.n)
+                        FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
+           END,
+           'CREATE', '{}', r.after, context, written_at, written_at,
+           xact % 4294967296, wal_position, -xact, first_seq + r.n - 1
       FROM (SELECT pg_catalog.to_jsonb(t) - excluded AS after, pg_catalog.row_number() OVER () AS n FROM bemi_new AS t) AS r;
     GET DIAGNOSTICS written = ROW_COUNT;
   ELSIF TG_OP = 'UPDATE' THEN
     -- The transition tables hold the old and the new version of each row in the same order.
+    -- An UPDATE that changed ignored columns only leaves no change, but keeps its place in seq.
     INSERT INTO public.changes ("database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME, bemi.key_text(n.after - excluded, key_columns), 'UPDATE',
-           o.before - excluded, n.after - excluded, context, written_at, written_at, xact % 4294967296, wal_position, -xact,
-           first_seq + n.n - 1
-      FROM (SELECT pg_catalog.to_jsonb(t) AS before, pg_catalog.row_number() OVER () AS n FROM bemi_old AS t) AS o
-      JOIN (SELECT pg_catalog.to_jsonb(t) AS after, pg_catalog.row_number() OVER () AS n FROM bemi_new AS t) AS n ON n.n = o.n
-     WHERE ignored = '{}' OR NOT bemi.only_ignored_changed(o.before, n.after, ignored);
-    written := (SELECT pg_catalog.count(*) FROM bemi_new);  -- ignored updates keep their place in seq
+    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME,
+           CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.after ->> key_columns[1]
+                WHEN pg_catalog.cardinality(key_columns) > 1 AND r.after ?& key_columns
+                THEN (SELECT pg_catalog.jsonb_agg(r.after -> k.name ORDER BY k.n)
+                        FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
+           END,
+           'UPDATE', r.before, r.after, context, written_at, written_at,
+           xact % 4294967296, wal_position, -xact, first_seq + r.n - 1
+      FROM (SELECT o.before - excluded AS before, w.after - excluded AS after, w.n
+              FROM (SELECT pg_catalog.to_jsonb(t) AS before, pg_catalog.row_number() OVER () AS n FROM bemi_old AS t) AS o
+              JOIN (SELECT pg_catalog.to_jsonb(t) AS after, pg_catalog.row_number() OVER () AS n FROM bemi_new AS t) AS w
+                ON w.n = o.n
+             WHERE ignored = '{}'
+                OR NOT EXISTS (SELECT FROM pg_catalog.jsonb_each(o.before) AS b FULL JOIN pg_catalog.jsonb_each(w.after) AS a USING (key)
+                                WHERE b.value IS DISTINCT FROM a.value)
+                OR EXISTS (SELECT FROM pg_catalog.jsonb_each(o.before) AS b FULL JOIN pg_catalog.jsonb_each(w.after) AS a USING (key)
+                            WHERE b.value IS DISTINCT FROM a.value AND NOT key = ANY (ignored))) AS r;
+    written := (SELECT pg_catalog.count(*) FROM bemi_new);
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO public.changes ("database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME, bemi.key_text(r.before, key_columns), 'DELETE',
-           r.before, '{}', context, written_at, written_at, xact % 4294967296, wal_position, -xact, first_seq + r.n - 1
+    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME,
+           CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.before ->> key_columns[1]
+                WHEN pg_catalog.cardinality(key_columns) > 1 AND r.before ?& key_columns
+                THEN (SELECT pg_catalog.jsonb_agg(r.before -> k.name ORDER BY k.n)
+                        FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
+           END,
+           'DELETE', r.before, '{}', context, written_at, written_at,
+           xact % 4294967296, wal_position, -xact, first_seq + r.n - 1
       FROM (SELECT pg_catalog.to_jsonb(t) - excluded AS before, pg_catalog.row_number() OVER () AS n FROM bemi_old AS t) AS r;
     GET DIAGNOSTICS written = ROW_COUNT;
   ELSE

@@ -71,10 +71,10 @@ def _select(dest: psycopg.Connection[Any], database: str, *, change_id: str | No
     with dest.cursor(row_factory=dict_row) as cur:
         if change_id is not None:
             return cur.execute(base + " AND id = %s::uuid" + order, (database, change_id)).fetchall()
-        if transaction_id is not None:  # xids wrap: the most recent transaction with that id
+        if transaction_id is not None:  # xids wrap: the most recent transaction with that id (in either capture mode)
             return cur.execute(
-                base + f" AND transaction_id = %s AND commit_position = (SELECT max(commit_position) FROM {changes_table}"
-                " WHERE \"database\" = %s AND transaction_id = %s)" + order,
+                base + f" AND transaction_id = %s AND commit_position = (SELECT commit_position FROM {changes_table}"
+                " WHERE \"database\" = %s AND transaction_id = %s ORDER BY committed_at DESC LIMIT 1)" + order,
                 (database, transaction_id, database, transaction_id)).fetchall()
         return cur.execute(base + " AND context @> %s::jsonb" + order, (database, json.dumps(context))).fetchall()
 

@@ -150,4 +150,4 @@ def test_bemi_pg_install_switches_an_extension_to_wal_mode(installed_extension, 
     rows = db.execute("SELECT after ->> 'task', commit_position < 0 FROM changes ORDER BY committed_at")
     assert rows == [("by trigger", True), ("by wal", False)]
     assert db.execute("SELECT count(*) FROM pg_depend WHERE refobjid = (SELECT oid FROM pg_extension "
-                      "WHERE extname = 'bemi_pg') AND deptype = 'e'") == [(29,)]
+                      "WHERE extname = 'bemi_pg') AND deptype = 'e'") == [(27,)]
