@@ -28,6 +28,7 @@ def test_toml_is_read(tmp_path):
     ("[capture]\nreplica_identity_full = 'yes'\n", "must be a bool"),
     ("[source]\nexclude_tables = ['sessions']\n", "schema.table"),
     ("[slot]\nname = 'Bad-Name'\n", "not a valid slot name"),
+    ("[capture]\nmode = 'logical'\n", 'capture.mode must be "wal", "triggers" or "auto"'),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bemi.toml"
