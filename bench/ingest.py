@@ -6,7 +6,13 @@ On a throwaway server: a 5-column table with REPLICA IDENTITY FULL, a backlog of
 updates, then alternately (1) the server decoding the slot by itself
 (`SELECT count(*) FROM pg_logical_slot_peek_changes(...)` with the poller's options) and
 (2) bemi-pg draining it into `changes`, in the same database and in another one. Prints the
-rates, the medians and the ratio; with --chart, also throughput against batch size (PNG)."""
+rates, the medians and the ratio; with --chart, also throughput against batch size (PNG).
+
+It also measures the floor the destination sets: the same number of finished change rows
+copied by the server itself (`INSERT … SELECT` from `changes`, no decoding, no Python) into a
+table with the changes table's columns and indexes, and prints the ratio any poller could
+reach at best, decoding and writing one after the other (as a peek does) or fully
+overlapped."""
 
 from __future__ import annotations
 
@@ -43,6 +49,20 @@ def raw_decode(dsn: str, slot: str, options: list[str]) -> float:
         return time.perf_counter() - t0
 
 
+def destination_floor(dsn: str, rows: int, rounds: int) -> list[float]:
+    """Rows per second the server writes finished change rows into a changes-shaped table."""
+    result = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(rounds):
+            conn.execute("DROP TABLE IF EXISTS changes_floor")
+            conn.execute("CREATE TABLE changes_floor (LIKE changes INCLUDING ALL)")
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO changes_floor SELECT * FROM changes LIMIT %s", (rows,))
+            result.append(rows / (time.perf_counter() - t0))
+        conn.execute("DROP TABLE changes_floor")
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inserts", type=int, default=200_000)
@@ -68,11 +88,15 @@ def main() -> int:
                 stats = commands.poll_once(src, dest, settings)
                 rates[where].append(stats.changes / stats.seconds)
         raw = statistics.median(rates["raw decode"])
+        rates["write only"] = destination_floor(src, args.inserts + args.updates, args.rounds)
         print(f"backlog: {args.inserts:,} inserts + {args.updates:,} updates per round, {args.rounds} rounds")
         for name, values in rates.items():
             median = statistics.median(values)
             print(f"{name:<15} median {median:9,.0f} changes/s  ratio to raw decode {median / raw:.2f}   "
                   f"rounds {', '.join(f'{v:,.0f}' for v in values)}")
+        write = statistics.median(rates["write only"])
+        print(f"ceiling with this destination: {1 / (1 / raw + 1 / write) / raw:.2f}x decoding then writing, "
+              f"{min(raw, write) / raw:.2f}x fully overlapped (no conversion cost at all)")
         if args.chart:
             sizes = [500, 2_000, 10_000, 50_000]
             throughput = []

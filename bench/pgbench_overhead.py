@@ -8,7 +8,9 @@ statement trigger); bemi-pg in trigger mode (statement triggers with transition 
 supa_audit-like tools do. Each round runs pgbench's TPC-B-like script on every one in turn
 (wal and trigger mode also with a `bemi.set_context(...)` in every transaction, and wal mode
 also with `bemi-pg poll --follow` draining the slot meanwhile, since decoding shares the
-server). Prints the median TPS of each and its ratio to no tracking."""
+server), and the plain database with one more statement per transaction (a `set_config`, what
+`bemi.set_context` costs without bemi-pg: the floor for the set_context rounds). Prints the
+median TPS of each and its ratio to no tracking."""
 
 from __future__ import annotations
 
@@ -64,15 +66,20 @@ def pgbench(cluster: LocalCluster, db: str, script: Path, seconds: int, clients:
     return float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
 
-# name -> (database, with set_context?, poller following?)
+# A statement of set_context's cost that needs nothing installed: what one more statement per
+# transaction costs by itself, the floor for the set_context rounds.
+NOOP = "SELECT set_config('app.context', '{\"user_id\": ' || :aid || ', \"endpoint\": \"/transfer\"}', true);\n"
+
+# name -> (database, script: plain, context or noop, poller following?)
 CONFIGS = {
-    "no tracking": ("plain", False, False),
-    "wal mode, no context": ("wal", False, False),
-    "wal mode, set_context": ("wal", True, False),
-    "wal mode + poller": ("wal", True, True),
-    "trigger mode, no context": ("triggers", False, False),
-    "trigger mode, set_context": ("triggers", True, False),
-    "per-row audit trigger": ("audit", False, False),
+    "no tracking": ("plain", "plain", False),
+    "no tracking + 1 statement": ("plain", "noop", False),
+    "wal mode, no context": ("wal", "plain", False),
+    "wal mode, set_context": ("wal", "context", False),
+    "wal mode + poller": ("wal", "context", True),
+    "trigger mode, no context": ("triggers", "plain", False),
+    "trigger mode, set_context": ("triggers", "context", False),
+    "per-row audit trigger": ("audit", "plain", False),
 }
 
 
@@ -92,18 +99,19 @@ def main() -> int:
         commands.install(cluster.dsn("triggers"), None, load_settings(None, capture_mode="triggers"))
         with psycopg.connect(cluster.dsn("audit"), autocommit=True) as conn:
             conn.execute(AUDIT)
-        scripts = {False: cluster.datadir.parent / "tpcb.sql", True: cluster.datadir.parent / "tpcb-context.sql"}
-        scripts[False].write_text(TPCB.format(context=""))
-        scripts[True].write_text(TPCB.format(context=CONTEXT))
+        scripts = {name: cluster.datadir.parent / f"tpcb-{name}.sql" for name in ("plain", "context", "noop")}
+        scripts["plain"].write_text(TPCB.format(context=""))
+        scripts["context"].write_text(TPCB.format(context=CONTEXT))
+        scripts["noop"].write_text(TPCB.format(context=NOOP))
         results: dict[str, list[float]] = {name: [] for name in CONFIGS}
         for _ in range(args.rounds):
-            for name, (db, context, follow) in CONFIGS.items():
+            for name, (db, script, follow) in CONFIGS.items():
                 poller = None
                 if follow:
                     poller = subprocess.Popen([sys.executable, "-m", "bemi_pg", "poll", "--follow", "--dsn", cluster.dsn(db)],
                                               stderr=subprocess.DEVNULL)
                 try:
-                    results[name].append(pgbench(cluster, db, scripts[context], args.seconds, args.clients))
+                    results[name].append(pgbench(cluster, db, scripts[script], args.seconds, args.clients))
                 finally:
                     if poller is not None:
                         poller.terminate()

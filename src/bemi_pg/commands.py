@@ -188,9 +188,6 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
     checks = (doctor(source_dsn, destination_dsn, replace(settings, capture_mode="wal"))
               if preflight or settings.capture_mode == "auto" else [])
     mode, why = choose_capture_mode(settings, checks)
-    if mode == "triggers" and destination_dsn is not None:
-        raise ConfigError("trigger mode writes the changes table inside the tracked database: "
-                          "leave out --destination-dsn (BEMI_DESTINATION_DSN), or use capture.mode = \"wal\"")
     failed = [c for c in checks if c.status == "FAIL" and (mode == "wal" or c.name not in WAL_CHECKS)]
     if preflight and failed:
         raise PreflightError(f"{failed[0].line()}; run `bemi-pg doctor` for every check")
@@ -198,51 +195,54 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
     rendered = render_install(settings)
     if dry_run:
         return rendered
-    log.info("bemi-pg: capture mode %s (%s)", mode, why)
     with connect(source_dsn, role="source database") as src:
         _notices(src)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
         previous = installed_capture_mode(src)
         slot_row = src.execute(query("slot_info"), {"slot": slot}).fetchone()
-        if previous == "wal" and mode == "triggers" and slot_row is not None and slot_row[3] is not None:
-            raise BemiError(f"replication slot {slot} is in use by pid {slot_row[3]}: stop the poller, then switch to trigger mode")
+        draining = previous == "wal" and mode == "triggers" and slot_row is not None
+        if mode == "triggers" and destination_dsn is not None and not draining:
+            # (Switching from wal mode, the destination is where the last wal-mode changes go.)
+            raise ConfigError("trigger mode writes the changes table inside the tracked database: "
+                              "leave out --destination-dsn (BEMI_DESTINATION_DSN), or use capture.mode = \"wal\"")
+        if draining and slot_row[3] is not None:  # type: ignore[index]
+            raise BemiError(f"replication slot {slot} is in use by pid {slot_row[3]}: stop the poller, "  # type: ignore[index]
+                            "then switch to trigger mode")
+        log.info("bemi-pg: capture mode %s (%s)", mode, why)
         created = False
         if mode == "wal" and slot_row is None:
             # The slot comes first, so that no change made during installation is missed.
             src.execute(query("create_slot"), {"slot": slot})
             created = True
         try:
-            if destination_dsn is None:
-                with src.transaction():
-                    src.execute(rendered.combined())
-                    xid = src.execute("SELECT pg_current_xact_id()::text::bigint % 4294967296").fetchone()[0]  # type: ignore[index]
-            else:
+            if mode == "wal" and destination_dsn is not None:
                 with connect(destination_dsn, role="destination database") as dst:
                     _notices(dst)
                     with dst.transaction():
                         dst.execute(rendered.destination)
-                with src.transaction():
-                    src.execute(rendered.source)
-                    xid = src.execute("SELECT pg_current_xact_id()::text::bigint % 4294967296").fetchone()[0]  # type: ignore[index]
+            with src.transaction():
+                src.execute(rendered.source if mode == "wal" and destination_dsn is not None else rendered.combined())
+                xid = src.execute("SELECT pg_current_xact_id()::text::bigint % 4294967296").fetchone()[0]  # type: ignore[index]
         except BaseException:
             if created:
                 src.execute(query("drop_slot"), {"slot": slot})
             raise
-        if previous is not None and previous != mode and (mode == "wal" or slot_row is not None):
-            _switch_boundary(src, source_dsn, settings, slot, xid, previous, mode)
+        if previous is not None and previous != mode and (mode == "wal" or draining):
+            _switch_boundary(src, source_dsn, destination_dsn, settings, slot, xid, previous, mode)
     return rendered
 
 
-def _switch_boundary(src: psycopg.Connection[Any], source_dsn: str, settings: Settings, slot: str, xid: int,
-                     previous: str, mode: str) -> None:
+def _switch_boundary(src: psycopg.Connection[Any], source_dsn: str, destination_dsn: str | None, settings: Settings,
+                     slot: str, xid: int, previous: str, mode: str) -> None:
     """Hand the changes over at the install transaction's commit, which switched the triggers.
 
     Every tracked write before it went through the old mode's triggers, every one after it
     through the new ones: the install transaction waited on each table's writers as it
     replaced their triggers. Triggers -> wal: the slot skips the transactions committed up to
     the switch (the triggers wrote them). Wal -> triggers: the poller drains the slot up to
-    the switch, then the slot is dropped."""
+    the switch into ``destination_dsn`` (where wal mode wrote; None: the tracked database),
+    then the slot is dropped."""
     row = src.execute(query("transaction_commit"), {"slot": slot, "xid": xid}).fetchone()
     if row is None:
         raise BemiError(f"the switch to {mode} mode committed, but its transaction {xid} is not in slot {slot}: "
@@ -252,7 +252,7 @@ def _switch_boundary(src: psycopg.Connection[Any], source_dsn: str, settings: Se
         src.execute(query("advance_slot"), {"slot": slot, "lsn": end_lsn}).fetchall()
         log.info("bemi-pg: switched from trigger mode to wal mode at %s; the slot starts there", end_lsn)
         return
-    with Poller(source_dsn, None, replace(settings, capture_mode=previous)) as poller:
+    with Poller(source_dsn, destination_dsn, replace(settings, capture_mode=previous)) as poller:
         stats = poller.run_once(upto_lsn=commit_lsn)
     src.execute(query("drop_slot"), {"slot": slot})
     log.info("bemi-pg: switched from wal mode to trigger mode at %s; the poller wrote the last %d changes "

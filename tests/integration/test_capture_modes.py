@@ -284,3 +284,15 @@ def test_switching_from_wal_to_triggers_loses_and_duplicates_nothing(db):
     assert {k: result[k] for k in ("lost", "duplicated", "misattributed", "phantom")} == \
         {"lost": 0, "duplicated": 0, "misattributed": 0, "phantom": 0}
     assert db.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()") == [(0,)]
+
+
+def test_switching_to_triggers_drains_into_the_other_database_wal_mode_wrote_to(db, other_db):
+    db.execute(TABLES)
+    settings = load_settings(None)
+    commands.install(db.dsn, other_db.dsn, settings)
+    db.execute("INSERT INTO account (id, owner, balance) VALUES (1, 'before the switch', 1)")
+    commands.install(db.dsn, other_db.dsn, load_settings(None, capture_mode="triggers"))
+    db.execute("INSERT INTO account (id, owner, balance) VALUES (2, 'after the switch', 2)")
+    assert other_db.execute("SELECT after ->> 'owner' FROM changes") == [("before the switch",)]
+    assert db.execute("SELECT after ->> 'owner' FROM changes") == [("after the switch",)]
+    assert db.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()") == [(0,)]
