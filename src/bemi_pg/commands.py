@@ -266,6 +266,9 @@ def uninstall(source_dsn: str, destination_dsn: str | None, settings: Settings, 
         _notices(src)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
+        if src.execute("SELECT count(*) FROM pg_catalog.pg_extension WHERE extname = 'bemi_pg'").fetchone()[0]:  # type: ignore[index]
+            raise BemiError("bemi-pg was installed here with CREATE EXTENSION bemi_pg: remove it with "
+                            "DROP EXTENSION bemi_pg CASCADE (which drops the changes table too; dump it first)")
         row = src.execute(query("slot_info"), {"slot": slot}).fetchone()
         if row is not None and row[3] is not None:
             raise BemiError(f"replication slot {slot} is in use by pid {row[3]}: stop the poller first")

@@ -15,6 +15,7 @@ from psycopg import conninfo
 
 from bemi_pg import commands
 from bemi_pg.config import load_settings
+from bemi_pg.errors import BemiError
 
 from ..conftest import run_cli
 
@@ -149,5 +150,7 @@ def test_bemi_pg_install_switches_an_extension_to_wal_mode(installed_extension, 
     db.poll()
     rows = db.execute("SELECT after ->> 'task', commit_position < 0 FROM changes ORDER BY committed_at")
     assert rows == [("by trigger", True), ("by wal", False)]
+    with pytest.raises(BemiError, match="DROP EXTENSION bemi_pg CASCADE"):
+        commands.uninstall(db.dsn, None, db.settings)
     assert db.execute("SELECT count(*) FROM pg_depend WHERE refobjid = (SELECT oid FROM pg_extension "
                       "WHERE extname = 'bemi_pg') AND deptype = 'e'") == [(27,)]
