@@ -34,6 +34,17 @@ CREATE TABLE IF NOT EXISTS bemi.tracked_table (
   prior_replica_identity "char" NOT NULL
 );
 
+-- A switch of capture mode whose slot work is not done yet: `bemi-pg install` records it in
+-- the switching transaction and clears it once the slot starts at (triggers -> wal), or was
+-- drained up to (wal -> triggers), that transaction's commit; a poller finishes it otherwise.
+CREATE TABLE IF NOT EXISTS bemi.capture_switch (
+  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  transaction_id bigint NOT NULL,
+  from_mode text NOT NULL,
+  to_mode text NOT NULL,
+  switched_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- Context for the current transaction only: safe behind poolers in transaction mode.
 CREATE OR REPLACE FUNCTION bemi.set_context(context jsonb) RETURNS jsonb
 LANGUAGE sql VOLATILE

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from .config import Settings
 from .db import connect, fetch_dict, installed_capture_mode
-from .errors import BemiError, ConfigError, PreflightError
+from .errors import BemiError, ConfigError, PreflightError, SlotBusy
 from .poller import Poller, PollStats
 from .queries import query
 from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
@@ -210,53 +210,41 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
             raise BemiError(f"replication slot {slot} is in use by pid {slot_row[3]}: stop the poller, "  # type: ignore[index]
                             "then switch to trigger mode")
         log.info("bemi-pg: capture mode %s (%s)", mode, why)
-        created = False
-        if mode == "wal" and slot_row is None:
-            # The slot comes first, so that no change made during installation is missed.
-            src.execute(query("create_slot"), {"slot": slot})
-            created = True
+        switching = previous is not None and previous != mode and (mode == "wal" or draining)
+        # A switch holds the poller's lock from before its transaction until the slot work is
+        # done: a poller running now exits (75) instead of reading past the switch.
+        poller = Poller(source_dsn, destination_dsn, settings) if switching else None
         try:
-            if mode == "wal" and destination_dsn is not None:
-                with connect(destination_dsn, role="destination database") as dst:
-                    _notices(dst)
-                    with dst.transaction():
-                        dst.execute(rendered.destination)
-            with src.transaction():
-                src.execute(rendered.source if mode == "wal" and destination_dsn is not None else rendered.combined())
-                xid = src.execute("SELECT pg_current_xact_id()::text::bigint % 4294967296").fetchone()[0]  # type: ignore[index]
-        except BaseException:
-            if created:
-                src.execute(query("drop_slot"), {"slot": slot})
-            raise
-        if previous is not None and previous != mode and (mode == "wal" or draining):
-            _switch_boundary(src, source_dsn, destination_dsn, settings, slot, xid, previous, mode)
+            if poller is not None:
+                try:
+                    poller.lock()
+                except SlotBusy:
+                    raise SlotBusy(f"a bemi-pg poller is running for slot {slot}: stop it, then switch the capture mode") from None
+            created = False
+            if mode == "wal" and slot_row is None:
+                # The slot comes first, so that no change made during installation is missed.
+                src.execute(query("create_slot"), {"slot": slot})
+                created = True
+            try:
+                if mode == "wal" and destination_dsn is not None:
+                    with connect(destination_dsn, role="destination database") as dst:
+                        _notices(dst)
+                        with dst.transaction():
+                            dst.execute(rendered.destination)
+                with src.transaction():
+                    src.execute(rendered.source if mode == "wal" and destination_dsn is not None else rendered.combined())
+                    if switching:  # recorded with the switch itself, so that a poller finishes it if we cannot
+                        src.execute(query("record_capture_switch"), {"from_mode": previous, "to_mode": mode})
+            except BaseException:
+                if created:
+                    src.execute(query("drop_slot"), {"slot": slot})
+                raise
+            if poller is not None:
+                poller.finish_switch()
+        finally:
+            if poller is not None:
+                poller.close()
     return rendered
-
-
-def _switch_boundary(src: psycopg.Connection[Any], source_dsn: str, destination_dsn: str | None, settings: Settings,
-                     slot: str, xid: int, previous: str, mode: str) -> None:
-    """Hand the changes over at the install transaction's commit, which switched the triggers.
-
-    Every tracked write before it went through the old mode's triggers, every one after it
-    through the new ones: the install transaction waited on each table's writers as it
-    replaced their triggers. Triggers -> wal: the slot skips the transactions committed up to
-    the switch (the triggers wrote them). Wal -> triggers: the poller drains the slot up to
-    the switch into ``destination_dsn`` (where wal mode wrote; None: the tracked database),
-    then the slot is dropped."""
-    row = src.execute(query("transaction_commit"), {"slot": slot, "xid": xid}).fetchone()
-    if row is None:
-        raise BemiError(f"the switch to {mode} mode committed, but its transaction {xid} is not in slot {slot}: "
-                        "check `bemi-pg status` before polling")
-    commit_lsn, end_lsn = row
-    if mode == "wal":
-        src.execute(query("advance_slot"), {"slot": slot, "lsn": end_lsn}).fetchall()
-        log.info("bemi-pg: switched from trigger mode to wal mode at %s; the slot starts there", end_lsn)
-        return
-    with Poller(source_dsn, destination_dsn, replace(settings, capture_mode=previous)) as poller:
-        stats = poller.run_once(upto_lsn=commit_lsn)
-    src.execute(query("drop_slot"), {"slot": slot})
-    log.info("bemi-pg: switched from wal mode to trigger mode at %s; the poller wrote the last %d changes "
-             "and slot %s was dropped", commit_lsn, stats.changes, slot)
 
 
 def uninstall(source_dsn: str, destination_dsn: str | None, settings: Settings, *, drop_changes: bool = False) -> None:

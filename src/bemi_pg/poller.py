@@ -184,8 +184,7 @@ class Poller:
         self.close()
         self.source = connect(self._source_dsn, role="source database")
         self.destination = connect(self._destination_dsn or self._source_dsn, role="destination database")
-        self.lock()
-        self.check_slot()
+        self.start()
 
     def close(self) -> None:
         for conn in (self.source, self.destination):
@@ -210,13 +209,55 @@ class Poller:
         holder = f" (pid {row[0]})" if row else ""
         raise SlotBusy(f"another bemi-pg poller is running for slot {self.slot}{holder}; this one exits without touching anything")
 
+    def start(self) -> None:
+        """Take the lock, finish a capture-mode switch that an install left half done, check the slot."""
+        self.lock()
+        self.finish_switch()
+        if installed_capture_mode(self.source) == "triggers":
+            raise BemiError("this database captures with triggers (capture mode \"triggers\"): its changes are "
+                            "written as they commit, so there is nothing to poll")
+        self.check_slot()
+
+    def finish_switch(self) -> PollStats:
+        """Hand the changes over at a capture-mode switch recorded in ``bemi.capture_switch``.
+
+        The switching transaction replaced every tracked table's triggers, waiting for their
+        writers, so every tracked write before its commit went through the old mode's triggers
+        and every one after it through the new ones. Triggers -> wal: the slot is advanced to
+        its commit (the triggers wrote what came before). Wal -> triggers: the slot is drained
+        up to it into this poller's destination (where wal mode wrote), then dropped. Either
+        way the record goes, in the same transaction as the last write."""
+        stats = PollStats()
+        if self.source.execute("SELECT pg_catalog.to_regclass('bemi.capture_switch') IS NULL").fetchone()[0]:  # type: ignore[index]
+            return stats
+        switch = self.source.execute(query("capture_switch")).fetchone()
+        if switch is None:
+            return stats
+        xid, from_mode, to_mode = switch
+        found = None
+        if self.source.execute(query("slot_info"), {"slot": self.slot}).fetchone() is not None:
+            found = self.source.execute(query("transaction_commit"), {"slot": self.slot, "xid": xid}).fetchone()
+        if found is not None:  # else the slot is gone or already past the switch: nothing left to do
+            commit_lsn, end_lsn = found
+            if to_mode == "wal":
+                self.source.execute(query("advance_slot"), {"slot": self.slot, "lsn": end_lsn}).fetchall()
+            else:
+                while True:
+                    batch = self.poll_batch(upto_lsn=commit_lsn)
+                    if batch.batches == 0:
+                        break
+                    stats.add(batch)
+                self.source.execute(query("drop_slot"), {"slot": self.slot})
+            log.info("bemi-pg: switched from %s mode to %s mode at %s%s", from_mode, to_mode, commit_lsn,
+                     "; the slot starts there" if to_mode == "wal"
+                     else f"; wrote the last {stats.changes} wal-mode changes and dropped slot {self.slot}")
+        self.source.execute(query("clear_capture_switch"))
+        return stats
+
     def check_slot(self) -> dict[str, Any]:
         """The slot's state; raise SlotLost if it is missing or invalidated (never recreated)."""
         info = fetch_dict(self.source, query("slot_info"), {"slot": self.slot})
         if info is None:
-            if installed_capture_mode(self.source) == "triggers":
-                raise BemiError("this database captures with triggers (capture mode \"triggers\"): its changes are "
-                                "written as they commit, so there is nothing to poll")
             raise SlotLost(
                 f"replication slot {self.slot} does not exist: run `bemi-pg install` to create it "
                 "(changes made while it was missing were not captured)"
@@ -234,8 +275,7 @@ class Poller:
     def run_once(self, upto_lsn: str | None = None) -> PollStats:
         """Drain every transaction committed before this call (or before ``upto_lsn``), then return."""
         started = time.monotonic()
-        self.lock()
-        self.check_slot()
+        self.start()
         self.heartbeat()
         target = upto_lsn or self.source.execute(query("current_lsn")).fetchone()[0]  # type: ignore[index]
         total = PollStats()
@@ -254,8 +294,7 @@ class Poller:
         When a database cannot be reached, retry with exponential backoff (1 s doubling to
         ``max_backoff``) and catch up when it returns: nothing was advanced past what was written."""
         started = time.monotonic()
-        self.lock()
-        self.check_slot()
+        self.start()
         total = PollStats()
         last_heartbeat = 0.0
         backoff = 1.0

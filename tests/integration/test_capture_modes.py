@@ -13,7 +13,8 @@ import pytest
 
 from bemi_pg import commands
 from bemi_pg.config import load_settings
-from bemi_pg.errors import BemiError
+from bemi_pg.errors import BemiError, SlotBusy
+from bemi_pg.poller import Poller
 from bemi_pg.stitch import context_json, final_comment
 
 from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare
@@ -296,3 +297,43 @@ def test_switching_to_triggers_drains_into_the_other_database_wal_mode_wrote_to(
     assert other_db.execute("SELECT after ->> 'owner' FROM changes") == [("before the switch",)]
     assert db.execute("SELECT after ->> 'owner' FROM changes") == [("after the switch",)]
     assert db.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()") == [(0,)]
+
+
+@pytest.mark.parametrize("first, second", [("triggers", "wal"), ("wal", "triggers")])
+def test_a_switch_cut_short_after_its_commit_is_finished_by_the_poller(db, monkeypatch, first, second):
+    """install dies between the switching transaction's commit and the slot work: the next
+    poller (or install) finishes it, so nothing is lost or written twice."""
+    db.execute(TABLES)
+    db.install(capture_mode=first)
+    db.execute("INSERT INTO account (id, owner, balance) VALUES (1, 'before', 1)")
+    finish = Poller.finish_switch
+
+    def dies(self):
+        raise RuntimeError("killed after the switch committed")
+
+    monkeypatch.setattr(Poller, "finish_switch", dies)
+    with pytest.raises(RuntimeError):
+        commands.install(db.dsn, None, load_settings(None, capture_mode=second))
+    monkeypatch.setattr(Poller, "finish_switch", finish)
+    assert db.execute("SELECT from_mode, to_mode FROM bemi.capture_switch") == [(first, second)]
+    db.execute("INSERT INTO account (id, owner, balance) VALUES (2, 'after', 2)")
+    if second == "wal":
+        db.poll()
+    else:
+        with pytest.raises(BemiError, match="nothing to poll"):
+            db.poll()  # drains wal mode's last changes first
+    rows = db.execute("SELECT after ->> 'owner', commit_position < 0 FROM changes ORDER BY committed_at")
+    assert rows == [("before", first == "triggers"), ("after", second == "triggers")]
+    assert db.execute("SELECT count(*) FROM bemi.capture_switch") == [(0,)]
+    slots = db.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()")
+    assert slots == [(1 if second == "wal" else 0,)]
+
+
+def test_a_running_poller_blocks_the_switch(db):
+    db.execute(TABLES)
+    db.install()
+    with Poller(db.dsn, None, db.settings) as running:
+        running.lock()
+        with pytest.raises(SlotBusy, match="stop it, then switch the capture mode"):
+            commands.install(db.dsn, None, load_settings(None, capture_mode="triggers"))
+    assert db.execute("SELECT bemi.capture_mode()") == [("wal",)]

@@ -141,3 +141,16 @@ SELECT d.data::json ->> 'lsn' AS commit_lsn, d.data::json ->> 'nextlsn' AS end_l
   FROM pg_catalog.pg_logical_slot_peek_changes(%(slot)s, pg_catalog.pg_current_wal_lsn(), NULL,
          'format-version', '2', 'include-xids', '1', 'include-lsn', '1', 'filter-tables', '*.*') AS d
  WHERE d.xid = %(xid)s::text::xid AND d.data::json ->> 'action' = 'C'
+
+-- name: capture_switch
+SELECT transaction_id, from_mode, to_mode FROM bemi.capture_switch
+
+-- name: record_capture_switch
+INSERT INTO bemi.capture_switch (transaction_id, from_mode, to_mode)
+VALUES (pg_catalog.pg_current_xact_id()::text::bigint %% 4294967296, %(from_mode)s, %(to_mode)s)
+ON CONFLICT (singleton) DO UPDATE
+  SET transaction_id = excluded.transaction_id, from_mode = excluded.from_mode, to_mode = excluded.to_mode,
+      switched_at = excluded.switched_at
+
+-- name: clear_capture_switch
+DELETE FROM bemi.capture_switch
