@@ -210,16 +210,20 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
             raise BemiError(f"replication slot {slot} is in use by pid {slot_row[3]}: stop the poller, "  # type: ignore[index]
                             "then switch to trigger mode")
         log.info("bemi-pg: capture mode %s (%s)", mode, why)
+        pending = (src.execute("SELECT pg_catalog.to_regclass('bemi.capture_switch') IS NOT NULL").fetchone()[0]  # type: ignore[index]
+                   and src.execute(query("capture_switch")).fetchone() is not None)
         switching = previous is not None and previous != mode and (mode == "wal" or draining)
         # A switch holds the poller's lock from before its transaction until the slot work is
         # done: a poller running now exits (75) instead of reading past the switch.
-        poller = Poller(source_dsn, destination_dsn, settings) if switching else None
+        poller = Poller(source_dsn, destination_dsn, settings) if switching or pending else None
         try:
             if poller is not None:
                 try:
                     poller.lock()
                 except SlotBusy:
                     raise SlotBusy(f"a bemi-pg poller is running for slot {slot}: stop it, then switch the capture mode") from None
+                if pending:  # an earlier switch whose slot work was cut short
+                    poller.finish_switch()
             created = False
             if mode == "wal" and slot_row is None:
                 # The slot comes first, so that no change made during installation is missed.
