@@ -40,7 +40,7 @@ soak: deps
 bench: deps
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/ingest.py --rounds 3 --chart bench/batch-size.png
-	$(BIN)/python bench/pgbench_overhead.py --seconds 8 --rounds 3
+	$(BIN)/python bench/pgbench_overhead.py --seconds 6 --rounds 3
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/latency.py --tps 500 --seconds 20
 	$(BIN)/python bench/timetravel.py --rows 5000000 --samples 200
