@@ -455,6 +455,7 @@ DECLARE
   ignored text[];
   in_publication boolean;
   other_trigger name;
+  mode text := bemi.capture_mode();
 BEGIN
   SELECT c.oid, n.nspname, c.relname, c.relreplident, c.relispartition,
          EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk
@@ -471,13 +472,13 @@ BEGIN
   FOR other_trigger IN
     SELECT t.tgname FROM pg_catalog.pg_trigger t
      WHERE t.tgrelid = rel.oid
-       AND t.tgname = ANY (CASE WHEN bemi.capture_mode() = 'triggers' THEN ARRAY['bemi_capture']
+       AND t.tgname = ANY (CASE WHEN mode = 'triggers' THEN ARRAY['bemi_capture']
                            ELSE ARRAY['bemi_capture_insert', 'bemi_capture_update', 'bemi_capture_delete', 'bemi_capture_truncate'] END)
      ORDER BY t.tgname
   LOOP
     EXECUTE pg_catalog.format('DROP TRIGGER %I ON %I.%I', other_trigger, rel.nspname, rel.relname);
   END LOOP;
-  IF bemi.capture_mode() = 'triggers' THEN
+  IF mode = 'triggers' THEN
     IF in_publication THEN
       EXECUTE pg_catalog.format('ALTER PUBLICATION bemi DROP TABLE %I.%I', rel.nspname, rel.relname);
     END IF;

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings
-from .db import connect, fetch_dict, installed_capture_mode
+from .db import connect, fetch_dict, installed_capture_mode, pending_capture_switch
 from .errors import BemiError, ConfigError, PreflightError, SlotBusy
 from .poller import Poller, PollStats
 from .queries import query
@@ -210,8 +210,7 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
             raise BemiError(f"replication slot {slot} is in use by pid {slot_row[3]}: stop the poller, "  # type: ignore[index]
                             "then switch to trigger mode")
         log.info("bemi-pg: capture mode %s (%s)", mode, why)
-        pending = (src.execute("SELECT pg_catalog.to_regclass('bemi.capture_switch') IS NOT NULL").fetchone()[0]  # type: ignore[index]
-                   and src.execute(query("capture_switch")).fetchone() is not None)
+        pending = pending_capture_switch(src) is not None
         switching = previous is not None and previous != mode and (mode == "wal" or draining)
         # A switch holds the poller's lock from before its transaction until the slot work is
         # done: a poller running now exits (75) instead of reading past the switch.

@@ -93,9 +93,20 @@ def connect(dsn: str, *, autocommit: bool = True, role: str = "database") -> psy
     return conn
 
 
+def _bemi_row(conn: psycopg.Connection[Any], table: str, name: str) -> tuple[Any, ...] | None:
+    """The first row of the named query on one of bemi-pg's tables; None when the table is
+    missing (bemi-pg not installed, or installed by a version without it)."""
+    if conn.execute("SELECT pg_catalog.to_regclass(%s) IS NULL", (table,)).fetchone()[0]:  # type: ignore[index]
+        return None
+    return conn.execute(query(name)).fetchone()
+
+
 def installed_capture_mode(conn: psycopg.Connection[Any]) -> str | None:
     """The source database's capture mode, ``wal`` or ``triggers``; None when bemi-pg is not installed."""
-    if conn.execute("SELECT pg_catalog.to_regclass('bemi.installation') IS NULL").fetchone()[0]:  # type: ignore[index]
-        return None
-    row = conn.execute(query("capture_mode")).fetchone()
+    row = _bemi_row(conn, "bemi.installation", "capture_mode")
     return row[0] if row else None
+
+
+def pending_capture_switch(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
+    """(transaction_id, from_mode, to_mode) of a capture-mode switch whose slot work is not done."""
+    return _bemi_row(conn, "bemi.capture_switch", "capture_switch")

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings
-from .db import connect, fetch_dict, installed_capture_mode
+from .db import connect, fetch_dict, installed_capture_mode, pending_capture_switch
 from .errors import BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
@@ -228,9 +228,7 @@ class Poller:
         up to it into this poller's destination (where wal mode wrote), then dropped. Either
         way the record goes, in the same transaction as the last write."""
         stats = PollStats()
-        if self.source.execute("SELECT pg_catalog.to_regclass('bemi.capture_switch') IS NULL").fetchone()[0]:  # type: ignore[index]
-            return stats
-        switch = self.source.execute(query("capture_switch")).fetchone()
+        switch = pending_capture_switch(self.source)
         if switch is None:
             return stats
         xid, from_mode, to_mode = switch
