@@ -13,12 +13,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Buffer, Loader
 
 from .config import Settings
 from .db import connect, fetch_dict, installed_capture_mode, pending_capture_switch
@@ -26,16 +28,23 @@ from .errors import BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
-from .stitch import COLUMNS, CONTEXT_PREFIX, ColumnRules, TransactionState, tracked_filter
+from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, TransactionState, tracked_filter
 from .wal2json import Begin, Change, Commit, Message, TypeRegistry, format_lsn, parse_row
 
 __all__ = ["Poller", "PollStats", "wal2json_options"]
 
 log = logging.getLogger("bemi_pg")
 
-FLUSH_ROWS = 5_000
-FLUSH_BYTES = 16 * 1024 * 1024
+SEND_ROWS = 1_000  # rows per COPY message
+SEND_BYTES = 4 * 1024 * 1024
 FETCH_ROWS = 2_000
+
+
+class _BytesLoader(Loader):
+    """Text as the bytes the server sent (UTF-8, see session_setup): msgspec parses them directly."""
+
+    def load(self, data: Buffer) -> bytes:
+        return bytes(data)
 
 
 def _escape_filter(name: str) -> str:
@@ -71,6 +80,7 @@ class PollStats:
     rows: int = 0  # rows read from the slot (the batch limit counts these)
     transactions: int = 0
     changes: int = 0  # rows inserted into the destination (duplicates not counted)
+    sent: int = 0  # rows sent to the destination (duplicates counted)
     skipped: int = 0  # transactions already at or before the checkpoint
     end_lsn: int | None = None
     seconds: float = 0.0
@@ -80,6 +90,7 @@ class PollStats:
         self.rows += other.rows
         self.transactions += other.transactions
         self.changes += other.changes
+        self.sent += other.sent
         self.skipped += other.skipped
         self.end_lsn = other.end_lsn or self.end_lsn
 
@@ -93,57 +104,88 @@ class PollStats:
 
 
 class _Writer:
-    """Buffers change rows and writes them with COPY + INSERT ... ON CONFLICT DO NOTHING."""
+    """Streams one batch's change rows into the destination with COPY while the batch is read,
+    so that the server writes them while the poller converts the next ones.
 
-    def __init__(self, conn: psycopg.Connection[Any], changes: sql.Composable, partitioned: bool = False) -> None:
+    Rows go straight into the changes table: the checkpoint already skips every transaction
+    the destination holds, so duplicates are rare, and the unique key refuses any (the batch
+    then fails with UniqueViolation and the poller writes it again with ``dedupe``). With
+    ``dedupe`` they go into a staging table, and ``INSERT … ON CONFLICT DO NOTHING`` moves them
+    into the changes table at the end, skipping the ones it already holds."""
+
+    def __init__(self, conn: psycopg.Connection[Any], changes: sql.Composable, *,
+                 dedupe: bool = False, partitioned: bool = False) -> None:
         self.conn = conn
+        self.changes = changes
+        self.dedupe = dedupe
         self.partitioned = partitioned
         self.months: set[str] = set()
-        self.changes = changes
-        self.rows: list[tuple[Any, ...]] = []
+        self.lines: list[bytes] = []
         self.bytes = 0
-        self.inserted = 0
+        self.sent = 0  # rows sent to the destination
+        self.inserted = 0  # rows the changes table gained
+        self._copy: psycopg.Copy | None = None
+        self._open_copy = ExitStack()  # holds the COPY while it is open
+        self._cursor = conn.cursor()
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS)
-        conn.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS bemi_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            ).format(changes)
-        )
-        self._copy = sql.SQL("COPY bemi_staging ({}) FROM STDIN").format(cols)
+        self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier("bemi_staging") if dedupe else changes, cols)
         self._insert = sql.SQL(
             "INSERT INTO {} ({cols}) SELECT {cols} FROM bemi_staging ON CONFLICT DO NOTHING"
         ).format(changes, cols=cols)
+        if dedupe:
+            conn.execute(sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS bemi_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            ).format(changes))
 
-    def begin(self) -> None:
-        """Start a batch: nothing buffered, nothing counted, partitions checked again (a
-        rolled-back batch takes the partitions it created with it)."""
-        self.rows.clear()
-        self.bytes = 0
-        self.inserted = 0
-        self.months.clear()
+    def __enter__(self) -> _Writer:
+        return self
 
-    def add(self, row: tuple[Any, ...], size: int) -> None:
-        self.rows.append(row)
-        self.bytes += size
-        if len(self.rows) >= FLUSH_ROWS or self.bytes >= FLUSH_BYTES:
-            self.flush()
+    def __exit__(self, *exc: Any) -> None:
+        self._copy = None
+        self._open_copy.__exit__(*exc)  # an error mid-batch ends the COPY with it (the server rolls back)
+        self._cursor.close()
 
-    def flush(self) -> None:
-        if not self.rows:
-            return
+    def add(self, row: ChangeRow, tail: bytes) -> None:
+        """Queue a row; ``tail``: its transaction's shared fields (TransactionState.copy_tail)."""
         if self.partitioned:  # committed_at is text in UTC: 'YYYY-MM-...'
-            for month in {row[8][:7] for row in self.rows} - self.months:
+            month = row.committed_at[:7]
+            if month not in self.months:
+                self._end_copy()
                 self.conn.execute("SELECT bemi.ensure_changes_partition(%s::date)", (month + "-01",))
                 self.months.add(month)
-        with self.conn.cursor() as cur:
-            with cur.copy(self._copy) as copy:
-                for row in self.rows:
-                    copy.write_row(row)
-            cur.execute(self._insert)
-            self.inserted += max(cur.rowcount, 0)
-            cur.execute("TRUNCATE bemi_staging")
-        self.rows.clear()
+        line = row.copy_line(tail)
+        self.lines.append(line)
+        self.bytes += len(line)
+        if len(self.lines) >= SEND_ROWS or self.bytes >= SEND_BYTES:
+            self._send()
+
+    def _send(self) -> None:
+        if not self.lines:
+            return
+        if self._copy is None:
+            self._copy = self._open_copy.enter_context(self._cursor.copy(self._copy_sql))
+        self._copy.write(b"".join(self.lines))
+        self.sent += len(self.lines)
+        self.lines.clear()
         self.bytes = 0
+
+    def _end_copy(self) -> None:
+        self._send()
+        if self._copy is not None:
+            self._copy = None
+            self._open_copy.close()
+            if not self.dedupe:
+                self.inserted += max(self._cursor.rowcount, 0)
+
+    def finish(self) -> int:
+        """Write what is left; return how many rows the changes table gained."""
+        self._end_copy()
+        if self.dedupe and self.sent:
+            self._cursor.execute(self._insert)
+            self.inserted += max(self._cursor.rowcount, 0)
+            self._cursor.execute("TRUNCATE bemi_staging")
+        return self.inserted
 
 
 class Poller:
@@ -175,8 +217,7 @@ class Poller:
         self.column_rules = ColumnRules(settings.ignore_columns, settings.exclude_columns)
         self._fault = fault or _fault_from_env()
         self._keys: dict[tuple[str, str], list[str]] = {}
-        self._writer_for: psycopg.Connection[Any] | None = None
-        self._current_writer: _Writer
+        self._dedupe = False  # write through the staging table (set after a batch met duplicates)
 
     # -- lifecycle -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -331,8 +372,9 @@ class Poller:
         self.source.execute(query("heartbeat"))
 
     # -- one batch -------------------------------------------------------------------
-    def _rows(self, upto_lsn: str | None) -> Iterator[str]:
+    def _rows(self, upto_lsn: str | None) -> Iterator[bytes]:
         with self.source.cursor(name="bemi_peek") as cur:
+            cur.adapters.register_loader("text", _BytesLoader)
             cur.itersize = FETCH_ROWS
             cur.execute(query("peek"), {
                 "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.batch_size, "options": self.options,
@@ -342,12 +384,25 @@ class Poller:
 
     def poll_batch(self, upto_lsn: str | None) -> PollStats:
         """Peek one bounded batch, write it with the checkpoint, commit, advance the slot."""
+        if not self._dedupe:
+            try:
+                return self._poll_batch(upto_lsn, dedupe=False)
+            except psycopg.errors.UniqueViolation:
+                log.info("bemi-pg: the destination already holds some changes of this batch; "
+                         "writing it again without those")
+                self._dedupe = True
+        stats = self._poll_batch(upto_lsn, dedupe=True)
+        if stats.changes == stats.sent:
+            self._dedupe = False  # no duplicates this time: back to writing straight into the table
+        return stats
+
+    def _poll_batch(self, upto_lsn: str | None, dedupe: bool) -> PollStats:
         stats = PollStats()
         queued_at = datetime.now(UTC).isoformat()
-        with self.destination.transaction():
+        with self.destination.transaction(), _Writer(self.destination, self.changes, dedupe=dedupe,
+                                                      partitioned=self.settings.partition_by_month) as writer:
             row = self.destination.execute(query("checkpoint"), {"database": self.database, "slot": self.slot}).fetchone()
             done_until = row[1] if row else -1
-            writer = self._writer()
             # Transactions holding a float/numeric null that may be NaN or ±Infinity: xid -> commit position.
             ambiguous: dict[int, int] = {}
             last: Commit | None = None
@@ -364,7 +419,7 @@ class Poller:
                                 continue
                             if change.ambiguous:
                                 ambiguous[state.xid] = state.commit_lsn
-                            writer.add(change.as_tuple(queued_at), len(change.before) + len(change.after) + 200)
+                            writer.add(change, state.copy_tail(queued_at))
                     elif isinstance(event, Message):
                         if state is not None and event.prefix == CONTEXT_PREFIX:
                             state.on_message(event.content)
@@ -381,17 +436,17 @@ class Poller:
                             last_written = event
                         last = event
                         state = None
-                writer.flush()
+                stats.changes = writer.finish()
+                stats.sent = writer.sent
                 if ambiguous:
                     self._resolve_ambiguous(ambiguous, format_lsn(last.end_lsn) if last else None)
             if last is None:
                 return stats
             stats.batches = 1
-            stats.changes = writer.inserted
             if last_written is not None:
                 self.destination.execute(query("save_checkpoint"), {
                     "database": self.database, "slot": self.slot, "commit_position": last_written.commit_lsn,
-                    "end_position": last_written.end_lsn, "written": writer.inserted,
+                    "end_position": last_written.end_lsn, "written": stats.changes,
                 })
             self._fault("before_commit")
         self._fault("after_commit")
@@ -406,15 +461,6 @@ class Poller:
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
             if "minimum is" not in str(exc):  # already further on: nothing to do
                 raise
-
-    def _writer(self) -> _Writer:
-        """The writer of the current destination connection (its staging table lives there),
-        ready for a new batch."""
-        if self._writer_for is not self.destination:
-            self._current_writer = _Writer(self.destination, self.changes, self.settings.partition_by_month)
-            self._writer_for = self.destination
-        self._current_writer.begin()
-        return self._current_writer
 
     def _key_order(self, schema: str, table: str, columns: list[str]) -> list[str]:
         key = (schema, table)

@@ -18,14 +18,36 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
+import msgspec
 from pglast.parser import scan
 
-from .wal2json import Begin, Change, Column, RawNumber, TypeRegistry, value_json
+from .wal2json import Begin, Change, Column, TypeRegistry, parse_lsn, value_json
 
 __all__ = ["ChangeRow", "TransactionState", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
 CONTEXT_PREFIX = "_bemi"
 OPERATIONS = {"I": "CREATE", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
+
+def copy_text(value: str | None) -> bytes:
+    """A value as a field of COPY's text format."""
+    if value is None:
+        return b"\\N"
+    return copy_escape(value.encode())
+
+
+_COPY_SPECIAL = re.compile(rb"[\\\n\r\t]")
+
+
+def copy_escape(data: bytes) -> bytes:
+    """Bytes as a field of COPY's text format: backslash, newline, return and tab escaped."""
+    if _COPY_SPECIAL.search(data) is None:
+        return data
+    return data.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r").replace(b"\t", b"\\t")
+
+
+# Fields that many rows share (schema and table names): escaped once.
+_shared_field = lru_cache(maxsize=4096)(copy_text)
+
 
 @dataclass(slots=True)
 class ChangeRow:
@@ -36,8 +58,8 @@ class ChangeRow:
     table: str
     primary_key: str | None
     operation: str
-    before: str
-    after: str
+    before: bytes
+    after: bytes
     context: str
     committed_at: str
     transaction_id: int
@@ -46,17 +68,20 @@ class ChangeRow:
     seq: int
     ambiguous: bool = False  # a float/numeric null that may really be NaN or ±Infinity
 
-    def as_tuple(self, queued_at: str) -> tuple[Any, ...]:
-        return (
-            self.database, self.schema, self.table, self.primary_key, self.operation,
-            self.before, self.after, self.context, self.committed_at, queued_at,
-            self.transaction_id, self.position, self.commit_position, self.seq,
-        )
+    def copy_line(self, tail: bytes) -> bytes:
+        """The row as a line of COPY text for :data:`COLUMNS`; ``tail`` is its transaction's
+        shared fields (:meth:`TransactionState.copy_tail`)."""
+        return b"\t".join((
+            _shared_field(self.schema), _shared_field(self.table), copy_text(self.primary_key), self.operation.encode(),
+            copy_escape(self.before), copy_escape(self.after), b"%d" % self.position, b"%d" % self.seq, tail,
+        ))
 
 
+# The order of COPY's fields: a change's own first, then those its transaction's changes share
+# (written once per transaction: see TransactionState.copy_tail).
 COLUMNS = (
-    "database", "schema", "table", "primary_key", "operation", "before", "after", "context",
-    "committed_at", "queued_at", "transaction_id", "position", "commit_position", "seq",
+    "schema", "table", "primary_key", "operation", "before", "after", "position", "seq",
+    "database", "context", "committed_at", "transaction_id", "commit_position", "queued_at",
 )
 
 
@@ -186,33 +211,29 @@ def context_json(message: str, max_bytes: int = 1_048_576, database_keys: str = 
     return json.dumps(merged, ensure_ascii=False)
 
 
-_members: dict[str, str] = {}
+# name -> the value's JSON text as to_jsonb gives it (often wal2json's own, unparsed)
+Fields = dict[str, msgspec.Raw]
+
+_object_json = msgspec.json.Encoder().encode
+_NULL = msgspec.Raw(b"null")
 
 
-def _member_prefix(name: str) -> str:
-    """``"name": `` for a column name, computed once per name."""
-    prefix = _members.get(name)
-    if prefix is None:
-        prefix = _members[name] = json.dumps(name, ensure_ascii=False) + ": "
-    return prefix
+def _raw_value(name: str, *column_lists: list[Column] | None) -> bytes:
+    """The JSON text wal2json wrote for a column, from the first list that has it."""
+    for columns in column_lists:
+        for column in columns or ():
+            if column.name == name:
+                return bytes(column.value)
+    raise KeyError(name)
 
 
-# name -> (JSON text of the value, the value as decoded)
-Fields = dict[str, tuple[str, Any]]
-
-
-def _object_json(fields: Fields) -> str:
-    return "{" + ", ".join(_member_prefix(name) + text for name, (text, _) in fields.items()) + "}"
-
-
-def _pk_text(value: Any) -> str | None:
-    if value is None:
+def _pk_text(raw: bytes) -> str | None:
+    """A key value as text, from wal2json's JSON for it: strings unquoted, numbers exactly as written."""
+    if raw[:1] == b'"':
+        return str(msgspec.json.decode(raw))
+    if raw == b"null":
         return None
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    return str.__str__(value) if isinstance(value, RawNumber) else str(value)
+    return raw.decode()  # a number's exact text, or true/false
 
 
 class ColumnRules:
@@ -250,7 +271,7 @@ class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
     __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "committed_at", "context", "seq",
-                 "max_bytes", "database_keys", "column_rules")
+                 "max_bytes", "database_keys", "column_rules", "_tail")
 
     def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
                  key_order: Callable[[str, str, list[str]], list[str]] | None = None,
@@ -266,43 +287,52 @@ class TransactionState:
         self.context = "{}"
         self.seq = 0
         self.max_bytes = max_context_bytes
+        self._tail: tuple[str, bytes] | None = None
 
     def on_message(self, content: str) -> None:
         self.context = context_json(content, self.max_bytes, self.database_keys)
+        self._tail = None
+
+    def copy_tail(self, queued_at: str) -> bytes:
+        """The COPY fields this transaction's changes share (the end of :data:`COLUMNS`)."""
+        if self._tail is None or self._tail[0] != queued_at:
+            fields = (copy_text(self.database), copy_text(self.context), copy_text(self.committed_at),
+                      b"%d" % self.xid, b"%d" % self.commit_lsn, copy_text(queued_at))
+            self._tail = (queued_at, b"\t".join(fields) + b"\n")
+        return self._tail[1]
 
     def _fields(self, columns: list[Column] | None) -> tuple[Fields, bool]:
         """The row's fields, and whether one of them is an ambiguous null (maybe NaN)."""
         types = self.types
+        plans = types.plans
         fields: Fields = {}
         ambiguous = False
         for col in columns or ():
-            info = types[col.typeoid]
+            passthrough, info = plans.get(col.typeoid) or types.plan(col.typeoid)
             value = col.value
-            if value is None:
-                ambiguous = ambiguous or info.specials_as_null
-                fields[col.name] = ("null", None)
-            else:
-                fields[col.name] = (value_json(info, value), value)
+            if not passthrough:
+                value = msgspec.Raw(value_json(info, bytes(value)))
+            if info.specials_as_null and value == _NULL:
+                ambiguous = True
+            fields[col.name] = value
         return fields, ambiguous
 
     def on_change(self, change: Change) -> ChangeRow | None:
         """The change row; None for an UPDATE that changed ignored columns only. Either way
         the change takes its place in the transaction's order (``seq``)."""
+        action = change.action
         before, ambiguous_before = self._fields(change.identity)
         after, ambiguous_after = self._fields(change.columns)
-        if change.action == "U" and before:
+        if action == "U" and before:
             # wal2json leaves out unchanged TOASTed columns: their value is the old one.
-            for name, field in before.items():
-                if name not in after:
-                    after[name] = field
-        elif change.action == "D" and not before and after:
+            after = {**before, **after}
+        elif action == "D" and not before and after:
             before, after = after, {}
         rules = self.column_rules
         if rules:
             schema, table = change.schema, change.table
-            if change.action == "U":
-                changed = [k for k in after.keys() | before.keys()
-                           if (before.get(k) or ("",))[0] != (after.get(k) or ("",))[0]]
+            if action == "U":
+                changed = [k for k in after.keys() | before.keys() if before.get(k) != after.get(k)]
                 if changed and all(rules.ignored(schema, table, k) for k in changed):
                     self.seq += 1
                     return None
@@ -312,22 +342,21 @@ class TransactionState:
 
         primary_key: str | None = None
         if change.pk:
-            source = before if change.action == "D" else after
-            if all(name in source for name in change.pk):
-                if len(change.pk) == 1:
-                    primary_key = _pk_text(source[change.pk[0]][1])
+            source = before if action == "D" else after
+            key = [column.name for column in change.pk]
+            if all(name in source for name in key):
+                if len(key) == 1:
+                    lists = (change.identity, change.columns) if action == "D" else (change.columns, change.identity)
+                    primary_key = _pk_text(_raw_value(key[0], *lists))
                 else:
                     # wal2json lists key columns in table order; the key's own order is in the catalog.
-                    names = self.key_order(change.schema, change.table, change.pk) if self.key_order else change.pk
-                    primary_key = "[" + ", ".join(source[name][0] for name in names) + "]"
+                    names = self.key_order(change.schema, change.table, key) if self.key_order else key
+                    primary_key = "[" + ", ".join(bytes(source[name]).decode() for name in names) + "]"
 
         row = ChangeRow(
-            database=self.database, schema=change.schema, table=change.table, primary_key=primary_key,
-            operation=OPERATIONS[change.action],
-            before=_object_json(before),
-            after=_object_json(after),
-            context=self.context, committed_at=self.committed_at, transaction_id=self.xid,
-            position=change.lsn, commit_position=self.commit_lsn, seq=self.seq, ambiguous=ambiguous_before or ambiguous_after,
+            self.database, change.schema, change.table, primary_key, OPERATIONS[action],
+            _object_json(before), _object_json(after), self.context, self.committed_at, self.xid,
+            parse_lsn(change.lsn), self.commit_lsn, self.seq, ambiguous_before or ambiguous_after,
         )
         self.seq += 1
         return row

@@ -1,12 +1,14 @@
 """Pure parsing of wal2json format-version 2 rows, and exact conversion of column values.
 
-wal2json gives each value as its PostgreSQL text output (numbers and booleans unquoted).
-:func:`value_json` turns that into the JSON text that ``to_jsonb`` would give for the same
-value, under ``TimeZone=UTC`` and ``DateStyle=ISO``: numbers exact, timestamps in ISO 8601
-with ``T``, bytea as ``"\\x…"``, arrays as JSON arrays, json and jsonb nested.
+Rows are decoded by msgspec into the structs below; each column value stays the raw JSON
+text wal2json wrote. wal2json gives each value as its PostgreSQL text output (numbers and
+booleans unquoted). For strings, dates, numbers and booleans that text is already what
+``to_jsonb`` gives (:meth:`TypeRegistry.plan`), so it is passed on unparsed; :func:`value_json`
+converts the rest, under ``TimeZone=UTC`` and ``DateStyle=ISO``: timestamps in ISO 8601 with
+``T``, bytea as ``"\\x…"``, arrays as JSON arrays, json and jsonb nested.
 
 One limit of wal2json: it writes the numeric and float specials (NaN, ±Infinity) as
-``null``. :class:`Column` marks such a null as *ambiguous*; the poller resolves it exactly
+``null``. The stitcher marks such a null as *ambiguous*; the poller resolves it exactly
 (see ``poller._resolve_ambiguous``). No I/O here.
 """
 
@@ -16,7 +18,9 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+import msgspec
 
 __all__ = [
     "Begin", "Change", "Column", "Commit", "Message", "TypeInfo", "TypeRegistry",
@@ -49,6 +53,7 @@ NUMBER, BOOL, JSON, DATE, TIMESTAMP, TIMESTAMPTZ, BYTEA, STRING, ARRAY = (
 )
 
 AMBIGUOUS_NULL_OIDS = frozenset({700, 701, 1700})  # float4, float8, numeric: NaN/Infinity arrive as null
+_WAL2JSON_UNQUOTED = frozenset({16, 20, 21, 23, 26, 700, 701, 1700})  # bool, int2/4/8, oid, float4/8, numeric
 
 
 @dataclass(frozen=True)
@@ -87,20 +92,25 @@ class TypeRegistry:
     """
 
     def __init__(self, loader: Callable[[list[int]], Iterable[tuple[int, str, str, int, str, int]]] | None = None):
-        self._known: dict[int | str, TypeInfo] = {}
+        self._known: dict[int, TypeInfo] = {}
         for oid, info in _SCALARS.items():
             self._known[oid] = info
         for array_oid, elem in _ARRAYS.items():
             self._known[array_oid] = TypeInfo(ARRAY, element=_SCALARS[elem])
         self._loader = loader
+        self.plans: dict[int, tuple[bool, TypeInfo]] = {}  # every column type met so far: see plan()
 
-    def __getitem__(self, oid: int | str) -> TypeInfo:
-        info = self._known.get(oid)
-        if info is None:
-            number = int(oid)
-            info = self._known.get(number) or self._load(number)
-            self._known[oid] = info  # wal2json's OIDs arrive as text: remember that key too
-        return info
+    def __getitem__(self, oid: int) -> TypeInfo:
+        return self._known.get(oid) or self._load(oid)
+
+    def plan(self, oid: int) -> tuple[bool, TypeInfo]:
+        """(whether wal2json's JSON for a value of this type is already what ``to_jsonb`` gives,
+        the type's TypeInfo). True for strings, dates, numbers and booleans: wal2json writes the
+        built-in numeric types and bool unquoted and everything else as a quoted string of the
+        text output (a domain over a number too, which is why this goes by OID)."""
+        info = self[oid]
+        plan = self.plans[oid] = (oid in _WAL2JSON_UNQUOTED or info.kind in (STRING, DATE), info)
+        return plan
 
     def _load(self, oid: int) -> TypeInfo:
         rows = {r[0]: r for r in (self._loader([oid]) if self._loader else [])}
@@ -126,6 +136,18 @@ _TZ_OFFSET = re.compile(r"([+-]\d\d)((?::\d\d){0,2})( BC)?\Z")
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
+def _timestamp_text(text: str, with_zone: bool) -> str:
+    """A timestamp's text output as to_jsonb writes it: ``T`` between date and time, and the
+    zone offset with minutes (``+00:00``); infinity stays as it is."""
+    if text[0].isdigit():
+        text = text.replace(" ", "T", 1)
+        if with_zone:
+            m = _TZ_OFFSET.search(text)
+            if m and not m.group(2):
+                text = f"{text[: m.start()]}{m.group(1)}:00{m.group(3) or ''}"
+    return text
+
+
 def _from_text(info: TypeInfo, text: str) -> str:
     """JSON for a value given as its PostgreSQL text output."""
     kind = info.kind
@@ -138,13 +160,7 @@ def _from_text(info: TypeInfo, text: str) -> str:
     if kind == JSON:
         return text
     if kind == TIMESTAMP or kind == TIMESTAMPTZ:
-        if text[0].isdigit():
-            text = text.replace(" ", "T", 1)
-            if kind == TIMESTAMPTZ:
-                m = _TZ_OFFSET.search(text)
-                if m and not m.group(2):
-                    text = f"{text[: m.start()]}{m.group(1)}:00{m.group(3) or ''}"
-        return _dumps(text)
+        return _dumps(_timestamp_text(text, kind == TIMESTAMPTZ))
     if kind == DATE:
         return _dumps(text)
     if kind == BYTEA:
@@ -155,21 +171,28 @@ def _from_text(info: TypeInfo, text: str) -> str:
     return _dumps(text)
 
 
-def value_json(info: TypeInfo, value: Any) -> str:
-    """JSON text, as ``to_jsonb`` gives it, for a value as wal2json decoded it."""
-    if info.kind is STRING and type(value) is str:
-        return _dumps(value)
-    if value is None:
-        return "null"
+def value_json(info: TypeInfo, raw: bytes) -> bytes:
+    """JSON text, as ``to_jsonb`` gives it, for a value's JSON text as wal2json wrote it.
+
+    Strings, numbers and booleans that wal2json already wrote the way ``to_jsonb`` would are
+    returned as they are (the common case, with no parsing); the rest is parsed and converted."""
+    kind = info.kind
+    first = raw[:1]
+    if first == b'"':
+        if kind is STRING or kind is DATE:
+            return raw
+        if kind is TIMESTAMPTZ or kind is TIMESTAMP:  # no escapes in a timestamp's text
+            return b'"' + _timestamp_text(raw[1:-1].decode(), kind is TIMESTAMPTZ).encode() + b'"'
+    elif first == b"n":
+        return b"null"
+    elif kind is NUMBER or kind is BOOL:
+        return raw  # an unquoted number (exact text) or true/false
+    value = _decoder.decode(raw.decode())
     if value is True:
-        return "true"
+        return b"true"
     if value is False:
-        return "false"
-    if isinstance(value, RawNumber):
-        if info.kind == NUMBER:
-            return str.__str__(value)
-        return _from_text(info, str.__str__(value))
-    return _from_text(info, value)
+        return b"false"
+    return _from_text(info, str.__str__(value)).encode()
 
 
 def _array_json(items: list[Any], element: TypeInfo) -> str:
@@ -237,78 +260,83 @@ def parse_array(text: str, delimiter: str = ",") -> list[Any]:
 
 
 # -- rows --------------------------------------------------------------------------------
+# wal2json format-version 2 rows, decoded by msgspec straight into these structs (the
+# "action" member picks the struct); column values stay raw JSON text (``msgspec.Raw``),
+# so that numbers keep every digit and most values need no conversion at all.
 
-@dataclass(slots=True)
-class Begin:
+class _Boundary(msgspec.Struct, tag_field="action"):
+    """A transaction's begin or commit: ``lsn`` is its commit's position, ``nextlsn`` the end of it."""
+
     xid: int
-    commit_lsn: int
-    end_lsn: int
+    lsn: str
+    nextlsn: str
+
+    @property
+    def commit_lsn(self) -> int:
+        return parse_lsn(self.lsn)
+
+    @property
+    def end_lsn(self) -> int:
+        return parse_lsn(self.nextlsn)
+
+
+class Begin(_Boundary, tag="B"):
     timestamp: str
 
 
-@dataclass(slots=True)
-class Commit:
-    xid: int
-    commit_lsn: int
-    end_lsn: int
+class Commit(_Boundary, tag="C"):
+    pass
 
 
-@dataclass(slots=True)
-class Message:
-    xid: int
-    lsn: int
+class Message(msgspec.Struct, tag="M", tag_field="action"):
     prefix: str
     content: str
+    lsn: str = "0/0"
+    xid: int = 0
 
 
-@dataclass(slots=True)
-class Column:
+class Column(msgspec.Struct):
     name: str
-    typeoid: int | str  # as wal2json wrote it; TypeRegistry takes either
-    value: Any
+    typeoid: int
+    value: msgspec.Raw
 
 
-@dataclass(slots=True)
-class Change:
+class _KeyColumn(msgspec.Struct):
+    name: str
+
+
+class Change(msgspec.Struct, tag_field="action"):
     """One row change; ``action`` is I, U, D or T (truncate)."""
 
-    xid: int
-    lsn: int
-    action: str
+    action: ClassVar[str]
+    lsn: str
     schema: str
     table: str
-    columns: list[Column] | None
-    identity: list[Column] | None
-    pk: list[str] | None
+    xid: int = 0
+    columns: list[Column] | None = None
+    identity: list[Column] | None = None
+    pk: list[_KeyColumn] | None = None
 
 
-Event = Begin | Commit | Message | Change
+class Insert(Change, tag="I"):
+    action = "I"
 
 
-def _columns(raw: list[dict[str, Any]] | None) -> list[Column] | None:
-    if raw is None:
-        return None
-    return [Column(c["name"], c["typeoid"], c["value"]) for c in raw]
+class Update(Change, tag="U"):
+    action = "U"
 
 
-def parse_row(data: str) -> Event:
-    """Parse one wal2json format-version 2 row (options: include-lsn, include-xids,
-    include-timestamp, include-type-oids, include-pk)."""
-    obj = _decoder.decode(data)
-    action = obj["action"]
-    xid = int(obj.get("xid") or 0)
-    if action in ("I", "U", "D", "T"):
-        pk = obj.get("pk")
-        return Change(
-            xid=xid, lsn=parse_lsn(obj["lsn"]), action=action,
-            schema=obj["schema"], table=obj["table"],
-            columns=_columns(obj.get("columns")), identity=_columns(obj.get("identity")),
-            pk=[p["name"] for p in pk] if pk else None,
-        )
-    if action == "B":
-        return Begin(xid, parse_lsn(obj["lsn"]), parse_lsn(obj["nextlsn"]), obj["timestamp"])
-    if action == "C":
-        return Commit(xid, parse_lsn(obj["lsn"]), parse_lsn(obj["nextlsn"]))
-    if action == "M":
-        return Message(xid, parse_lsn(obj["lsn"]), obj["prefix"], obj["content"])
-    raise ValueError(f"unexpected wal2json action {action!r}")
+class Delete(Change, tag="D"):
+    action = "D"
+
+
+class Truncate(Change, tag="T"):
+    action = "T"
+
+
+Event = Begin | Commit | Message | Insert | Update | Delete | Truncate
+
+parse_row: Callable[[bytes | str], Event] = msgspec.json.Decoder(Event).decode
+"""Parse one wal2json format-version 2 row (options: include-lsn, include-xids,
+include-timestamp, include-type-oids, include-pk); raises ``msgspec.ValidationError``
+on a row of another shape."""

@@ -9,6 +9,7 @@ import sys
 import time
 
 import psycopg
+import pytest
 
 from bemi_pg import commands
 
@@ -76,3 +77,35 @@ def test_follow_finishes_the_batch_and_stops_on_sigterm(db):
         proc.kill()
     assert proc.returncode == 0, err
     assert "SIGTERM received" in err and "stopped after writing 100 changes" in err
+
+
+def test_changes_the_destination_already_holds_are_written_once(db, caplog):
+    """Rows go straight into the changes table by COPY; when its unique key meets a change it
+    already holds (here: a batch committed, the slot not advanced, and the checkpoint lost),
+    the batch is written again through the staging table, skipping those, then COPY resumes."""
+    from bemi_pg.poller import Poller
+
+    db.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text)")
+    db.install()
+    db.execute("INSERT INTO todo (task) SELECT 'a' || g FROM generate_series(1, 30) g")
+
+    class Crash(Exception):
+        pass
+
+    def crash(point: str) -> None:
+        if point == "after_commit":
+            raise Crash
+
+    with Poller(db.dsn, None, db.settings, fault=crash) as poller, pytest.raises(Crash):
+        poller.run_once()
+    assert db.execute("SELECT count(*) FROM changes") == [(30,)]
+    db.execute("DELETE FROM bemi.checkpoint")
+    for _ in range(3):  # three more transactions, in their own batches after the one written twice
+        db.execute("INSERT INTO todo (task) SELECT 'b' || g FROM generate_series(1, 10) g")
+    with caplog.at_level("INFO", logger="bemi_pg"), Poller(db.dsn, None, db.settings, batch_size=5) as poller:
+        stats = poller.run_once()
+        assert not poller._dedupe  # back to COPY straight into the table once a batch had no duplicate
+    assert "already holds some changes of this batch" in caplog.text
+    assert (stats.changes, stats.sent) == (30, 60)
+    assert db.execute("SELECT count(*), count(DISTINCT (commit_position, seq)) FROM changes") == [(60, 60)]
+    assert db.execute("SELECT count(*) FROM changes WHERE after->>'task' LIKE 'b%'") == [(30,)]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bemi_pg.specials import parse_change
-from bemi_pg.stitch import context_json, final_comment
+from bemi_pg.stitch import TransactionState, context_json, final_comment
 from bemi_pg.wal2json import Begin, Change, TypeInfo, TypeRegistry, format_lsn, parse_array, parse_lsn, parse_row, value_json
 
 TYPES = TypeRegistry()
@@ -36,10 +36,16 @@ def test_lsn_roundtrip():
     (1000, '"{t,f}"', '[true, false]'),
 ])
 def test_value_json_matches_to_jsonb(oid, raw, expected):
-    value = parse_row(json.dumps({"action": "I", "lsn": "0/1", "schema": "s", "table": "t",
-                                  "columns": [{"name": "c", "typeoid": oid, "value": json.loads(raw)}]}).replace(
-        json.dumps(json.loads(raw)), raw)).columns[0].value
-    assert value_json(TYPES[oid], value) == expected
+    row = json.dumps({"action": "I", "xid": 1, "lsn": "0/1", "schema": "s", "table": "t",
+                      "columns": [{"name": "c", "typeoid": oid, "value": json.loads(raw)}]}).replace(json.dumps(json.loads(raw)), raw)
+    change = parse_row(row)
+    assert isinstance(change, Change)
+    assert value_json(TYPES[oid], bytes(change.columns[0].value)) == expected.encode()
+    # The poller's path: wal2json's own text where it is already to_jsonb's, value_json otherwise.
+    begin = parse_row('{"action":"B","xid":1,"timestamp":"2026-11-26 10:15:27+00","lsn":"0/1","nextlsn":"0/2"}')
+    state = TransactionState("db", TYPES, begin, 1000)
+    assert json.loads(state.on_change(change).after) == {"c": json.loads(expected)}
+    assert state.on_change(change).after == b'{"c":' + expected.encode() + b"}"
 
 
 def test_array_parsing_edge_cases():
@@ -61,7 +67,18 @@ def test_begin_and_change_rows():
     begin = parse_row('{"action":"B","xid":738,"timestamp":"2026-11-26 10:15:27+00","lsn":"0/151FE70","nextlsn":"0/151FEA0"}')
     assert isinstance(begin, Begin) and begin.commit_lsn == 0x151FE70 and begin.end_lsn == 0x151FEA0
     change = parse_row('{"action":"T","xid":740,"lsn":"0/1520B78","schema":"public","table":"t"}')
-    assert isinstance(change, Change) and change.columns is None
+    assert isinstance(change, Change) and change.action == "T" and change.columns is None
+
+
+def test_a_domain_over_a_number_is_converted():
+    """wal2json quotes a domain's values (it goes by type OID): the poller must not pass them through."""
+    types = TypeRegistry(lambda oids: [(16600, "d", "N", 0, ",", 0 if o != 16600 else 1700) for o in oids])
+    begin = parse_row('{"action":"B","xid":1,"timestamp":"2026-11-26 10:15:27+00","lsn":"0/1","nextlsn":"0/2"}')
+    change = parse_row('{"action":"I","xid":1,"lsn":"0/1","schema":"s","table":"t",'
+                       '"columns":[{"name":"n","typeoid":16600,"value":"1.50"},{"name":"m","typeoid":16600,"value":null}],'
+                       '"pk":[{"name":"n"}]}')
+    row = TransactionState("db", types, begin, 1000).on_change(change)
+    assert row.after == b'{"n":1.50,"m":null}' and row.primary_key == "1.50" and row.ambiguous
 
 
 def _message(session=None, local=None, query=None, request=None, database=None, truncated=None):

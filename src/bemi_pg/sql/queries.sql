@@ -1,7 +1,7 @@
 -- Runtime queries, looked up by name (see bemi_pg.queries). Placeholders are psycopg's.
 
 -- name: session_setup
-SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'
+SET client_encoding = 'UTF8'; SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'
 
 -- name: try_lock
 SELECT pg_catalog.pg_try_advisory_lock(%(key)s::bigint)
