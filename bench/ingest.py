@@ -1,12 +1,16 @@
 """Ingest: `poll --once` draining a backlog, against the raw decode rate of the same slot.
 
-    python bench/ingest.py [--inserts 200000] [--updates 100000] [--rounds 3] [--chart bench/batch-size.png]
+    python bench/ingest.py [--inserts 200000] [--updates 100000] [--per-transaction 1000] [--rounds 3]
+                           [--chart bench/batch-size.png]
 
 On a throwaway server: a 5-column table with REPLICA IDENTITY FULL, a backlog of inserts and
-updates, then alternately (1) the server decoding the slot by itself
-(`SELECT count(*) FROM pg_logical_slot_peek_changes(...)` with the poller's options) and
-(2) bemi-pg draining it into `changes`, in the same database and in another one. Prints the
-rates, the medians and the ratio; with --chart, also throughput against batch size (PNG).
+updates, then (1) the server decoding the slot by itself (`SELECT count(*) FROM
+pg_logical_slot_peek_changes(...)` with the poller's options) and (2) bemi-pg draining the same
+backlog into `changes`. Each round does this three times: the issue's backlog (the inserts in
+one transaction, the updates in another) into the same database and into another one, and the
+same rows in transactions of --per-transaction rows into the same database. Prints the rates,
+their medians, the ratio of the medians and the median of each drain's ratio to the decode of
+its own backlog; with --chart, also throughput against batch size (PNG).
 
 It also measures the floor the destination sets: the same number of finished change rows
 copied by the server itself (`INSERT … SELECT` from `changes`, no decoding, no Python) into a
@@ -34,11 +38,16 @@ from bemi_pg.poller import wal2json_options  # noqa: E402
 TABLE = "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, price numeric(12, 2), updated_at timestamptz)"
 
 
-def backlog(dsn: str, start: int, inserts: int, updates: int) -> int:
+def backlog(dsn: str, start: int, inserts: int, updates: int, per_transaction: int | None = None) -> int:
+    """Insert then update rows, in one transaction each or in transactions of ``per_transaction`` rows."""
+    step = per_transaction or max(inserts, updates, 1)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO item SELECT g, md5(g::text), g %% 1000, g / 100.0, now() "
-                     "FROM generate_series(%s::bigint, %s::bigint) g", (start, start + inserts - 1))
-        conn.execute("UPDATE item SET qty = qty + 1 WHERE id BETWEEN %s::bigint AND %s::bigint", (start, start + updates - 1))
+        for first in range(start, start + inserts, step):
+            conn.execute("INSERT INTO item SELECT g, md5(g::text), g %% 1000, g / 100.0, now() "
+                         "FROM generate_series(%s::bigint, %s::bigint) g", (first, min(first + step, start + inserts) - 1))
+        for first in range(start, start + updates, step):
+            conn.execute("UPDATE item SET qty = qty + 1 WHERE id BETWEEN %s::bigint AND %s::bigint",
+                         (first, min(first + step, start + updates) - 1))
     return inserts + updates
 
 
@@ -68,6 +77,7 @@ def main() -> int:
     parser.add_argument("--inserts", type=int, default=200_000)
     parser.add_argument("--updates", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-transaction", type=int, default=1_000, help="rows per transaction of the second backlog")
     parser.add_argument("--chart", help="write throughput against batch size to this PNG")
     args = parser.parse_args()
     with throwaway_cluster("src", "dst", settings=(), prefix="bemi-pg-bench-") as cluster:
@@ -79,20 +89,27 @@ def main() -> int:
         commands.install(src, dst, settings)  # the destination objects in the other database too
         slot, options = settings.slot_for("src"), wal2json_options(settings)
         next_id = 1
-        rates: dict[str, list[float]] = {"raw decode": [], "same database": [], "other database": []}
+        small = f"same db, {args.per_transaction:,}-row transactions"
+        rates: dict[str, list[float]] = {"raw decode": [], "same database": [], "other database": [], small: []}
+        ratios: dict[str, list[float]] = {name: [] for name in rates}
         for _ in range(args.rounds):
-            for where, dest in (("same database", None), ("other database", dst)):
-                n = backlog(src, next_id, args.inserts, args.updates)
+            for where, dest, per_transaction in (("same database", None, None), ("other database", dst, None),
+                                                 (small, None, args.per_transaction)):
+                n = backlog(src, next_id, args.inserts, args.updates, per_transaction)
                 next_id += args.inserts
-                rates["raw decode"].append(n / raw_decode(src, slot, options))
+                raw_rate = n / raw_decode(src, slot, options)
                 stats = commands.poll_once(src, dest, settings)
+                rates["raw decode"].append(raw_rate)
                 rates[where].append(stats.changes / stats.seconds)
+                ratios[where].append(rates[where][-1] / raw_rate)  # against the decode of this very backlog
         raw = statistics.median(rates["raw decode"])
         rates["write only"] = destination_floor(src, args.inserts + args.updates, args.rounds)
-        print(f"backlog: {args.inserts:,} inserts + {args.updates:,} updates per round, {args.rounds} rounds")
+        print(f"backlog: {args.inserts:,} inserts + {args.updates:,} updates per round (in one transaction each, "
+              f"or in {args.per_transaction:,}-row transactions), {args.rounds} rounds")
         for name, values in rates.items():
             median = statistics.median(values)
-            print(f"{name:<15} median {median:9,.0f} changes/s  ratio to raw decode {median / raw:.2f}   "
+            paired = f"  paired ratio median {statistics.median(ratios[name]):.2f}" if ratios.get(name) else ""
+            print(f"{name:<38} median {median:9,.0f} changes/s  ratio to raw decode {median / raw:.2f}{paired}   "
                   f"rounds {', '.join(f'{v:,.0f}' for v in values)}")
         write = statistics.median(rates["write only"])
         print(f"ceiling with this destination: {1 / (1 / raw + 1 / write) / raw:.2f}x decoding then writing, "
@@ -115,7 +132,7 @@ def main() -> int:
             ax.plot(sizes, throughput, marker="o", label="bemi-pg poll --once")
             ax.axhline(raw, color="grey", linestyle="--", label="raw decode (server only)")
             ax.set_xscale("log")
-            ax.set_xlabel("batch size (rows per peek)")
+            ax.set_xlabel("batch size (rows per destination transaction)")
             ax.set_ylabel("changes per second")
             ax.set_title("Ingest throughput against batch size")
             ax.legend()

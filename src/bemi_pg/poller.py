@@ -29,12 +29,13 @@ from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
 from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, TransactionState, tracked_filter
-from .wal2json import Begin, Change, Commit, Message, TypeRegistry, format_lsn, parse_row
+from .wal2json import Begin, Change, Commit, Event, Message, TypeRegistry, format_lsn, parse_row
 
 __all__ = ["Poller", "PollStats", "wal2json_options"]
 
 log = logging.getLogger("bemi_pg")
 
+READ_BATCHES = 50  # batches per peek (see Poller.poll)
 SEND_ROWS = 1_000  # rows per COPY message
 SEND_BYTES = 4 * 1024 * 1024
 FETCH_ROWS = 2_000
@@ -202,6 +203,7 @@ class Poller:
     ) -> None:
         self.settings = settings
         self.batch_size = batch_size or settings.batch_size
+        self.read_size = self.batch_size * READ_BATCHES
         self._source_dsn = source_dsn
         self._destination_dsn = destination_dsn
         self.source = connect(source_dsn, role="source database")
@@ -282,7 +284,7 @@ class Poller:
                 self.source.execute(query("advance_slot"), {"slot": self.slot, "lsn": end_lsn}).fetchall()
             else:
                 while True:
-                    batch = self.poll_batch(upto_lsn=commit_lsn)
+                    batch = self.poll(upto_lsn=commit_lsn)
                     if batch.batches == 0:
                         break
                     stats.add(batch)
@@ -319,7 +321,7 @@ class Poller:
         target = upto_lsn or self.source.execute(query("current_lsn")).fetchone()[0]  # type: ignore[index]
         total = PollStats()
         while True:
-            stats = self.poll_batch(upto_lsn=target)
+            stats = self.poll(upto_lsn=target)
             if stats.batches == 0:
                 break
             total.add(stats)
@@ -341,9 +343,9 @@ class Poller:
             try:
                 if self.source.closed or self.destination.closed:
                     self._reconnect()
-                stats = self.poll_batch(upto_lsn=None)
+                stats = self.poll(upto_lsn=None)
                 now = time.monotonic()
-                if stats.rows < self.batch_size and now - last_heartbeat >= self.settings.heartbeat_interval:
+                if stats.rows < self.read_size and now - last_heartbeat >= self.settings.heartbeat_interval:
                     self.heartbeat()
                     last_heartbeat = now
             except (psycopg.OperationalError, psycopg.InterfaceError, Unreachable) as exc:
@@ -360,7 +362,7 @@ class Poller:
             total.add(stats)
             if stats.batches and on_batch:
                 on_batch(stats)
-            if stats.rows >= self.batch_size:
+            if stats.rows >= self.read_size:
                 continue  # a backlog: no pause
             stop.wait(interval)
         total.seconds = time.monotonic() - started
@@ -377,28 +379,53 @@ class Poller:
             cur.adapters.register_loader("text", _BytesLoader)
             cur.itersize = FETCH_ROWS
             cur.execute(query("peek"), {
-                "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.batch_size, "options": self.options,
+                "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.read_size, "options": self.options,
             })
             for (data,) in cur:
                 yield data
 
-    def poll_batch(self, upto_lsn: str | None) -> PollStats:
-        """Peek one bounded batch, write it with the checkpoint, commit, advance the slot."""
-        if not self._dedupe:
-            try:
-                return self._poll_batch(upto_lsn, dedupe=False)
-            except psycopg.errors.UniqueViolation:
-                log.info("bemi-pg: the destination already holds some changes of this batch; "
-                         "writing it again without those")
-                self._dedupe = True
-        stats = self._poll_batch(upto_lsn, dedupe=True)
-        if stats.changes == stats.sent:
-            self._dedupe = False  # no duplicates this time: back to writing straight into the table
-        return stats
+    def poll(self, upto_lsn: str | None) -> PollStats:
+        """One read: peek up to ``read_size`` rows, write them in batches of about ``batch_size``
+        rows, each committed with the checkpoint at a transaction's end, then advance the slot.
 
-    def _poll_batch(self, upto_lsn: str | None, dedupe: bool) -> PollStats:
-        stats = PollStats()
+        Every peek decodes from the slot's restart point, which only moves at the server's
+        running-transactions records (every 15 s, and at checkpoints): a backlog read in many
+        small peeks is decoded again and again. So a read spans many batches, and the slot is
+        advanced once per read; a restart in between skips the committed batches by the checkpoint."""
+        try:
+            return self._read(upto_lsn)
+        except psycopg.errors.UniqueViolation:
+            if self._dedupe:
+                raise
+            log.info("bemi-pg: the destination already holds some changes of this batch; writing it again without those")
+            self._dedupe = True
+            return self._read(upto_lsn)
+
+    def _read(self, upto_lsn: str | None) -> PollStats:
+        total = PollStats()
         queued_at = datetime.now(UTC).isoformat()
+        last: Commit | None = None
+        with self.source.transaction():
+            events = (parse_row(data) for data in self._rows(upto_lsn))
+            while True:
+                stats, commit = self._write_batch(events, queued_at)
+                total.add(stats)
+                last = commit or last
+                if commit is None:  # the read is over
+                    break
+        if last is None:
+            return total
+        self._advance(last.end_lsn)
+        self._fault("after_advance")
+        total.end_lsn = last.end_lsn
+        return total
+
+    def _write_batch(self, events: Iterator[Event], queued_at: str) -> tuple[PollStats, Commit | None]:
+        """Write the next transactions of ``events`` until about ``batch_size`` rows are read,
+        with the checkpoint, in one destination transaction; return its figures and the
+        last commit it read (None when ``events`` ran out before any)."""
+        stats = PollStats()
+        dedupe = self._dedupe
         with self.destination.transaction(), _Writer(self.destination, self.changes, dedupe=dedupe,
                                                       partitioned=self.settings.partition_by_month) as writer:
             row = self.destination.execute(query("checkpoint"), {"database": self.database, "slot": self.slot}).fetchone()
@@ -408,40 +435,40 @@ class Poller:
             last: Commit | None = None
             last_written: Commit | None = None
             state: TransactionState | None = None
-            with self.source.transaction():
-                for data in self._rows(upto_lsn):
-                    stats.rows += 1
-                    event = parse_row(data)
-                    if isinstance(event, Change):
-                        if state is not None and self.is_tracked(event.schema, event.table):
-                            change = state.on_change(event)
-                            if change is None:  # an UPDATE of ignored columns only
-                                continue
-                            if change.ambiguous:
-                                ambiguous[state.xid] = state.commit_lsn
-                            writer.add(change, state.copy_tail(queued_at))
-                    elif isinstance(event, Message):
-                        if state is not None and event.prefix == CONTEXT_PREFIX:
-                            state.on_message(event.content)
-                    elif isinstance(event, Begin):
-                        if event.end_lsn <= done_until:
-                            state = None
-                            stats.skipped += 1
-                        else:
-                            state = TransactionState(self.database, self.types, event, self.settings.max_context_bytes,
-                                                     self._key_order, self.settings.database_keys, self.column_rules)
-                    elif isinstance(event, Commit):
-                        if state is not None:
-                            stats.transactions += state.seq > 0
-                            last_written = event
-                        last = event
+            for event in events:
+                stats.rows += 1
+                if isinstance(event, Change):
+                    if state is not None and self.is_tracked(event.schema, event.table):
+                        change = state.on_change(event)
+                        if change is None:  # an UPDATE of ignored columns only
+                            continue
+                        if change.ambiguous:
+                            ambiguous[state.xid] = state.commit_lsn
+                        writer.add(change, state.copy_tail(queued_at))
+                elif isinstance(event, Message):
+                    if state is not None and event.prefix == CONTEXT_PREFIX:
+                        state.on_message(event.content)
+                elif isinstance(event, Begin):
+                    if event.end_lsn <= done_until:
                         state = None
-                stats.changes = writer.finish()
-                stats.sent = writer.sent
-                if ambiguous:
-                    self._resolve_ambiguous(ambiguous, format_lsn(last.end_lsn) if last else None)
+                        stats.skipped += 1
+                    else:
+                        state = TransactionState(self.database, self.types, event, self.settings.max_context_bytes,
+                                                 self._key_order, self.settings.database_keys, self.column_rules)
+                elif isinstance(event, Commit):
+                    if state is not None:
+                        stats.transactions += state.seq > 0
+                        last_written = event
+                    last = event
+                    state = None
+                    if stats.rows >= self.batch_size:
+                        break
             if last is None:
-                return stats
+                return stats, None
+            stats.changes = writer.finish()
+            stats.sent = writer.sent
+            if ambiguous:
+                self._resolve_ambiguous(ambiguous, format_lsn(last.end_lsn))
             stats.batches = 1
             if last_written is not None:
                 self.destination.execute(query("save_checkpoint"), {
@@ -450,10 +477,9 @@ class Poller:
                 })
             self._fault("before_commit")
         self._fault("after_commit")
-        self._advance(last.end_lsn)
-        self._fault("after_advance")
-        stats.end_lsn = last.end_lsn
-        return stats
+        if dedupe and stats.changes == stats.sent:
+            self._dedupe = False  # no duplicates this time: back to writing straight into the table
+        return stats, last
 
     def _advance(self, lsn: int) -> None:
         try:

@@ -35,12 +35,9 @@ def copy_text(value: str | None) -> bytes:
     return copy_escape(value.encode())
 
 
-_COPY_SPECIAL = re.compile(rb"[\\\n\r\t]")
-
-
 def copy_escape(data: bytes) -> bytes:
     """Bytes as a field of COPY's text format: backslash, newline, return and tab escaped."""
-    if _COPY_SPECIAL.search(data) is None:
+    if b"\\" not in data and b"\n" not in data and b"\t" not in data and b"\r" not in data:
         return data
     return data.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r").replace(b"\t", b"\\t")
 

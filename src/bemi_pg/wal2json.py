@@ -142,6 +142,8 @@ def _timestamp_text(text: str, with_zone: bool) -> str:
     if text[0].isdigit():
         text = text.replace(" ", "T", 1)
         if with_zone:
+            if text.endswith("+00"):  # the poller's sessions are in UTC
+                return text + ":00"
             m = _TZ_OFFSET.search(text)
             if m and not m.group(2):
                 text = f"{text[: m.start()]}{m.group(1)}:00{m.group(3) or ''}"

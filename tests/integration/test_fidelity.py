@@ -33,7 +33,7 @@ INSERT INTO matrix VALUES
   NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
  (3, 0, 0, -9223372036854775808, -0.000000000000000000000000000001, 1, '-Infinity', 'NaN', 'NaN', 0, -0.0, false,
   '', '', '', '00000000-0000-0000-0000-000000000000', '0044-03-15 BC', '-infinity', '00:00', '00:00-12',
-  '0044-03-15 10:00 BC', 'infinity', '-1 day', '[]', '"just a string"', '{}', '{}', '{}', '\\x', 'happy',
+  '0044-03-15 10:00 BC', 'infinity', '-1 day', E'[\\n\\t1,\\r\\n 2]', '"just a string"', '{}', '{}', '{}', '\\x', 'happy',
   '{}', '{}', 'short');
 """
 
