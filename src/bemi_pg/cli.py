@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="drain what was committed before starting, then exit (default)")
     mode.add_argument("--follow", action="store_true", help="keep polling until SIGTERM or SIGINT")
-    p.add_argument("--batch-size", type=int, help="rows per peek (default 10000, poll.batch_size)")
+    p.add_argument("--batch-size", type=int, help="rows per destination transaction (default 10000, poll.batch_size)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow (default 1)")
 
     p = sub.add_parser("status", parents=[common], help="slot lag, last position written, tracked tables")

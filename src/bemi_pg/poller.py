@@ -220,6 +220,7 @@ class Poller:
         self._fault = fault or _fault_from_env()
         self._keys: dict[tuple[str, str], list[str]] = {}
         self._dedupe = False  # write through the staging table (set after a batch met duplicates)
+        self._stop = threading.Event()  # run_follow's: a read stops after the batch in hand
 
     # -- lifecycle -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -335,6 +336,7 @@ class Poller:
         When a database cannot be reached, retry with exponential backoff (1 s doubling to
         ``max_backoff``) and catch up when it returns: nothing was advanced past what was written."""
         started = time.monotonic()
+        self._stop = stop
         self.start()
         total = PollStats()
         last_heartbeat = 0.0
@@ -411,7 +413,7 @@ class Poller:
                 stats, commit = self._write_batch(events, queued_at)
                 total.add(stats)
                 last = commit or last
-                if commit is None:  # the read is over
+                if commit is None or self._stop.is_set():  # the read is over, or the poller is asked to stop
                     break
         if last is None:
             return total

@@ -109,3 +109,26 @@ def test_changes_the_destination_already_holds_are_written_once(db, caplog):
     assert (stats.changes, stats.sent) == (30, 60)
     assert db.execute("SELECT count(*), count(DISTINCT (commit_position, seq)) FROM changes") == [(60, 60)]
     assert db.execute("SELECT count(*) FROM changes WHERE after->>'task' LIKE 'b%'") == [(30,)]
+
+
+def test_a_stop_ends_a_read_after_the_batch_in_hand(db):
+    """A peek reads many batches; asked to stop, the poller commits the batch in hand, advances
+    the slot to it and returns, leaving the rest of the read to the next start."""
+    import threading
+
+    from bemi_pg.poller import Poller
+
+    db.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text)")
+    db.install()
+    for n in range(5):
+        db.execute("INSERT INTO todo (task) SELECT %s FROM generate_series(1, 10)", (f"t{n}",))
+    stop = threading.Event()
+    slot = db.settings.slot_for(db.name)
+    with Poller(db.dsn, None, db.settings, batch_size=10, fault=lambda point: point == "after_commit" and stop.set()) as poller:
+        stats = poller.run_follow(0.1, stop)
+    assert (stats.batches, stats.changes) == (1, 10)
+    assert db.execute("SELECT count(*), min(after->>'task'), max(after->>'task') FROM changes") == [(10, "t0", "t0")]
+    assert db.execute("SELECT pg_wal_lsn_diff(s.confirmed_flush_lsn, '0/0')::bigint = c.end_position "
+                      "FROM pg_replication_slots s, bemi.checkpoint c WHERE s.slot_name = %s", (slot,)) == [(True,)]
+    assert db.poll().changes == 40
+    assert db.execute("SELECT count(*), count(DISTINCT (commit_position, seq)) FROM changes") == [(50, 50)]
