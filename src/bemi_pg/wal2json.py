@@ -132,22 +132,23 @@ class TypeRegistry:
 # -- values ------------------------------------------------------------------------------
 
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?\Z")
-_TZ_OFFSET = re.compile(r"([+-]\d\d)((?::\d\d){0,2})( BC)?\Z")
+_TZ_OFFSET = re.compile(rb'([+-]\d\d)((?::\d\d){0,2})( BC)?"\Z')
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def _timestamp_text(text: str, with_zone: bool) -> str:
-    """A timestamp's text output as to_jsonb writes it: ``T`` between date and time, and the
-    zone offset with minutes (``+00:00``); infinity stays as it is."""
-    if text[0].isdigit():
-        text = text.replace(" ", "T", 1)
-        if with_zone:
-            if text.endswith("+00"):  # the poller's sessions are in UTC
-                return text + ":00"
-            m = _TZ_OFFSET.search(text)
-            if m and not m.group(2):
-                text = f"{text[: m.start()]}{m.group(1)}:00{m.group(3) or ''}"
-    return text
+def _timestamp_json(raw: bytes, with_zone: bool) -> bytes:
+    """A timestamp's JSON string (its text output, which needs no escapes) as to_jsonb writes it:
+    ``T`` between date and time, and the zone offset with minutes (``+00:00``); infinity as it is."""
+    if not raw[1:2].isdigit():
+        return raw
+    raw = raw.replace(b" ", b"T", 1)
+    if with_zone:
+        if raw.endswith(b'+00"'):  # the poller's sessions are in UTC
+            return raw[:-1] + b':00"'
+        m = _TZ_OFFSET.search(raw)
+        if m and not m.group(2):
+            return raw[: m.start()] + m.group(1) + b":00" + (m.group(3) or b"") + b'"'
+    return raw
 
 
 def _from_text(info: TypeInfo, text: str) -> str:
@@ -162,7 +163,7 @@ def _from_text(info: TypeInfo, text: str) -> str:
     if kind == JSON:
         return text
     if kind == TIMESTAMP or kind == TIMESTAMPTZ:
-        return _dumps(_timestamp_text(text, kind == TIMESTAMPTZ))
+        return _timestamp_json(_dumps(text).encode(), kind == TIMESTAMPTZ).decode()
     if kind == DATE:
         return _dumps(text)
     if kind == BYTEA:
@@ -183,8 +184,8 @@ def value_json(info: TypeInfo, raw: bytes) -> bytes:
     if first == b'"':
         if kind is STRING or kind is DATE:
             return raw
-        if kind is TIMESTAMPTZ or kind is TIMESTAMP:  # no escapes in a timestamp's text
-            return b'"' + _timestamp_text(raw[1:-1].decode(), kind is TIMESTAMPTZ).encode() + b'"'
+        if kind is TIMESTAMPTZ or kind is TIMESTAMP:
+            return _timestamp_json(raw, kind is TIMESTAMPTZ)
     elif first == b"n":
         return b"null"
     elif kind is NUMBER or kind is BOOL:
