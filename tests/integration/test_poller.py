@@ -132,3 +132,22 @@ def test_a_stop_ends_a_read_after_the_batch_in_hand(db):
                       "FROM pg_replication_slots s, bemi.checkpoint c WHERE s.slot_name = %s", (slot,)) == [(True,)]
     assert db.poll().changes == 40
     assert db.execute("SELECT count(*), count(DISTINCT (commit_position, seq)) FROM changes") == [(50, 50)]
+
+
+def test_a_batch_spanning_two_months_into_monthly_partitions(db):
+    """With partition_by_month the writer ends its COPY at a row of a month not seen yet in the
+    batch, makes sure that month's partition exists, and goes on with a new COPY."""
+    from bemi_pg.poller import _Writer
+    from bemi_pg.stitch import ChangeRow
+
+    db.install(partition_by_month=True)
+    rows = [ChangeRow(db.name, "public", "t", str(n), "CREATE", b"{}", b'{"n":%d}' % n, "{}", committed_at, 7, n, 100, n)
+            for n, committed_at in enumerate(["2024-01-31 23:59:59+00", "2024-01-31 23:59:59+00", "2024-02-01 00:00:00+00"])]
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        with conn.transaction(), _Writer(conn, psycopg.sql.Identifier("public", "changes"), partitioned=True) as writer:
+            for row in rows:
+                tail = [db.name.encode(), b"{}", row.committed_at.encode(), b"7", b"100", b"2026-11-26 00:00:00+00"]
+                writer.add(row, b"\t".join(tail) + b"\n")
+            assert writer.finish() == 3
+    assert db.execute("SELECT tableoid::regclass::text, count(*) FROM changes GROUP BY 1 ORDER BY 1") == [
+        ("changes_p202401", 2), ("changes_p202402", 1)]
