@@ -21,7 +21,7 @@ from urllib.parse import unquote
 import msgspec
 from pglast.parser import scan
 
-from .wal2json import Begin, Change, Column, TypeRegistry, parse_lsn, value_json
+from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, TypeInfo, TypeRegistry, parse_lsn, value_json
 
 __all__ = ["ChangeRow", "TransactionState", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
@@ -307,12 +307,15 @@ class TransactionState:
         fields: Fields = {}
         ambiguous = False
         for col in columns or ():
-            passthrough, info = plans.get(col.typeoid) or types.plan(col.typeoid)
+            plan = plans.get(col.typeoid) or types.plan(col.typeoid)
             value = col.value
-            if not passthrough:
-                value = msgspec.Raw(value_json(info, bytes(value)))
-            if info.specials_as_null and value == _NULL:
-                ambiguous = True
+            if plan is not PASS:
+                if plan is PASS_SPECIALS:
+                    ambiguous = ambiguous or value == _NULL
+                else:
+                    assert isinstance(plan, TypeInfo)
+                    value = msgspec.Raw(value_json(plan, bytes(value)))
+                    ambiguous = ambiguous or (plan.specials_as_null and value == _NULL)
             fields[col.name] = value
         return fields, ambiguous
 
@@ -342,12 +345,14 @@ class TransactionState:
         primary_key: str | None = None
         if change.pk:
             source = before if action == "D" else after
-            key = [column.name for column in change.pk]
-            if all(name in source for name in key):
-                if len(key) == 1:
+            if len(change.pk) == 1:
+                name = change.pk[0].name
+                if name in source:
                     lists = (change.identity, change.columns) if action == "D" else (change.columns, change.identity)
-                    primary_key = _pk_text(_raw_value(key[0], *lists))
-                else:
+                    primary_key = _pk_text(_raw_value(name, *lists))
+            else:
+                key = [column.name for column in change.pk]
+                if all(name in source for name in key):
                     # wal2json lists key columns in table order; the key's own order is in the catalog.
                     names = self.key_order(change.schema, change.table, key) if self.key_order else key
                     primary_key = "[" + ", ".join(bytes(source[name]).decode() for name in names) + "]"

@@ -84,6 +84,18 @@ _ARRAYS: dict[int, int] = {
 }
 
 
+class Passthrough:
+    """A type whose values go into before/after as wal2json wrote them (see TypeRegistry.plan)."""
+
+    __slots__ = ("specials",)
+
+    def __init__(self, specials: bool) -> None:
+        self.specials = specials  # a null may really be NaN or ±Infinity
+
+
+PASS, PASS_SPECIALS = Passthrough(False), Passthrough(True)
+
+
 class TypeRegistry:
     """Maps type OIDs to :class:`TypeInfo`; unknown OIDs are asked of ``loader``.
 
@@ -98,18 +110,23 @@ class TypeRegistry:
         for array_oid, elem in _ARRAYS.items():
             self._known[array_oid] = TypeInfo(ARRAY, element=_SCALARS[elem])
         self._loader = loader
-        self.plans: dict[int, tuple[bool, TypeInfo]] = {}  # every column type met so far: see plan()
+        self.plans: dict[int, TypeInfo | Passthrough] = {}  # every column type met so far: see plan()
 
     def __getitem__(self, oid: int) -> TypeInfo:
         return self._known.get(oid) or self._load(oid)
 
-    def plan(self, oid: int) -> tuple[bool, TypeInfo]:
-        """(whether wal2json's JSON for a value of this type is already what ``to_jsonb`` gives,
-        the type's TypeInfo). True for strings, dates, numbers and booleans: wal2json writes the
-        built-in numeric types and bool unquoted and everything else as a quoted string of the
-        text output (a domain over a number too, which is why this goes by OID)."""
+    def plan(self, oid: int) -> TypeInfo | Passthrough:
+        """What a value of this type needs: :data:`PASS` (or :data:`PASS_SPECIALS`, whose null may
+        be NaN or ±Infinity) when wal2json's JSON for it already is what ``to_jsonb`` gives, else
+        its TypeInfo for :func:`value_json`. Passthrough are strings, dates, the built-in numeric
+        types and bool: wal2json writes those numbers and bool unquoted and everything else as a
+        quoted string of the text output (a domain over a number too, which is why this goes by
+        OID)."""
         info = self[oid]
-        plan = self.plans[oid] = (oid in _WAL2JSON_UNQUOTED or info.kind in (STRING, DATE), info)
+        plan: TypeInfo | Passthrough = info
+        if oid in _WAL2JSON_UNQUOTED or info.kind in (STRING, DATE):
+            plan = PASS_SPECIALS if info.specials_as_null else PASS
+        self.plans[oid] = plan
         return plan
 
     def _load(self, oid: int) -> TypeInfo:
