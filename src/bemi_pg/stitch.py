@@ -28,6 +28,7 @@ __all__ = ["ChangeRow", "TransactionState", "context_json", "CONTEXT_PREFIX", "O
 CONTEXT_PREFIX = "_bemi"
 OPERATIONS = {"I": "CREATE", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
 
+
 def copy_text(value: str | None) -> bytes:
     """A value as a field of COPY's text format."""
     if value is None:
