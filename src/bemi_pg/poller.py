@@ -117,7 +117,6 @@ class _Writer:
     def __init__(self, conn: psycopg.Connection[Any], changes: sql.Composable, *,
                  dedupe: bool = False, partitioned: bool = False) -> None:
         self.conn = conn
-        self.changes = changes
         self.dedupe = dedupe
         self.partitioned = partitioned
         self.months: set[str] = set()

@@ -287,19 +287,20 @@ class TransactionState:
         self.context = "{}"
         self.seq = 0
         self.max_bytes = max_context_bytes
-        self._tail: tuple[str, bytes] | None = None
+        self._tail: bytes | None = None  # copy_tail's, until the context changes
 
     def on_message(self, content: str) -> None:
         self.context = context_json(content, self.max_bytes, self.database_keys)
         self._tail = None
 
     def copy_tail(self, queued_at: str) -> bytes:
-        """The COPY fields this transaction's changes share (the end of :data:`COLUMNS`)."""
-        if self._tail is None or self._tail[0] != queued_at:
+        """The COPY fields this transaction's changes share (the end of :data:`COLUMNS`); one
+        transaction is read in one poll, so ``queued_at`` is the same for all of them."""
+        if self._tail is None:
             fields = (copy_text(self.database), copy_text(self.context), copy_text(self.committed_at),
                       b"%d" % self.xid, b"%d" % self.commit_lsn, copy_text(queued_at))
-            self._tail = (queued_at, b"\t".join(fields) + b"\n")
-        return self._tail[1]
+            self._tail = b"\t".join(fields) + b"\n"
+        return self._tail
 
     def _fields(self, columns: list[Column] | None) -> tuple[Fields, bool]:
         """The row's fields, and whether one of them is an ambiguous null (maybe NaN)."""

@@ -194,19 +194,12 @@ def _from_text(info: TypeInfo, text: str) -> str:
 def value_json(info: TypeInfo, raw: bytes) -> bytes:
     """JSON text, as ``to_jsonb`` gives it, for a value's JSON text as wal2json wrote it.
 
-    Strings, numbers and booleans that wal2json already wrote the way ``to_jsonb`` would are
-    returned as they are (the common case, with no parsing); the rest is parsed and converted."""
-    kind = info.kind
-    first = raw[:1]
-    if first == b'"':
-        if kind is STRING or kind is DATE:
-            return raw
-        if kind is TIMESTAMPTZ or kind is TIMESTAMP:
-            return _timestamp_json(raw, kind is TIMESTAMPTZ)
-    elif first == b"n":
-        return b"null"
-    elif kind is NUMBER or kind is BOOL:
-        return raw  # an unquoted number (exact text) or true/false
+    The poller calls it only for types whose values wal2json does not already write as
+    ``to_jsonb`` would (:meth:`TypeRegistry.plan` decides); it is exact for any type."""
+    if raw == b"null":
+        return raw
+    if raw[:1] == b'"' and (info.kind is TIMESTAMPTZ or info.kind is TIMESTAMP):
+        return _timestamp_json(raw, info.kind is TIMESTAMPTZ)
     value = _decoder.decode(raw.decode())
     if value is True:
         return b"true"
@@ -311,8 +304,6 @@ class Commit(_Boundary, tag="C"):
 class Message(msgspec.Struct, tag="M", tag_field="action"):
     prefix: str
     content: str
-    lsn: str = "0/0"
-    xid: int = 0
 
 
 class Column(msgspec.Struct):
@@ -332,7 +323,6 @@ class Change(msgspec.Struct, tag_field="action"):
     lsn: str
     schema: str
     table: str
-    xid: int = 0
     columns: list[Column] | None = None
     identity: list[Column] | None = None
     pk: list[_KeyColumn] | None = None
