@@ -36,6 +36,7 @@ __all__ = ["Poller", "PollStats", "wal2json_options"]
 log = logging.getLogger("bemi_pg")
 
 READ_BATCHES = 50  # batches per peek (see Poller.poll)
+LOCK_WAIT = 5  # seconds a poller waits for the slot's lock before it says another one is running
 SEND_ROWS = 1_000  # rows per COPY message
 SEND_BYTES = 4 * 1024 * 1024
 FETCH_ROWS = 2_000
@@ -243,10 +244,17 @@ class Poller:
         self.close()
 
     def lock(self) -> None:
-        """Take the one-poller-per-slot advisory lock, or raise SlotBusy."""
+        """Take the one-poller-per-slot advisory lock, or raise SlotBusy.
+
+        It waits a few seconds first: the session of a poller killed a moment ago holds the lock
+        until its server process notices (client_connection_check_interval, see session_setup)."""
         key = self.source.execute(query("lock_key"), {"slot": self.slot}).fetchone()[0]  # type: ignore[index]
-        if self.source.execute(query("try_lock"), {"key": key}).fetchone()[0]:  # type: ignore[index]
+        try:
+            with self.source.transaction():
+                self.source.execute(query("lock"), {"key": key, "timeout": f"{LOCK_WAIT}s"})
             return
+        except psycopg.errors.LockNotAvailable:
+            pass
         hi, lo = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
         row = self.source.execute(query("lock_holder"), {"hi": hi, "lo": lo}).fetchone()
         holder = f" (pid {row[0]})" if row else ""

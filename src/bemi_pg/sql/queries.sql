@@ -1,10 +1,11 @@
 -- Runtime queries, looked up by name (see bemi_pg.queries). Placeholders are psycopg's.
 
 -- name: session_setup
-SET client_encoding = 'UTF8'; SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'
+SET client_encoding = 'UTF8'; SET client_connection_check_interval = '1s'; SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'
 
--- name: try_lock
-SELECT pg_catalog.pg_try_advisory_lock(%(key)s::bigint)
+-- name: lock
+-- In a transaction: lock_timeout is local to it, the session-level lock outlives it.
+SELECT pg_catalog.set_config('lock_timeout', %(timeout)s, true), pg_catalog.pg_advisory_lock(%(key)s::bigint)
 
 -- name: lock_key
 SELECT pg_catalog.hashtextextended('bemi-pg poller ' || %(slot)s, 0)
