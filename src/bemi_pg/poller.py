@@ -112,8 +112,8 @@ class _Writer:
     Rows go straight into the changes table: the checkpoint already skips every transaction
     the destination holds, so duplicates are rare, and the unique key refuses any (the batch
     then fails with UniqueViolation and the poller writes it again with ``dedupe``). With
-    ``dedupe`` they go into a staging table, and ``INSERT … ON CONFLICT DO NOTHING`` moves them
-    into the changes table at the end, skipping the ones it already holds."""
+    ``dedupe`` they go into a staging table, and ``INSERT … ON CONFLICT (the unique key) DO
+    NOTHING`` moves them into the changes table at the end, skipping the ones it already holds."""
 
     def __init__(self, conn: psycopg.Connection[Any], changes: sql.Composable, *,
                  dedupe: bool = False, partitioned: bool = False) -> None:
@@ -131,9 +131,12 @@ class _Writer:
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS)
         self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
             sql.Identifier("bemi_staging") if dedupe else changes, cols)
+        # The unique key's columns (with the partition key when partitioned): a change the table
+        # holds is skipped, while an id met without it (stitch.change_id) stays an error.
+        key = ["database", "commit_position", "seq"] + (["committed_at"] if partitioned else [])
         self._insert = sql.SQL(
-            "INSERT INTO {} ({cols}) SELECT {cols} FROM bemi_staging ON CONFLICT DO NOTHING"
-        ).format(changes, cols=cols)
+            "INSERT INTO {} ({cols}) SELECT {cols} FROM bemi_staging ON CONFLICT ({key}) DO NOTHING"
+        ).format(changes, cols=cols, key=sql.SQL(", ").join(map(sql.Identifier, key)))
         if dedupe:
             conn.execute(sql.SQL(
                 "CREATE TEMP TABLE IF NOT EXISTS bemi_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -23,7 +24,7 @@ from pglast.parser import scan
 
 from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, TypeInfo, TypeRegistry, parse_lsn, value_json
 
-__all__ = ["ChangeRow", "TransactionState", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
+__all__ = ["ChangeRow", "TransactionState", "change_id", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
 CONTEXT_PREFIX = "_bemi"
 OPERATIONS = {"I": "CREATE", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
@@ -49,6 +50,26 @@ def _table_fields(schema: str, table: str, operation: str) -> bytes:
     return b"\t".join((copy_text(schema), copy_text(table), operation.encode()))
 
 
+def change_id(database: str, commit_position: int, seq: int) -> int:
+    """The ``id`` of a change the poller writes, as a 128-bit integer: a version 8 UUID (RFC 9562)
+    made of the change's commit position, its ``seq`` and a 26-bit hash of the database name.
+
+    Ids so made grow with the WAL, so the primary key's index takes each batch at its right edge
+    instead of at random pages as ``gen_random_uuid()`` would (on a large table, a random page
+    read per change), and the same change always gets the same id. The layout, from the most
+    significant bit: commit position bits 63-16, version (8), bits 15-4, variant (0b10), bits
+    3-0, seq (32 bits), the database hash (26 bits). Changes of two databases whose names hash
+    alike and that share a commit position and seq (two clusters' WAL) would meet on the primary
+    key: the poller then stops with the error rather than drop one of them."""
+    return _id_base(database, commit_position) | seq << 26
+
+
+def _id_base(database: str, commit_position: int) -> int:
+    """change_id with seq 0: what the ids of one transaction's changes share."""
+    return ((commit_position >> 16) << 80 | 0x8 << 76 | (commit_position >> 4 & 0xFFF) << 64
+            | 0b10 << 62 | (commit_position & 0xF) << 58 | zlib.crc32(database.encode()) & 0x3FF_FFFF)
+
+
 @dataclass(slots=True)
 class ChangeRow:
     """One row of the ``changes`` table; JSON columns hold JSON text."""
@@ -66,6 +87,7 @@ class ChangeRow:
     position: int
     commit_position: int
     seq: int
+    id: int  # change_id(database, commit_position, seq)
     ambiguous: bool = False  # a float/numeric null that may really be NaN or ±Infinity
 
     def copy_line(self, tail: bytes) -> bytes:
@@ -73,14 +95,14 @@ class ChangeRow:
         shared fields (:meth:`TransactionState.copy_tail`)."""
         return b"\t".join((
             _table_fields(self.schema, self.table, self.operation), copy_text(self.primary_key),
-            copy_escape(self.before), copy_escape(self.after), b"%d\t%d" % (self.position, self.seq), tail,
+            copy_escape(self.before), copy_escape(self.after), b"%d\t%d\t%032x" % (self.position, self.seq, self.id), tail,
         ))
 
 
 # The order of COPY's fields: a change's own first, then those its transaction's changes share
 # (written once per transaction: see TransactionState.copy_tail).
 COLUMNS = (
-    "schema", "table", "operation", "primary_key", "before", "after", "position", "seq",
+    "schema", "table", "operation", "primary_key", "before", "after", "position", "seq", "id",
     "database", "context", "committed_at", "transaction_id", "commit_position", "queued_at",
 )
 
@@ -271,7 +293,7 @@ class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
     __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "committed_at", "context", "seq",
-                 "max_bytes", "database_keys", "column_rules", "_tail")
+                 "max_bytes", "database_keys", "column_rules", "_tail", "_id_base")
 
     def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
                  key_order: Callable[[str, str, list[str]], list[str]] | None = None,
@@ -288,6 +310,7 @@ class TransactionState:
         self.seq = 0
         self.max_bytes = max_context_bytes
         self._tail: bytes | None = None  # copy_tail's, until the context changes
+        self._id_base = _id_base(database, self.commit_lsn)
 
     def on_message(self, content: str) -> None:
         self.context = context_json(content, self.max_bytes, self.database_keys)
@@ -362,7 +385,8 @@ class TransactionState:
         row = ChangeRow(
             self.database, change.schema, change.table, primary_key, OPERATIONS[action],
             _object_json(before), _object_json(after), self.context, self.committed_at, self.xid,
-            parse_lsn(change.lsn), self.commit_lsn, self.seq, ambiguous_before or ambiguous_after,
+            parse_lsn(change.lsn), self.commit_lsn, self.seq, self._id_base | self.seq << 26,
+            ambiguous_before or ambiguous_after,
         )
         self.seq += 1
         return row

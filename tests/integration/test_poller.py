@@ -111,6 +111,42 @@ def test_changes_the_destination_already_holds_are_written_once(db, caplog):
     assert db.execute("SELECT count(*) FROM changes WHERE after->>'task' LIKE 'b%'") == [(30,)]
 
 
+def test_ids_follow_the_wal_and_an_id_met_without_its_change_stops_the_poller(db):
+    """The poller's ids (stitch.change_id) grow with the WAL. A row of another change holding the
+    id a change would get (two databases' names hashing alike, their WAL positions equal) makes
+    the poller fail, slot unmoved, rather than skip the change as a duplicate."""
+    import uuid
+
+    from bemi_pg.poller import Poller
+    from bemi_pg.stitch import change_id
+
+    db.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text)")
+    db.install()
+    for n in range(3):
+        db.execute("INSERT INTO todo (task) SELECT %s FROM generate_series(1, 4)", (f"t{n}",))
+    assert db.poll().changes == 12
+    rows = db.execute("SELECT id, commit_position, seq FROM changes ORDER BY commit_position, seq")
+    assert [r[0] for r in rows] == [uuid.UUID(int=change_id(db.name, cp, seq)) for _, cp, seq in rows]
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+
+    db.execute("INSERT INTO todo (task) VALUES ('next')")
+    slot = db.settings.slot_for(db.name)
+    [(commit_lsn,)] = db.execute(
+        "WITH r AS (SELECT data::jsonb AS d FROM pg_logical_slot_peek_changes(%s, NULL, NULL, 'format-version', '2', "
+        "'include-lsn', '1', 'include-xids', '1')) "
+        "SELECT (b.d ->> 'lsn')::pg_lsn - '0/0' FROM r AS b JOIN r AS i ON i.d -> 'xid' = b.d -> 'xid' "
+        "WHERE b.d ->> 'action' = 'B' AND i.d ->> 'table' = 'todo'", (slot,))
+    taken = uuid.UUID(int=change_id(db.name, int(commit_lsn), 0))
+    db.execute("INSERT INTO changes (id, database, schema, \"table\", operation, committed_at, queued_at, "
+               "transaction_id, position, commit_position, seq) "
+               "VALUES (%s, 'elsewhere', 'public', 'todo', 'CREATE', now(), now(), 1, 1, 1, 0)", (taken,))
+    with Poller(db.dsn, None, db.settings) as poller, pytest.raises(psycopg.errors.UniqueViolation, match="changes_pkey"):
+        poller.run_once()
+    db.execute("DELETE FROM changes WHERE database = 'elsewhere'")
+    assert db.poll().changes == 1
+    assert db.execute("SELECT id FROM changes WHERE after->>'task' = 'next'") == [(taken,)]
+
+
 def test_a_stop_ends_a_read_after_the_batch_in_hand(db):
     """A peek reads many batches; asked to stop, the poller commits the batch in hand, advances
     the slot to it and returns, leaving the rest of the read to the next start."""
@@ -138,10 +174,11 @@ def test_a_batch_spanning_two_months_into_monthly_partitions(db):
     """With partition_by_month the writer ends its COPY at a row of a month not seen yet in the
     batch, makes sure that month's partition exists, and goes on with a new COPY."""
     from bemi_pg.poller import _Writer
-    from bemi_pg.stitch import ChangeRow
+    from bemi_pg.stitch import ChangeRow, change_id
 
     db.install(partition_by_month=True)
-    rows = [ChangeRow(db.name, "public", "t", str(n), "CREATE", b"{}", b'{"n":%d}' % n, "{}", committed_at, 7, n, 100, n)
+    rows = [ChangeRow(db.name, "public", "t", str(n), "CREATE", b"{}", b'{"n":%d}' % n, "{}", committed_at, 7, n, 100, n,
+                      change_id(db.name, 100, n))
             for n, committed_at in enumerate(["2024-01-31 23:59:59+00", "2024-01-31 23:59:59+00", "2024-02-01 00:00:00+00"])]
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         with conn.transaction(), _Writer(conn, psycopg.sql.Identifier("public", "changes"), partitioned=True) as writer:

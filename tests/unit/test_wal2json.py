@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bemi_pg.specials import parse_change
-from bemi_pg.stitch import TransactionState, context_json, final_comment
+from bemi_pg.stitch import TransactionState, change_id, context_json, final_comment
 from bemi_pg.wal2json import Begin, Change, TypeInfo, TypeRegistry, format_lsn, parse_array, parse_lsn, parse_row, value_json
 
 TYPES = TypeRegistry()
@@ -68,6 +68,21 @@ def test_begin_and_change_rows():
     assert isinstance(begin, Begin) and begin.commit_lsn == 0x151FE70 and begin.end_lsn == 0x151FEA0
     change = parse_row('{"action":"T","xid":740,"lsn":"0/1520B78","schema":"public","table":"t"}')
     assert isinstance(change, Change) and change.action == "T" and change.columns is None
+
+
+def test_change_ids_are_version_8_uuids_in_wal_order():
+    import uuid
+
+    positions = [0, 1, 0xF, 0x10, 0xFFFF, 0x10000, 0x151FE70, 2**40 + 5, 2**63 + 7, 2**64 - 1]
+    keys = [(p, seq) for p in positions for seq in (0, 1, 2**26, 2**31 - 1)]
+    ids = [uuid.UUID(int=change_id("app", p, seq)) for p, seq in keys]
+    assert {(u.version, u.variant) for u in ids} == {(8, uuid.RFC_4122)}
+    assert sorted(ids, key=lambda u: u.bytes) == ids  # PostgreSQL orders uuids by their bytes
+    # The position and seq come back out of the id, so no two changes of a database share one.
+    for (p, seq), u in zip(keys, ids, strict=True):
+        n = u.int
+        assert (n >> 80 << 16 | (n >> 64 & 0xFFF) << 4 | n >> 58 & 0xF, n >> 26 & 0xFFFF_FFFF) == (p, seq)
+    assert change_id("app", 0x151FE70, 3) != change_id("app_staging", 0x151FE70, 3)
 
 
 def test_a_domain_over_a_number_is_converted():
