@@ -114,3 +114,33 @@ def test_a_context_moving_between_sources_is_seen(db):
         conn.commit()
     db.poll()
     assert [c["context"] for c in db.changes()] == [{"x": 1, "y": 2}, {"x": 1}, {"y": 2}]
+
+
+def test_each_set_context_holds_from_the_next_statement_of_the_transaction(db):
+    """In wal mode the trigger emits a transaction's context once and again only when it has to:
+    each set function makes the next tracked statement emit, and a statement's comment counts
+    for that statement alone."""
+    db.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text)")
+    db.install(database_keys="never")
+    with db.connect() as conn:
+        for n, setup in enumerate([
+            "SELECT 1",
+            "SELECT bemi.set_context('{\"step\": 1}')",
+            "SELECT 1",
+            "SELECT bemi.set_context('{\"step\": 2}')",
+            "SELECT bemi_set_context('{\"session\": 3}')",
+            "SELECT bemi.set_context(NULL)",
+        ]):
+            conn.execute(setup)
+            conn.execute("INSERT INTO todo (task) VALUES (%s)", (str(n),))
+            if n == 2:
+                conn.execute("INSERT INTO todo (task) VALUES ('2c') /*Bemi {\"comment\": true} Bemi*/")
+                conn.execute("INSERT INTO todo (task) VALUES ('2d')")
+        conn.commit()
+        conn.execute("SELECT bemi_set_context(NULL)")
+        conn.commit()
+    db.poll()
+    assert [(c["after"]["task"], c["context"]) for c in db.changes()] == [
+        ("0", {}), ("1", {"step": 1}), ("2", {"step": 1}), ("2c", {"step": 1, "comment": True}), ("2d", {"step": 1}),
+        ("3", {"step": 2}), ("4", {"step": 2, "session": 3}), ("5", {"session": 3}),
+    ]

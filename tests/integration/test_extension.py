@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import conninfo
 
-from bemi_pg import commands
+from bemi_pg import __version__, commands
 from bemi_pg.config import load_settings
 from bemi_pg.errors import BemiError
 
@@ -99,7 +99,7 @@ def test_the_generated_scripts_are_current(tmp_path):
     for name in os.listdir(EXTENSION_DIR):
         if name.endswith((".sql", ".control")):
             shutil.copy(EXTENSION_DIR / name, tmp_path / name)
-    script = tmp_path / "bemi_pg--0.2.0.sql"
+    script = tmp_path / f"bemi_pg--{__version__}.sql"
     script.write_text(script.read_text().replace("bemi.capture_changes", "bemi.capture_changez", 1))
     result = run_cli("render", "--extension", str(tmp_path), "--check")
     assert result.returncode == 1
@@ -127,15 +127,18 @@ def test_create_extension_makes_the_catalog_bemi_pg_install_makes(installed_exte
     assert installed == extension
 
 
-def test_alter_extension_update_makes_the_catalog_of_a_fresh_install(installed_extension, db, other_db):
-    """0.1.0 (wal mode) updated to this version equals `bemi-pg install` of this version in wal mode."""
+@pytest.mark.parametrize(("version", "mode"), [("0.1.0", "wal"), ("0.2.0", "triggers")])
+def test_alter_extension_update_makes_the_catalog_of_a_fresh_install(installed_extension, db, other_db, version, mode):
+    """0.1.0 (wal mode, the only one it had) and 0.2.0 (trigger mode, as CREATE EXTENSION starts),
+    updated to this version, equal `bemi-pg install` of this version in the same mode."""
     for target in (db, other_db):
         target.execute(USER_TABLES)
-    commands.install(db.dsn, None, load_settings(None))
-    other_db.execute("CREATE EXTENSION bemi_pg VERSION '0.1.0'")
-    assert other_db.execute("SELECT to_regprocedure('bemi.capture_mode()')") == [(None,)]
+    commands.install(db.dsn, None, load_settings(None, capture_mode=mode))
+    other_db.execute(psycopg.sql.SQL("CREATE EXTENSION bemi_pg VERSION {}").format(version))
+    if version == "0.1.0":
+        assert other_db.execute("SELECT to_regprocedure('bemi.capture_mode()')") == [(None,)]
     other_db.execute("ALTER EXTENSION bemi_pg UPDATE")
-    assert other_db.execute("SELECT extversion FROM pg_extension WHERE extname = 'bemi_pg'") == [("0.2.0",)]
+    assert other_db.execute("SELECT extversion FROM pg_extension WHERE extname = 'bemi_pg'") == [(__version__,)]
     installed, updated = catalog(db.dsn), catalog(other_db.dsn)
     assert {row[:2] for row in installed} ^ {row[:2] for row in updated} == set()
     assert installed == updated
