@@ -9,8 +9,10 @@ supa_audit-like tools do. Each round runs pgbench's TPC-B-like script on every o
 (wal and trigger mode also with a `bemi.set_context(...)` in every transaction, and wal mode
 also with `bemi-pg poll --follow` draining the slot meanwhile, since decoding shares the
 server), and the plain database with one more statement per transaction (a `set_config`, what
-`bemi.set_context` costs without bemi-pg: the floor for the set_context rounds). Prints the
-median TPS of each and its ratio to no tracking."""
+`bemi.set_context` costs without bemi-pg: the floor for the set_context rounds). Two more
+databases give the floor of any capture trigger written in PL/pgSQL: REPLICA IDENTITY FULL
+alone, and with a statement trigger whose body only returns. Prints the median TPS of each, its
+ratio to no tracking, and the median of its ratios to the same round's run with no tracking."""
 
 from __future__ import annotations
 
@@ -56,6 +58,13 @@ CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON pgbench_tellers FOR EAC
 CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON pgbench_branches FOR EACH ROW EXECUTE FUNCTION audit_row();
 CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON pgbench_history FOR EACH ROW EXECUTE FUNCTION audit_row();
 """
+# The floor of any capture trigger written in PL/pgSQL: REPLICA IDENTITY FULL alone, and with a
+# statement trigger whose body only returns.
+TABLES = ("accounts", "tellers", "branches", "history")
+REPLICA_IDENTITY_FULL = "".join(f"ALTER TABLE pgbench_{t} REPLICA IDENTITY FULL;\n" for t in TABLES)
+EMPTY_TRIGGER = "CREATE FUNCTION nothing() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$;\n" + "".join(
+    f"CREATE TRIGGER nothing BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgbench_{t} "
+    "FOR EACH STATEMENT EXECUTE FUNCTION nothing();\n" for t in TABLES)
 CONTEXT = "SELECT bemi.set_context(('{\"user_id\": ' || :aid || ', \"endpoint\": \"/transfer\"}')::jsonb);\n"
 
 
@@ -74,6 +83,8 @@ NOOP = "SELECT set_config('app.context', '{\"user_id\": ' || :aid || ', \"endpoi
 CONFIGS = {
     "no tracking": ("plain", "plain", False),
     "no tracking + 1 statement": ("plain", "noop", False),
+    "replica identity full": ("full", "plain", False),
+    "  + an empty trigger": ("empty_trigger", "plain", False),
     "wal mode, no context": ("wal", "plain", False),
     "wal mode, set_context": ("wal", "context", False),
     "wal mode + poller": ("wal", "context", True),
@@ -90,15 +101,17 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--scale", type=int, default=10)
     args = parser.parse_args()
-    databases = ("plain", "wal", "triggers", "audit")
+    databases = ("plain", "full", "empty_trigger", "wal", "triggers", "audit")
     with throwaway_cluster(*databases, settings=("synchronous_commit=off",), prefix="bemi-pg-bench-") as cluster:
         for db in databases:
             subprocess.run([str(cluster.bindir / "pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
                             "-p", str(cluster.port), "-U", "postgres", db], check=True, capture_output=True)
         commands.install(cluster.dsn("wal"), None, load_settings(None))
         commands.install(cluster.dsn("triggers"), None, load_settings(None, capture_mode="triggers"))
-        with psycopg.connect(cluster.dsn("audit"), autocommit=True) as conn:
-            conn.execute(AUDIT)
+        for db, setup in (("audit", AUDIT), ("full", REPLICA_IDENTITY_FULL),
+                          ("empty_trigger", REPLICA_IDENTITY_FULL + EMPTY_TRIGGER)):
+            with psycopg.connect(cluster.dsn(db), autocommit=True) as conn:
+                conn.execute(setup)
         scripts = {name: cluster.datadir.parent / f"tpcb-{name}.sql" for name in ("plain", "context", "noop")}
         scripts["plain"].write_text(TPCB.format(context=""))
         scripts["context"].write_text(TPCB.format(context=CONTEXT))
@@ -118,11 +131,14 @@ def main() -> int:
                         poller.wait()
                 if db == "wal" and not follow:
                     commands.poll_once(cluster.dsn(db), None, load_settings(None))  # the next round starts drained
-        base = statistics.median(results["no tracking"])
+        plain = results["no tracking"]
+        base = statistics.median(plain)
         print(f"pgbench TPC-B-like, {args.clients} clients, scale {args.scale}, {args.rounds} alternating rounds of {args.seconds} s")
         for name, tps in results.items():
             median = statistics.median(tps)
-            print(f"{name:<26} median {median:8.0f} tps  ratio {median / base:.3f}   rounds {', '.join(f'{t:.0f}' for t in tps)}")
+            paired = statistics.median(t / p for t, p in zip(tps, plain, strict=True))  # to the same round's plain
+            print(f"{name:<26} median {median:8.0f} tps  ratio {median / base:.3f}  paired {paired:.3f}   "
+                  f"rounds {', '.join(f'{t:.0f}' for t in tps)}")
         return 0
 
 
