@@ -50,6 +50,9 @@ def _table_fields(schema: str, table: str, operation: str) -> bytes:
     return b"\t".join((copy_text(schema), copy_text(table), operation.encode()))
 
 
+_ID_SEQ_SHIFT = 26  # seq's place in change_id, above the database hash
+
+
 def change_id(database: str, commit_position: int, seq: int) -> int:
     """The ``id`` of a change the poller writes, as a 128-bit integer: a version 8 UUID (RFC 9562)
     made of the change's commit position, its ``seq`` and a 26-bit hash of the database name.
@@ -61,11 +64,12 @@ def change_id(database: str, commit_position: int, seq: int) -> int:
     3-0, seq (32 bits), the database hash (26 bits). Changes of two databases whose names hash
     alike and that share a commit position and seq (two clusters' WAL) would meet on the primary
     key: the poller then stops with the error rather than drop one of them."""
-    return _id_base(database, commit_position) | seq << 26
+    return _id_base(database, commit_position) | seq << _ID_SEQ_SHIFT
 
 
 def _id_base(database: str, commit_position: int) -> int:
-    """change_id with seq 0: what the ids of one transaction's changes share."""
+    """change_id with seq 0: what the ids of one transaction's changes share (TransactionState
+    adds each change's seq to it)."""
     return ((commit_position >> 16) << 80 | 0x8 << 76 | (commit_position >> 4 & 0xFFF) << 64
             | 0b10 << 62 | (commit_position & 0xF) << 58 | zlib.crc32(database.encode()) & 0x3FF_FFFF)
 
@@ -385,7 +389,7 @@ class TransactionState:
         row = ChangeRow(
             self.database, change.schema, change.table, primary_key, OPERATIONS[action],
             _object_json(before), _object_json(after), self.context, self.committed_at, self.xid,
-            parse_lsn(change.lsn), self.commit_lsn, self.seq, self._id_base | self.seq << 26,
+            parse_lsn(change.lsn), self.commit_lsn, self.seq, self._id_base | self.seq << _ID_SEQ_SHIFT,
             ambiguous_before or ambiguous_after,
         )
         self.seq += 1

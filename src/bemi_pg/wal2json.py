@@ -85,15 +85,14 @@ _ARRAYS: dict[int, int] = {
 
 
 class Passthrough:
-    """A type whose values go into before/after as wal2json wrote them (see TypeRegistry.plan)."""
+    """A type whose values go into before/after as wal2json wrote them (see TypeRegistry.plan).
+    Its two instances are told apart by identity: PASS, and PASS_SPECIALS for the float and
+    numeric types, whose null may really be NaN or ±Infinity."""
 
-    __slots__ = ("specials",)
-
-    def __init__(self, specials: bool) -> None:
-        self.specials = specials  # a null may really be NaN or ±Infinity
+    __slots__ = ()
 
 
-PASS, PASS_SPECIALS = Passthrough(False), Passthrough(True)
+PASS, PASS_SPECIALS = Passthrough(), Passthrough()
 
 
 class TypeRegistry:
