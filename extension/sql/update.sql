@@ -10,7 +10,7 @@ SELECT bemi.capture_mode(), (SELECT version FROM bemi.installation);
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'todo'::regclass ORDER BY 1;
 SELECT relreplident FROM pg_class WHERE oid = 'todo'::regclass;
 
--- As many objects as CREATE EXTENSION bemi_pg makes at 0.3.0 (tests/integration/test_extension.py
+-- As many objects as CREATE EXTENSION bemi_pg makes at 0.4.0 (tests/integration/test_extension.py
 -- compares them one by one with `bemi-pg install`).
 SELECT count(*) AS members FROM pg_depend
  WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'

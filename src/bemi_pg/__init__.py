@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from .context import annotate, current_context, set_context, sql_comment, transaction, use_context  # noqa: E402
 from .timetravel import as_of, as_of_all, blame, history  # noqa: E402

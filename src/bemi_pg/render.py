@@ -170,7 +170,7 @@ def render_uninstall(settings: Settings, *, drop_changes: bool = False) -> Rende
 
 EXTENSION = "bemi_pg"
 # The version ALTER EXTENSION bemi_pg UPDATE comes from; its script is kept as released.
-PREVIOUS_EXTENSION_VERSION = "0.2.0"
+PREVIOUS_EXTENSION_VERSION = "0.3.0"
 
 
 def render_extension() -> dict[str, str]:

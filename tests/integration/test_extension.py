@@ -127,7 +127,7 @@ def test_create_extension_makes_the_catalog_bemi_pg_install_makes(installed_exte
     assert installed == extension
 
 
-@pytest.mark.parametrize(("version", "mode"), [("0.1.0", "wal"), ("0.2.0", "triggers")])
+@pytest.mark.parametrize(("version", "mode"), [("0.1.0", "wal"), ("0.2.0", "triggers"), ("0.3.0", "triggers")])
 def test_alter_extension_update_makes_the_catalog_of_a_fresh_install(installed_extension, db, other_db, version, mode):
     """0.1.0 (wal mode, the only one it had) and 0.2.0 (trigger mode, as CREATE EXTENSION starts),
     updated to this version, equal `bemi-pg install` of this version in the same mode."""
