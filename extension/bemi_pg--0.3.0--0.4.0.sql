@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS bemi.installation (
   installed_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- The source's identity: this server's system identifier and this database's name
+-- (bemi.source_identity()), recorded at install. The destination files every change under it.
+ALTER TABLE bemi.installation ADD COLUMN IF NOT EXISTS source text;
+
 -- Tables bemi-pg tracks, with the replica identity they had before, restored on uninstall.
 CREATE TABLE IF NOT EXISTS bemi.tracked_table (
   relid oid PRIMARY KEY,
@@ -44,6 +48,14 @@ CREATE TABLE IF NOT EXISTS bemi.capture_switch (
   to_mode text NOT NULL,
   switched_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- A source is a server and a database: a promoted standby keeps its primary's system
+-- identifier (the trail goes on), a server restored from a dump gets a new one (a new trail).
+CREATE OR REPLACE FUNCTION bemi.source_identity() RETURNS text
+LANGUAGE sql STABLE
+AS $fn$
+  SELECT s.system_identifier::text || '/' || pg_catalog.current_database() FROM pg_catalog.pg_control_system() AS s
+$fn$;
 
 -- Context for the current transaction only: safe behind poolers in transaction mode. Both
 -- functions first clear bemi.emitted_for, so that wal mode's trigger emits the context again at
@@ -368,7 +380,11 @@ DECLARE
   key_columns text[] := TG_ARGV[0]::text[];
   excluded text[] := TG_ARGV[1]::text[];
   ignored text[] := TG_ARGV[2]::text[];
+  -- A partition's changes are recorded under its partitioned table (the tree's root), as wal mode does.
+  recorded_schema text := coalesce(TG_ARGV[3], TG_TABLE_SCHEMA);
+  recorded_table text := coalesce(TG_ARGV[4], TG_TABLE_NAME);
   xact bigint := pg_catalog.pg_current_xact_id_if_assigned()::text::bigint;
+  source_id text := (SELECT i.source FROM bemi.installation AS i);
   first_seq integer;
   context jsonb;
   written_at timestamptz;
@@ -383,8 +399,8 @@ BEGIN
   written_at := pg_catalog.clock_timestamp();
   wal_position := (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint;
   IF TG_OP = 'INSERT' THEN
-    INSERT INTO public.changes ("database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME,
+    INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
+    SELECT source_id, pg_catalog.current_database(), recorded_schema, recorded_table,
            CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.after ->> key_columns[1]
                 WHEN pg_catalog.cardinality(key_columns) > 1 AND r.after ?& key_columns
                 THEN (SELECT pg_catalog.jsonb_agg(r.after -> k.name ORDER BY k.n)
@@ -397,8 +413,8 @@ BEGIN
   ELSIF TG_OP = 'UPDATE' THEN
     -- The transition tables hold the old and the new version of each row in the same order.
     -- An UPDATE that changed ignored columns only leaves no change, but keeps its place in seq.
-    INSERT INTO public.changes ("database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME,
+    INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
+    SELECT source_id, pg_catalog.current_database(), recorded_schema, recorded_table,
            CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.after ->> key_columns[1]
                 WHEN pg_catalog.cardinality(key_columns) > 1 AND r.after ?& key_columns
                 THEN (SELECT pg_catalog.jsonb_agg(r.after -> k.name ORDER BY k.n)
@@ -417,8 +433,8 @@ BEGIN
                             WHERE b.value IS DISTINCT FROM a.value AND NOT key = ANY (ignored))) AS r;
     written := (SELECT pg_catalog.count(*) FROM bemi_new);
   ELSIF TG_OP = 'DELETE' THEN
-    INSERT INTO public.changes ("database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME,
+    INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
+    SELECT source_id, pg_catalog.current_database(), recorded_schema, recorded_table,
            CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.before ->> key_columns[1]
                 WHEN pg_catalog.cardinality(key_columns) > 1 AND r.before ?& key_columns
                 THEN (SELECT pg_catalog.jsonb_agg(r.before -> k.name ORDER BY k.n)
@@ -429,8 +445,8 @@ BEGIN
       FROM (SELECT pg_catalog.to_jsonb(t) - excluded AS before, pg_catalog.row_number() OVER () AS n FROM bemi_old AS t) AS r;
     GET DIAGNOSTICS written = ROW_COUNT;
   ELSE
-    INSERT INTO public.changes ("database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    VALUES (pg_catalog.current_database(), TG_TABLE_SCHEMA, TG_TABLE_NAME, NULL, 'TRUNCATE',
+    INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
+    VALUES (source_id, pg_catalog.current_database(), recorded_schema, recorded_table, NULL, 'TRUNCATE',
             '{}', '{}', context, written_at, written_at, xact % 4294967296, wal_position, -xact, first_seq);
     written := 1;
   END IF;
@@ -449,7 +465,8 @@ $fn$;
 -- Track one table with the database's capture mode, replacing the other mode's triggers.
 -- Wal mode: replica identity, the context trigger, membership of the publication.
 -- Trigger mode: the four capture triggers, whose arguments follow the table's key and columns
--- (refreshed after ALTER TABLE by the event trigger below).
+-- (refreshed after ALTER TABLE by the event trigger below). A partition is tracked as its
+-- partitioned table is, and its changes are recorded under that table's name (its tree's root).
 CREATE OR REPLACE FUNCTION bemi.track_table(relation regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $fn$
@@ -462,10 +479,11 @@ DECLARE
   other_trigger name;
   mode text := bemi.capture_mode();
 BEGIN
-  SELECT c.oid, n.nspname, c.relname, c.relreplident, c.relispartition,
+  SELECT c.oid, n.nspname, c.relname, c.relreplident, c.relispartition, r.schema_name AS root_schema, r.table_name AS root_name,
          EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk
     INTO rel
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
+         bemi.recorded_name(c.oid) AS r
    WHERE c.oid = relation;
   INSERT INTO bemi.tracked_table (relid, prior_replica_identity)
   VALUES (rel.oid, rel.relreplident)
@@ -493,24 +511,28 @@ BEGIN
       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
      WHERE i.indrelid = rel.oid AND i.indisprimary;
     SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
-                      FILTER (WHERE bemi.column_matches(rel.nspname, rel.relname, a.attname, ARRAY[]::text[])), '{}'),
+                      FILTER (WHERE bemi.column_matches(rel.root_schema, rel.root_name, a.attname, ARRAY[]::text[])), '{}'),
            coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
-                      FILTER (WHERE bemi.column_matches(rel.nspname, rel.relname, a.attname, ARRAY[]::text[])), '{}')
+                      FILTER (WHERE bemi.column_matches(rel.root_schema, rel.root_name, a.attname, ARRAY[]::text[])), '{}')
       INTO excluded, ignored
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = rel.oid AND a.attnum > 0 AND NOT a.attisdropped;
     EXECUTE pg_catalog.format(
       'CREATE OR REPLACE TRIGGER bemi_capture_insert AFTER INSERT ON %I.%I REFERENCING NEW TABLE AS bemi_new '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored);
+      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+      rel.root_schema, rel.root_name);
     EXECUTE pg_catalog.format(
       'CREATE OR REPLACE TRIGGER bemi_capture_update AFTER UPDATE ON %I.%I REFERENCING OLD TABLE AS bemi_old NEW TABLE AS bemi_new '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored);
+      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+      rel.root_schema, rel.root_name);
     EXECUTE pg_catalog.format(
       'CREATE OR REPLACE TRIGGER bemi_capture_delete AFTER DELETE ON %I.%I REFERENCING OLD TABLE AS bemi_old '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored);
+      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+      rel.root_schema, rel.root_name);
     EXECUTE pg_catalog.format(
       'CREATE OR REPLACE TRIGGER bemi_capture_truncate AFTER TRUNCATE ON %I.%I '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored);
+      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+      rel.root_schema, rel.root_name);
     RETURN;
   END IF;
   -- Without a primary key, a publication that publishes UPDATE and DELETE needs FULL,
@@ -548,7 +570,85 @@ AS $fn$
      AND NOT (schema_name || '.' || table_name) = ANY (ARRAY['public.changes']::text[])
 $fn$;
 
--- Track every table of the tracked schemas; call it by hand where no event trigger could be created.
+-- The name a table's changes are recorded under: a partition's is its partitioned table's (the
+-- root of its tree, in whatever schema), any other table's its own.
+CREATE OR REPLACE FUNCTION bemi.recorded_name(relation regclass, OUT schema_name text, OUT table_name text)
+LANGUAGE sql STABLE
+AS $fn$
+  SELECT n.nspname::text, c.relname::text
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = coalesce(pg_catalog.pg_partition_root(relation), relation)
+$fn$;
+
+-- Whether a table is tracked: by the name it is recorded under, so that a partition follows its
+-- partitioned table, and never what bemi-pg made itself (schema bemi, the changes table and
+-- its partitions).
+CREATE OR REPLACE FUNCTION bemi.should_track(relation regclass) RETURNS boolean
+LANGUAGE sql STABLE
+AS $fn$
+  SELECT coalesce(bool_and(c.relkind IN ('r', 'p') AND n.nspname <> 'bemi' AND bemi.is_tracked_name(r.schema_name, r.table_name)), false)
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
+         bemi.recorded_name(c.oid) AS r
+   WHERE c.oid = relation
+$fn$;
+
+-- Stop tracking a table that left the tracked set (moved, renamed, detached, excluded): its
+-- capture triggers go, it leaves the publication, and its replica identity is put back.
+CREATE OR REPLACE FUNCTION bemi.untrack_table(relation regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+DECLARE
+  rel record;
+  trigger_name name;
+BEGIN
+  SELECT c.oid, n.nspname, c.relname, c.relreplident, tt.prior_replica_identity
+    INTO rel
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN bemi.tracked_table tt ON tt.relid = c.oid
+   WHERE c.oid = relation;
+  FOR trigger_name IN
+    SELECT t.tgname FROM pg_catalog.pg_trigger t
+     WHERE t.tgrelid = rel.oid AND NOT t.tgisinternal
+       AND t.tgname IN ('bemi_capture', 'bemi_capture_insert', 'bemi_capture_update', 'bemi_capture_delete', 'bemi_capture_truncate')
+     ORDER BY t.tgname
+  LOOP
+    EXECUTE pg_catalog.format('DROP TRIGGER %I ON %I.%I', trigger_name, rel.nspname, rel.relname);
+  END LOOP;
+  IF EXISTS (SELECT FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+              WHERE p.pubname = 'bemi' AND pr.prrelid = rel.oid) THEN
+    EXECUTE pg_catalog.format('ALTER PUBLICATION bemi DROP TABLE %I.%I', rel.nspname, rel.relname);
+  END IF;
+  IF rel.prior_replica_identity IN ('d', 'n') AND rel.relreplident <> rel.prior_replica_identity THEN
+    EXECUTE pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY %s', rel.nspname, rel.relname,
+      CASE rel.prior_replica_identity WHEN 'd' THEN 'DEFAULT' ELSE 'NOTHING' END);
+  END IF;
+  DELETE FROM bemi.tracked_table WHERE relid = rel.oid;
+END
+$fn$;
+
+-- Bring one table in line with the tracking settings: track it, or stop tracking it. The DDL it
+-- runs (ALTER TABLE ... REPLICA IDENTITY) fires the event trigger below, which the setting
+-- bemi.syncing tells to stay out of the way until this call is done.
+CREATE OR REPLACE FUNCTION bemi.sync_table(relation regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+DECLARE
+  outer_syncing text := pg_catalog.current_setting('bemi.syncing', true);
+BEGIN
+  PERFORM pg_catalog.set_config('bemi.syncing', 'on', true);
+  IF bemi.should_track(relation) THEN
+    PERFORM bemi.track_table(relation);
+  ELSIF EXISTS (SELECT FROM bemi.tracked_table WHERE relid = relation)
+     OR EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = relation
+                   AND t.tgname IN ('bemi_capture', 'bemi_capture_insert', 'bemi_capture_update', 'bemi_capture_delete', 'bemi_capture_truncate')) THEN
+    PERFORM bemi.untrack_table(relation);
+  END IF;
+  PERFORM pg_catalog.set_config('bemi.syncing', coalesce(outer_syncing, ''), true);
+END
+$fn$;
+
+-- Track every table the settings name, and stop tracking the rest; call it by hand where no
+-- event trigger could be created.
 CREATE OR REPLACE PROCEDURE bemi.track_tables()
 LANGUAGE plpgsql
 AS $fn$
@@ -560,10 +660,12 @@ BEGIN
   FOR rel IN
     SELECT c.oid
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.relkind IN ('r', 'p') AND bemi.is_tracked_name(n.nspname, c.relname)
+     WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+       AND (bemi.should_track(c.oid) OR c.oid IN (SELECT tt.relid FROM bemi.tracked_table tt)
+            OR EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname LIKE 'bemi\_capture%'))
      ORDER BY n.nspname, c.relname
   LOOP
-    PERFORM bemi.track_table(rel.oid);
+    PERFORM bemi.sync_table(rel.oid);
   END LOOP;
 END
 $fn$;
@@ -576,27 +678,40 @@ AS $fn$
 DECLARE
   obj record;
 BEGIN
+  IF pg_catalog.current_setting('bemi.syncing', true) = 'on' THEN
+    RETURN;  -- bemi.sync_table's own DDL
+  END IF;
+  -- Every table the command touched, with its partitions (an ATTACH is reported on the parent),
+  -- and every tracked table that no longer should be (a DETACH, a move, a rename).
   FOR obj IN
-    SELECT c.oid, c.relname, n.nspname, d.object_identity
+    SELECT DISTINCT c.oid, n.nspname, c.relname
       FROM pg_catalog.pg_event_trigger_ddl_commands() d
-      JOIN pg_catalog.pg_class c ON c.oid = d.objid
+      CROSS JOIN LATERAL (SELECT t.relid FROM pg_catalog.pg_partition_tree(d.objid) AS t
+                          UNION SELECT d.objid) AS tree(relid)
+      JOIN pg_catalog.pg_class c ON c.oid = tree.relid
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE d.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
+    UNION
+    SELECT c.oid, n.nspname, c.relname
+      FROM bemi.tracked_table tt
+      JOIN pg_catalog.pg_class c ON c.oid = tt.relid
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE NOT bemi.should_track(c.oid)
+     ORDER BY 2, 3
   LOOP
-    IF bemi.is_tracked_name(obj.nspname, obj.relname)
-       AND (TG_TAG <> 'ALTER TABLE' OR bemi.capture_mode() = 'triggers') THEN
-      BEGIN
-        PERFORM bemi.track_table(obj.oid);
-      EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'bemi: could not track table %: %', obj.object_identity, SQLERRM
-          USING HINT = 'Run CALL bemi.track_tables() as its owner.';
-      END;
-    END IF;
+    BEGIN
+      PERFORM bemi.sync_table(obj.oid);
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'bemi: could not track table %.%: %', obj.nspname, obj.relname, SQLERRM
+        USING HINT = 'Run CALL bemi.track_tables() as its owner.';
+    END;
   END LOOP;
 END
 $fn$;
 
 REVOKE ALL ON FUNCTION bemi.track_table(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bemi.untrack_table(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bemi.sync_table(regclass) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE bemi.track_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION bemi.track_new_tables() FROM PUBLIC;
 GRANT USAGE ON SCHEMA bemi TO PUBLIC;
@@ -629,12 +744,12 @@ END
 $do$;
 
 -- The settings, capture mode included, then every table tracked with them.
-INSERT INTO bemi.installation (version, settings)
-VALUES ('0.4.0', '{"capture_mode": "triggers", "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_name": null}'::jsonb)
+INSERT INTO bemi.installation (version, settings, source)
+VALUES ('0.4.0', '{"capture_mode": "triggers", "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_name": null}'::jsonb, bemi.source_identity())
 -- CREATE EXTENSION starts in trigger mode, which needs no slot; ALTER EXTENSION UPDATE keeps the
 -- mode (wal in 0.1.0, which had no other), and `bemi-pg install --capture-mode` switches it.
 ON CONFLICT (singleton) DO UPDATE
-  SET version = excluded.version, installed_at = now(),
+  SET version = excluded.version, installed_at = now(), source = excluded.source,
       settings = excluded.settings || pg_catalog.jsonb_build_object('capture_mode',
                    coalesce(bemi.installation.settings ->> 'capture_mode', 'wal'));
 
@@ -678,10 +793,31 @@ CREATE TABLE IF NOT EXISTS public.changes (
   seq integer NOT NULL,
   CONSTRAINT changes_operation_check
     CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE')),
-  PRIMARY KEY (id),
-  CONSTRAINT changes_database_commit_position_seq_key
-    UNIQUE ("database", commit_position, seq)
+  PRIMARY KEY (id)
 );
+
+-- The source of each change: its server's system identifier and its database's name
+-- (bemi.source_identity() there). One destination may hold the trails of many sources, and the
+-- unique key tells them apart. Added after the other columns, so that a table made by an
+-- earlier version (keyed by "database") and a new one end up alike; `bemi-pg install` fills it
+-- in on the rows of its own source (bemi.adopt_source) and then makes it NOT NULL.
+ALTER TABLE public.changes ADD COLUMN IF NOT EXISTS source text;
+
+DO $do$
+BEGIN
+  IF EXISTS (SELECT FROM pg_catalog.pg_constraint
+              WHERE conrelid = 'public.changes'::regclass
+                AND conname = 'changes_database_commit_position_seq_key') THEN
+    ALTER TABLE public.changes DROP CONSTRAINT changes_database_commit_position_seq_key;
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_constraint
+                  WHERE conrelid = 'public.changes'::regclass
+                    AND conname = 'changes_source_commit_position_seq_key') THEN
+    ALTER TABLE public.changes ADD CONSTRAINT changes_source_commit_position_seq_key
+      UNIQUE (source, commit_position, seq);
+  END IF;
+END
+$do$;
 
 CREATE INDEX IF NOT EXISTS changes_table_primary_key_committed_at_idx
   ON public.changes ("table", primary_key, committed_at);
@@ -694,17 +830,42 @@ CREATE INDEX IF NOT EXISTS changes_context_idx
 
 CREATE SCHEMA IF NOT EXISTS bemi;
 
--- The last transaction written per source database and slot, committed together with its
--- changes: a poller restarted after a crash skips what it finds here.
+-- The last transaction written per source and slot, committed together with its changes: a
+-- poller restarted after a crash skips what it finds here.
 CREATE TABLE IF NOT EXISTS bemi.checkpoint (
   "database" text NOT NULL,
   slot_name text NOT NULL,
   commit_position bigint NOT NULL,
   end_position bigint NOT NULL,
   changes_written bigint NOT NULL DEFAULT 0,
-  updated_at timestamptz NOT NULL DEFAULT now(),
-  PRIMARY KEY ("database", slot_name)
+  updated_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Keyed by source (server and database), not by the database's name alone: two servers'
+-- databases of one name share a destination without sharing a checkpoint.
+ALTER TABLE bemi.checkpoint ADD COLUMN IF NOT EXISTS source text;
+ALTER TABLE bemi.checkpoint DROP CONSTRAINT IF EXISTS checkpoint_pkey;
+CREATE UNIQUE INDEX IF NOT EXISTS checkpoint_source_slot_name_key ON bemi.checkpoint (source, slot_name);
+
+-- Files the rows an earlier version wrote without a source (keyed by database name) under the
+-- source now installing, then makes changes.source NOT NULL once no row lacks one. Called by
+-- `bemi-pg install` for its own source; cheap once the column is NOT NULL.
+CREATE OR REPLACE FUNCTION bemi.adopt_source(source text, database_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+BEGIN
+  UPDATE bemi.checkpoint AS c SET source = adopt_source.source
+   WHERE c.source IS NULL AND c."database" = database_name;
+  IF (SELECT NOT a.attnotnull FROM pg_catalog.pg_attribute AS a
+       WHERE a.attrelid = 'public.changes'::regclass AND a.attname = 'source') THEN
+    UPDATE public.changes AS c SET source = adopt_source.source
+     WHERE c.source IS NULL AND c."database" = database_name;
+    IF NOT EXISTS (SELECT FROM public.changes AS c WHERE c.source IS NULL) THEN
+      ALTER TABLE public.changes ALTER COLUMN source SET NOT NULL;
+    END IF;
+  END IF;
+END
+$fn$;
 
 -- Time travel over the audit trail: history, as-of, blame (in the destination database).
 -- A table is named 'table' or 'schema.table' (parse_ident rules: quote mixed case).
@@ -826,6 +987,9 @@ AS $fn$
      AND (c.operation = 'CREATE' OR (c.before -> k.key) IS DISTINCT FROM (c.after -> k.key))
    ORDER BY k.key, c.committed_at DESC, c.commit_position DESC, c.seq DESC
 $fn$;
+
+-- Rows written before 0.4.0 are this database's own: filed under its source.
+SELECT bemi.adopt_source(bemi.source_identity(), pg_catalog.current_database());
 
 -- pg_dump keeps the rows of the extension's tables: the settings, the tracked tables' replica
 -- identity before bemi-pg, the poller's checkpoints, and the audit trail itself.

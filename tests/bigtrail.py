@@ -19,13 +19,13 @@ def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
     commands.install(dsn, None, settings)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("""
-            ALTER TABLE changes DROP CONSTRAINT changes_pkey, DROP CONSTRAINT changes_database_commit_position_seq_key;
+            ALTER TABLE changes DROP CONSTRAINT changes_pkey, DROP CONSTRAINT changes_source_commit_position_seq_key;
             DROP INDEX changes_table_primary_key_committed_at_idx, changes_committed_at_idx, changes_context_idx;
         """)
         conn.execute(f"""
-            INSERT INTO changes ("database", "schema", "table", primary_key, operation, before, after, context,
+            INSERT INTO changes (source, "database", "schema", "table", primary_key, operation, before, after, context,
                                  committed_at, queued_at, transaction_id, "position", commit_position, seq)
-            SELECT current_database(), 'public', 't' || (g % {TABLES}), (g / {TABLES} % {KEYS})::text,
+            SELECT bemi.source_identity(), current_database(), 'public', 't' || (g % {TABLES}), (g / {TABLES} % {KEYS})::text,
                    CASE WHEN g < {TABLES * KEYS} THEN 'CREATE' ELSE 'UPDATE' END,
                    CASE WHEN g < {TABLES * KEYS} THEN '{{}}'::jsonb
                         ELSE jsonb_build_object('id', g / {TABLES} % {KEYS}, 'v', g - {TABLES * KEYS}) END,
@@ -36,7 +36,7 @@ def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
         """)
         conn.execute("""
             ALTER TABLE changes ADD CONSTRAINT changes_pkey PRIMARY KEY (id),
-              ADD CONSTRAINT changes_database_commit_position_seq_key UNIQUE ("database", commit_position, seq)
+              ADD CONSTRAINT changes_source_commit_position_seq_key UNIQUE (source, commit_position, seq)
         """)
     commands.install(dsn, None, settings)  # recreates the secondary indexes
     with psycopg.connect(dsn, autocommit=True) as conn:

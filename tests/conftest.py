@@ -61,6 +61,12 @@ class Database:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
+    @property
+    def source(self) -> str:
+        """This database's source identity, as the destination files its changes."""
+        [(source,)] = self.execute("SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()")
+        return str(source)
+
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, **kwargs)
 
@@ -111,12 +117,13 @@ def other_db(server_dsn: str) -> Iterator[Database]:
         drop_database(server_dsn, name)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m bemi_pg`` as a user would."""
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bemi_pg`` as a user would (in ``cwd``, where a ``bemi.toml`` may be)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMI_", "PG")) and k != "DATABASE_URL"}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "bemi_pg", *args], env=full_env, text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

@@ -246,6 +246,8 @@ def _run(args: argparse.Namespace) -> int:
         commands.poll_once(dsn, dest, settings, batch_size=args.batch_size)
         return 0
     if args.command in ("history", "as-of", "blame", "revert", "prune"):
+        if args.command in ("revert", "prune"):  # they use the destination table and its partitioning
+            settings = commands.installed_settings(dsn, settings)
         return _timetravel(args, dsn, dest, settings)
     if args.command == "status":
         result = commands.status(dsn, dest, settings)

@@ -16,13 +16,14 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings
-from .db import connect, fetch_dict, installed_capture_mode, pending_capture_switch
+from .db import connect, fetch_dict, installation, installed_capture_mode, installed_source, pending_capture_switch, source_identity
 from .errors import BemiError, ConfigError, PreflightError, SlotBusy
 from .poller import Poller, PollStats
 from .queries import query
 from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
 
-__all__ = ["Check", "doctor", "install", "uninstall", "poll_once", "poll_follow", "prune", "status", "render"]
+__all__ = ["Check", "doctor", "install", "installed_settings", "uninstall", "poll_once", "poll_follow", "prune", "status", "render",
+           "with_installation"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -198,6 +199,8 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
     with connect(source_dsn, role="source database") as src:
         _notices(src)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        source = source_identity(src)
+        adopt = {"source": source, "database": database}
         slot = settings.slot_for(database)
         previous = installed_capture_mode(src)
         slot_row = src.execute(query("slot_info"), {"slot": slot}).fetchone()
@@ -214,7 +217,7 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
         switching = previous is not None and previous != mode and (mode == "wal" or draining)
         # A switch holds the poller's lock from before its transaction until the slot work is
         # done: a poller running now exits (75) instead of reading past the switch.
-        poller = Poller(source_dsn, destination_dsn, settings) if switching or pending else None
+        poller = Poller(source_dsn, destination_dsn, settings, from_installation=False) if switching or pending else None
         try:
             if poller is not None:
                 try:
@@ -234,8 +237,13 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                         _notices(dst)
                         with dst.transaction():
                             dst.execute(rendered.destination)
+                            dst.execute(query("adopt_source"), adopt)
                 with src.transaction():
-                    src.execute(rendered.source if mode == "wal" and destination_dsn is not None else rendered.combined())
+                    if mode == "wal" and destination_dsn is not None:
+                        src.execute(rendered.source)
+                    else:
+                        src.execute(rendered.combined())
+                        src.execute(query("adopt_source"), adopt)
                     if switching:  # recorded with the switch itself, so that a poller finishes it if we cannot
                         src.execute(query("record_capture_switch"), {"from_mode": previous, "to_mode": mode})
             except BaseException:
@@ -252,8 +260,9 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
 
 def uninstall(source_dsn: str, destination_dsn: str | None, settings: Settings, *, drop_changes: bool = False) -> None:
     """Remove triggers, functions, publication and slot; the audit data stays unless ``drop_changes``."""
-    rendered = render_uninstall(settings, drop_changes=drop_changes)
     with connect(source_dsn, role="source database") as src:
+        settings = with_installation(src, settings)[0]
+        rendered = render_uninstall(settings, drop_changes=drop_changes)
         _notices(src)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
@@ -336,13 +345,30 @@ def prune(dest: psycopg.Connection[Any], settings: Settings, older_than: str, *,
     return {"cutoff": cutoff.isoformat(), "deleted": deleted, "partitions_dropped": dropped}
 
 
+def with_installation(src: psycopg.Connection[Any], settings: Settings) -> tuple[Settings, str]:
+    """The settings to act with on this source (the installation's capture settings, this
+    process's running ones; ConfigError on a contradiction) and the source's identity."""
+    inst = installation(src)
+    if inst is None:
+        return settings, source_identity(src)
+    return settings.with_installed(inst.settings), installed_source(src, inst) if inst.source else source_identity(src)
+
+
+def installed_settings(source_dsn: str, settings: Settings) -> Settings:
+    """:func:`with_installation`'s settings, for a command that otherwise only reads the destination."""
+    with connect(source_dsn, role="source database") as src:
+        return with_installation(src, settings)[0]
+
+
 def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> dict[str, Any]:
     """Slot lag and state, last position written, tracked tables, change count."""
     result: dict[str, Any] = {}
     with connect(source_dsn, role="source database") as src:
+        settings, source = with_installation(src, settings)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
         result["database"] = database
+        result["source"] = source
         result["capture_mode"] = installed_capture_mode(src)
         result["slot"] = slot
         info = fetch_dict(src, query("slot_info"), {"slot": slot})
@@ -364,11 +390,11 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
     with connect(destination_dsn or source_dsn, role="destination database") as dst:
         schema, table = settings.destination
         try:
-            row = dst.execute(query("checkpoint"), {"database": database, "slot": slot}).fetchone()
+            row = dst.execute(query("checkpoint"), {"source": source, "slot": slot}).fetchone()
             result["last_commit_position"] = row[0] if row else None
             result["last_written_at"] = row[3].isoformat() if row else None
             result["change_count"] = dst.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE \"database\" = %s").format(sql.Identifier(schema, table)), (database,)
+                sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
             ).fetchone()[0]  # type: ignore[index]
         except psycopg.errors.UndefinedTable:
             result["last_commit_position"] = None

@@ -6,7 +6,7 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class Settings:
     max_context_bytes: int = 1_048_576
     database_keys: str = "no_context"  # session_user, application_name, client_addr: no_context, always, never
     source_file: str | None = field(default=None, compare=False)
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)  # the fields a file, flag or caller set
 
     @property
     def destination(self) -> tuple[str, str]:
@@ -84,7 +85,7 @@ class Settings:
     def summary(self) -> dict[str, Any]:
         """The settings that shape the installation, as recorded in the database."""
         data = asdict(self)
-        for key in ("source_file", "batch_size", "heartbeat_interval"):
+        for key in ("source_file", "explicit", *PROCESS_FIELDS):
             data.pop(key)
         data["schemas"] = list(self.schemas)
         data["exclude_tables"] = list(self.exclude_tables)
@@ -94,6 +95,40 @@ class Settings:
 
     def summary_json(self) -> str:
         return json.dumps(self.summary(), sort_keys=True, separators=(", ", ": "))
+
+    def with_installed(self, installed: dict[str, Any], where: str = "the installation") -> Settings:
+        """These settings with the installation's capture settings (``installed``: the
+        ``settings`` recorded in ``bemi.installation``) in place of this process's.
+
+        The installation owns what is captured and where it goes (every field of
+        :meth:`summary`); a process only chooses how it runs (:data:`PROCESS_FIELDS`). A field
+        this process set explicitly (in its file, a flag or an argument) to another value than
+        the installed one is a contradiction: ConfigError, before anything is read."""
+        values: dict[str, Any] = {}
+        for name in self.summary():
+            if name not in installed:
+                continue  # recorded by an earlier version without it: the default holds
+            value = installed[name]
+            values[name] = tuple(value) if isinstance(value, list) else value
+        for name, value in values.items():
+            mine = getattr(self, name)
+            if name not in self.explicit or mine == value or name == "capture_mode":  # install switches modes
+                continue
+            origin = self.source_file or "this command's settings"
+            raise ConfigError(
+                f"{origin} sets {_KEY_OF_FIELD.get(name, name)} = {_toml(mine)}, but {where} was installed with "
+                f"{_toml(value)}: the installation's capture settings rule; remove it from {origin}, or run "
+                "`bemi-pg install` with the new settings to change them"
+            )
+        return replace(self, **values)
+
+
+# How a process runs, whatever the installation: the rest of Settings belongs to the installation.
+PROCESS_FIELDS = ("batch_size", "heartbeat_interval")
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -137,22 +172,26 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         chosen = "bemi.toml"
     values = _from_toml(Path(chosen)) if chosen else {}
     kwargs: dict[str, Any] = {"source_file": str(chosen) if chosen else None}
-    mapping = {
-        "source.schemas": "schemas", "source.exclude_tables": "exclude_tables",
-        "capture.mode": "capture_mode", "capture.replica_identity_full": "replica_identity_full",
-        "capture.max_context_bytes": "max_context_bytes",
-        "capture.database_keys": "database_keys",
-        "slot.name": "slot_name", "destination.table": "destination_table",
-        "destination.row_gin_indexes": "row_gin_indexes", "destination.partition_by_month": "partition_by_month",
-        "columns.ignore": "ignore_columns", "columns.exclude": "exclude_columns",
-        "poll.batch_size": "batch_size", "poll.heartbeat_interval": "heartbeat_interval",
-    }
     for key, value in values.items():
-        kwargs[mapping[key]] = tuple(value) if isinstance(value, list) else value
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        kwargs[_MAPPING[key]] = tuple(value) if isinstance(value, list) else value
+    kwargs.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
+    kwargs["explicit"] = frozenset(k for k in kwargs if k != "source_file")
     settings = Settings(**kwargs)
     _validate(settings)
     return settings
+
+
+_MAPPING = {
+    "source.schemas": "schemas", "source.exclude_tables": "exclude_tables",
+    "capture.mode": "capture_mode", "capture.replica_identity_full": "replica_identity_full",
+    "capture.max_context_bytes": "max_context_bytes",
+    "capture.database_keys": "database_keys",
+    "slot.name": "slot_name", "destination.table": "destination_table",
+    "destination.row_gin_indexes": "row_gin_indexes", "destination.partition_by_month": "partition_by_month",
+    "columns.ignore": "ignore_columns", "columns.exclude": "exclude_columns",
+    "poll.batch_size": "batch_size", "poll.heartbeat_interval": "heartbeat_interval",
+}
+_KEY_OF_FIELD = {field_name: key for key, field_name in _MAPPING.items()}
 
 
 def _validate(settings: Settings) -> None:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
-from .errors import ConfigError, ConnectionError
+from .errors import BemiError, ConfigError, ConnectionError
 from .queries import query
 
-__all__ = ["connect", "fetch_dict", "resolve_dsn", "resolve_destination_dsn", "scrub", "validate_dsn"]
+__all__ = ["Installation", "connect", "fetch_dict", "installation", "resolve_dsn", "resolve_destination_dsn", "scrub",
+           "source_identity", "validate_dsn"]
 
 APPLICATION_NAME = "bemi-pg"
 
@@ -110,3 +112,47 @@ def installed_capture_mode(conn: psycopg.Connection[Any]) -> str | None:
 def pending_capture_switch(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
     """(transaction_id, from_mode, to_mode) of a capture-mode switch whose slot work is not done."""
     return _bemi_row(conn, "bemi.capture_switch", "capture_switch")
+
+
+@dataclass(frozen=True)
+class Installation:
+    """What ``bemi-pg install`` recorded in the source database (``bemi.installation``)."""
+
+    version: str
+    settings: dict[str, Any]
+    source: str | None  # None: installed by a version before 0.4.0, not upgraded yet
+
+    @property
+    def system_identifier(self) -> str | None:
+        return self.source.split("/", 1)[0] if self.source else None
+
+
+def installation(conn: psycopg.Connection[Any]) -> Installation | None:
+    """The source database's installation record; None when bemi-pg is not installed there."""
+    row = _bemi_row(conn, "bemi.installation", "installation")
+    if row is None:
+        return None
+    data = row[0]
+    return Installation(version=data["version"], settings=data["settings"], source=data.get("source"))
+
+
+def source_identity(conn: psycopg.Connection[Any]) -> str:
+    """This connection's source as the destination files it: ``<system identifier>/<database>``."""
+    return str(conn.execute(query("source_identity")).fetchone()[0])  # type: ignore[index]
+
+
+def installed_source(conn: psycopg.Connection[Any], inst: Installation) -> str:
+    """The installation's source identity, checked against the server the connection reached.
+
+    A promoted standby has its primary's system identifier, so the trail goes on there; a
+    database restored from a dump onto another server does not, and continuing its trail
+    under the old identity would mix two servers' WAL positions."""
+    if inst.source is None:
+        raise BemiError(f"bemi-pg {inst.version} is installed in this database: run `bemi-pg install` to upgrade it first")
+    live = source_identity(conn).split("/", 1)[0]
+    if live != inst.system_identifier:
+        raise BemiError(
+            f"this server (system identifier {live}) is not the one bemi-pg was installed on ({inst.source}): "
+            "the database was restored or copied onto another server; run `bemi-pg install` here to start its trail"
+        )
+    return inst.source

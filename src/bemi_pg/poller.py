@@ -2,7 +2,7 @@
 
 The slot only ever advances to the end of a transaction whose changes the destination has
 committed; a restart re-reads from the slot and skips transactions at or before the
-checkpoint, and the unique key ``(database, commit_position, seq)`` absorbs anything else.
+checkpoint, and the unique key ``(source, commit_position, seq)`` absorbs anything else.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.adapt import Buffer, Loader
 
 from .config import Settings
-from .db import connect, fetch_dict, installed_capture_mode, pending_capture_switch
+from .db import connect, fetch_dict, installation, installed_capture_mode, installed_source, pending_capture_switch, source_identity
 from .errors import BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
@@ -59,7 +59,8 @@ def wal2json_options(settings: Settings) -> list[str]:
     dest_schema, dest_table = settings.destination
     filtered = [f"{_escape_filter(s)}.{_escape_filter(t)}" for s, t in settings.excluded()]
     filtered += [f"{_escape_filter(dest_schema)}.{_escape_filter(dest_table)}", "bemi.*"]
-    added = [f"{_escape_filter(s)}.*" for s in settings.schemas]
+    # No add-tables: a partition of a tracked table may live in any schema. The poller keeps
+    # the changes of tables whose recorded name (the partition tree's root) is tracked.
     return [
         "format-version", "2",
         "include-xids", "1",
@@ -70,7 +71,6 @@ def wal2json_options(settings: Settings) -> list[str]:
         "include-typmod", "0",
         "add-msg-prefixes", CONTEXT_PREFIX,
         "filter-tables", ",".join(filtered),
-        "add-tables", ",".join(added),
     ]
 
 
@@ -133,7 +133,7 @@ class _Writer:
             sql.Identifier("bemi_staging") if dedupe else changes, cols)
         # The unique key's columns (with the partition key when partitioned): a change the table
         # holds is skipped, while an id met without it (stitch.change_id) stays an error.
-        key = ["database", "commit_position", "seq"] + (["committed_at"] if partitioned else [])
+        key = ["source", "commit_position", "seq"] + (["committed_at"] if partitioned else [])
         self._insert = sql.SQL(
             "INSERT INTO {} ({cols}) SELECT {cols} FROM bemi_staging ON CONFLICT ({key}) DO NOTHING"
         ).format(changes, cols=cols, key=sql.SQL(", ").join(map(sql.Identifier, key)))
@@ -203,13 +203,25 @@ class Poller:
         *,
         batch_size: int | None = None,
         fault: Callable[[str], None] | None = None,
+        from_installation: bool = True,
     ) -> None:
-        self.settings = settings
-        self.batch_size = batch_size or settings.batch_size
-        self.read_size = self.batch_size * READ_BATCHES
         self._source_dsn = source_dsn
         self._destination_dsn = destination_dsn
         self.source = connect(source_dsn, role="source database")
+        # What is captured and where it goes is the installation's (``from_installation``; install
+        # itself passes the settings it is installing); this process only chooses how it runs.
+        inst = installation(self.source)
+        if from_installation and inst is not None:
+            try:
+                settings = settings.with_installed(inst.settings)
+            except BaseException:
+                self.source.close()
+                raise
+        self.source_id = (installed_source(self.source, inst) if from_installation and inst is not None
+                          else (inst.source if inst is not None and inst.source else source_identity(self.source)))
+        self.settings = settings
+        self.batch_size = batch_size or settings.batch_size
+        self.read_size = self.batch_size * READ_BATCHES
         self.destination = connect(destination_dsn or source_dsn, role="destination database")
         self.database: str = self.source.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         self.slot = settings.slot_for(self.database)
@@ -222,6 +234,7 @@ class Poller:
         self.column_rules = ColumnRules(settings.ignore_columns, settings.exclude_columns)
         self._fault = fault or _fault_from_env()
         self._keys: dict[tuple[str, str], list[str]] = {}
+        self._recorded_names: dict[tuple[str, str], tuple[str, str] | None] = {}  # for one read
         self._dedupe = False  # write through the staging table (set after a batch met duplicates)
         self._stop = threading.Event()  # run_follow's: a read stops after the batch in hand
 
@@ -415,6 +428,7 @@ class Poller:
 
     def _read(self, upto_lsn: str | None) -> PollStats:
         total = PollStats()
+        self._recorded_names.clear()  # partitions may have been attached or detached since
         queued_at = datetime.now(UTC).isoformat()
         last: Commit | None = None
         with self.source.transaction():
@@ -440,17 +454,28 @@ class Poller:
         dedupe = self._dedupe
         with self.destination.transaction(), _Writer(self.destination, self.changes, dedupe=dedupe,
                                                       partitioned=self.settings.partition_by_month) as writer:
-            row = self.destination.execute(query("checkpoint"), {"database": self.database, "slot": self.slot}).fetchone()
+            row = self.destination.execute(query("checkpoint"), {"source": self.source_id, "slot": self.slot}).fetchone()
             done_until = row[1] if row else -1
             # Transactions holding a float/numeric null that may be NaN or ±Infinity: xid -> commit position.
             ambiguous: dict[int, int] = {}
             last: Commit | None = None
             last_written: Commit | None = None
             state: TransactionState | None = None
+            truncated: tuple[tuple[str, str], str] | None = None  # (table, position) of a TRUNCATE just recorded
             for event in events:
                 stats.rows += 1
                 if isinstance(event, Change):
-                    if state is not None and self.is_tracked(event.schema, event.table):
+                    recorded = self._recorded(event.schema, event.table) if state is not None else None
+                    if recorded is not None and state is not None:
+                        if event.action == "T":
+                            # TRUNCATE of a partitioned table: one record for it and one for each
+                            # partition, at one position; recorded once, as the statement's trigger does.
+                            if truncated == (recorded, event.lsn):
+                                continue
+                            truncated = (recorded, event.lsn)
+                        else:
+                            truncated = None
+                        event.schema, event.table = recorded
                         change = state.on_change(event)
                         if change is None:  # an UPDATE of ignored columns only
                             continue
@@ -461,11 +486,12 @@ class Poller:
                     if state is not None and event.prefix == CONTEXT_PREFIX:
                         state.on_message(event.content)
                 elif isinstance(event, Begin):
+                    truncated = None
                     if event.end_lsn <= done_until:
                         state = None
                         stats.skipped += 1
                     else:
-                        state = TransactionState(self.database, self.types, event, self.settings.max_context_bytes,
+                        state = TransactionState(self.source_id, self.database, self.types, event, self.settings.max_context_bytes,
                                                  self._key_order, self.settings.database_keys, self.column_rules)
                 elif isinstance(event, Commit):
                     if state is not None:
@@ -484,7 +510,8 @@ class Poller:
             stats.batches = 1
             if last_written is not None:
                 self.destination.execute(query("save_checkpoint"), {
-                    "database": self.database, "slot": self.slot, "commit_position": last_written.commit_lsn,
+                    "source": self.source_id, "database": self.database, "slot": self.slot,
+                    "commit_position": last_written.commit_lsn,
                     "end_position": last_written.end_lsn, "written": stats.changes,
                 })
             self._fault("before_commit")
@@ -499,6 +526,16 @@ class Poller:
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
             if "minimum is" not in str(exc):  # already further on: nothing to do
                 raise
+
+    def _recorded(self, schema: str, table: str) -> tuple[str, str] | None:
+        """The (schema, table) a table's changes are recorded under (a partition's is its tree's
+        root), or None when that table is not tracked."""
+        key = (schema, table)
+        if key not in self._recorded_names:
+            row = self.source.execute(query("recorded_name"), {"schema": schema, "table": table}).fetchone()
+            name = (str(row[0]), str(row[1])) if row else key  # gone since: its own name
+            self._recorded_names[key] = name if self.is_tracked(*name) else None
+        return self._recorded_names[key]
 
     def _key_order(self, schema: str, table: str, columns: list[str]) -> list[str]:
         key = (schema, table)
@@ -521,7 +558,7 @@ class Poller:
         self.source.execute(query("copy_slot_test_decoding"), {"slot": self.slot, "copy": copy})
         patch = sql.SQL(
             "UPDATE {} SET before = before || %(before)s::jsonb, after = after || %(after)s::jsonb "
-            "WHERE \"database\" = %(database)s AND commit_position = %(commit)s AND seq = %(seq)s"
+            "WHERE source = %(source)s AND commit_position = %(commit)s AND seq = %(seq)s"
         ).format(self.changes)
         try:
             seq: dict[int, int] = {}
@@ -536,9 +573,12 @@ class Poller:
                     change = parse_change(data)
                     if change is None:
                         continue
-                    for relation in change.relations:
-                        if not self.is_tracked(*relation):
+                    seen = set()  # a TRUNCATE lists a partitioned table and its partitions: one change
+                    for leaf in change.relations:
+                        relation = self._recorded(*leaf)
+                        if relation is None or relation in seen:
                             continue
+                        seen.add(relation)
                         n = seq.get(xid, 0)
                         seq[xid] = n + 1
                         excluded = self.column_rules.excluded(*relation, change.old.keys() | change.new.keys())
@@ -549,7 +589,7 @@ class Poller:
                         if before or after:
                             updates.append({
                                 "before": json.dumps(before), "after": json.dumps(after),
-                                "database": self.database, "commit": commit, "seq": n,
+                                "source": self.source_id, "commit": commit, "seq": n,
                             })
             if updates:
                 with self.destination.cursor() as dcur:

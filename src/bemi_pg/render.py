@@ -108,7 +108,7 @@ def glob_regex(pattern: str) -> str:
 
 
 CHANGE_COLUMNS = (
-    '"database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, '
+    'source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, '
     'transaction_id, "position", commit_position, seq'
 )
 

@@ -50,28 +50,29 @@ def _table_fields(schema: str, table: str, operation: str) -> bytes:
     return b"\t".join((copy_text(schema), copy_text(table), operation.encode()))
 
 
-_ID_SEQ_SHIFT = 26  # seq's place in change_id, above the database hash
+_ID_SEQ_SHIFT = 26  # seq's place in change_id, above the source hash
 
 
-def change_id(database: str, commit_position: int, seq: int) -> int:
+def change_id(source: str, commit_position: int, seq: int) -> int:
     """The ``id`` of a change the poller writes, as a 128-bit integer: a version 8 UUID (RFC 9562)
-    made of the change's commit position, its ``seq`` and a 26-bit hash of the database name.
+    made of the change's commit position, its ``seq`` and a 26-bit hash of its source
+    (``<system identifier>/<database>``).
 
     Ids so made grow with the WAL, so the primary key's index takes each batch at its right edge
     instead of at random pages as ``gen_random_uuid()`` would (on a large table, a random page
     read per change), and the same change always gets the same id. The layout, from the most
     significant bit: commit position bits 63-16, version (8), bits 15-4, variant (0b10), bits
-    3-0, seq (32 bits), the database hash (26 bits). Changes of two databases whose names hash
-    alike and that share a commit position and seq (two clusters' WAL) would meet on the primary
-    key: the poller then stops with the error rather than drop one of them."""
-    return _id_base(database, commit_position) | seq << _ID_SEQ_SHIFT
+    3-0, seq (32 bits), the source hash (26 bits). Changes of two sources that hash alike and
+    share a commit position and seq would meet on the primary key: the poller then stops with
+    the error rather than drop one of them (the unique key holds the source itself)."""
+    return _id_base(source, commit_position) | seq << _ID_SEQ_SHIFT
 
 
-def _id_base(database: str, commit_position: int) -> int:
+def _id_base(source: str, commit_position: int) -> int:
     """change_id with seq 0: what the ids of one transaction's changes share (TransactionState
     adds each change's seq to it)."""
     return ((commit_position >> 16) << 80 | 0x8 << 76 | (commit_position >> 4 & 0xFFF) << 64
-            | 0b10 << 62 | (commit_position & 0xF) << 58 | zlib.crc32(database.encode()) & 0x3FF_FFFF)
+            | 0b10 << 62 | (commit_position & 0xF) << 58 | zlib.crc32(source.encode()) & 0x3FF_FFFF)
 
 
 @dataclass(slots=True)
@@ -91,7 +92,7 @@ class ChangeRow:
     position: int
     commit_position: int
     seq: int
-    id: int  # change_id(database, commit_position, seq)
+    id: int  # change_id(source, commit_position, seq)
     ambiguous: bool = False  # a float/numeric null that may really be NaN or ±Infinity
 
     def copy_line(self, tail: bytes) -> bytes:
@@ -107,7 +108,7 @@ class ChangeRow:
 # (written once per transaction: see TransactionState.copy_tail).
 COLUMNS = (
     "schema", "table", "operation", "primary_key", "before", "after", "position", "seq", "id",
-    "database", "context", "committed_at", "transaction_id", "commit_position", "queued_at",
+    "source", "database", "context", "committed_at", "transaction_id", "commit_position", "queued_at",
 )
 
 
@@ -296,14 +297,15 @@ class ColumnRules:
 class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
-    __slots__ = ("database", "types", "key_order", "xid", "commit_lsn", "committed_at", "context", "seq",
+    __slots__ = ("source", "database", "types", "key_order", "xid", "commit_lsn", "committed_at", "context", "seq",
                  "max_bytes", "database_keys", "column_rules", "_tail", "_id_base")
 
-    def __init__(self, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
+    def __init__(self, source: str, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
                  key_order: Callable[[str, str, list[str]], list[str]] | None = None,
                  database_keys: str = "no_context", column_rules: ColumnRules | None = None) -> None:
         self.database_keys = database_keys
         self.column_rules = column_rules
+        self.source = source
         self.database = database
         self.types = types
         self.key_order = key_order
@@ -314,7 +316,7 @@ class TransactionState:
         self.seq = 0
         self.max_bytes = max_context_bytes
         self._tail: bytes | None = None  # copy_tail's, until the context changes
-        self._id_base = _id_base(database, self.commit_lsn)
+        self._id_base = _id_base(source, self.commit_lsn)
 
     def on_message(self, content: str) -> None:
         self.context = context_json(content, self.max_bytes, self.database_keys)
@@ -324,7 +326,7 @@ class TransactionState:
         """The COPY fields this transaction's changes share (the end of :data:`COLUMNS`); one
         transaction is read in one poll, so ``queued_at`` is the same for all of them."""
         if self._tail is None:
-            fields = (copy_text(self.database), copy_text(self.context), copy_text(self.committed_at),
+            fields = (copy_text(self.source), copy_text(self.database), copy_text(self.context), copy_text(self.committed_at),
                       b"%d" % self.xid, b"%d" % self.commit_lsn, copy_text(queued_at))
             self._tail = b"\t".join(fields) + b"\n"
         return self._tail

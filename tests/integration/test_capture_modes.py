@@ -196,9 +196,9 @@ def test_writers_need_no_right_on_the_changes_table(db):
         with psycopg.connect(db.dsn.replace("user=postgres", "user=app_writer"), autocommit=True) as conn:
             conn.execute("INSERT INTO account (id, owner, balance) VALUES (1, 'a', 1)")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute("INSERT INTO changes (\"database\", \"schema\", \"table\", operation, committed_at, "
+                conn.execute("INSERT INTO changes (source, \"database\", \"schema\", \"table\", operation, committed_at, "
                              "queued_at, transaction_id, \"position\", commit_position, seq) "
-                             "VALUES ('d', 's', 't', 'CREATE', now(), now(), 1, 1, 1, 1)")
+                             "VALUES ('1/d', 'd', 's', 't', 'CREATE', now(), now(), 1, 1, 1, 1)")
         assert db.execute("SELECT primary_key, context ->> 'session_user' FROM changes") == [("1", "app_writer")]
     finally:
         db.execute("DROP OWNED BY app_writer; DROP ROLE app_writer")

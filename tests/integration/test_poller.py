@@ -126,7 +126,7 @@ def test_ids_follow_the_wal_and_an_id_met_without_its_change_stops_the_poller(db
         db.execute("INSERT INTO todo (task) SELECT %s FROM generate_series(1, 4)", (f"t{n}",))
     assert db.poll().changes == 12
     rows = db.execute("SELECT id, commit_position, seq FROM changes ORDER BY commit_position, seq")
-    assert [r[0] for r in rows] == [uuid.UUID(int=change_id(db.name, cp, seq)) for _, cp, seq in rows]
+    assert [r[0] for r in rows] == [uuid.UUID(int=change_id(db.source, cp, seq)) for _, cp, seq in rows]
     assert [r[0] for r in rows] == sorted(r[0] for r in rows)
 
     db.execute("INSERT INTO todo (task) VALUES ('next')")
@@ -136,10 +136,10 @@ def test_ids_follow_the_wal_and_an_id_met_without_its_change_stops_the_poller(db
         "'include-lsn', '1', 'include-xids', '1')) "
         "SELECT (b.d ->> 'lsn')::pg_lsn - '0/0' FROM r AS b JOIN r AS i ON i.d -> 'xid' = b.d -> 'xid' "
         "WHERE b.d ->> 'action' = 'B' AND i.d ->> 'table' = 'todo'", (slot,))
-    taken = uuid.UUID(int=change_id(db.name, int(commit_lsn), 0))
-    db.execute("INSERT INTO changes (id, database, schema, \"table\", operation, committed_at, queued_at, "
+    taken = uuid.UUID(int=change_id(db.source, int(commit_lsn), 0))
+    db.execute("INSERT INTO changes (id, source, database, schema, \"table\", operation, committed_at, queued_at, "
                "transaction_id, position, commit_position, seq) "
-               "VALUES (%s, 'elsewhere', 'public', 'todo', 'CREATE', now(), now(), 1, 1, 1, 0)", (taken,))
+               "VALUES (%s, '1/elsewhere', 'elsewhere', 'public', 'todo', 'CREATE', now(), now(), 1, 1, 1, 0)", (taken,))
     with Poller(db.dsn, None, db.settings) as poller, pytest.raises(psycopg.errors.UniqueViolation, match="changes_pkey"):
         poller.run_once()
     db.execute("DELETE FROM changes WHERE database = 'elsewhere'")
@@ -178,12 +178,12 @@ def test_a_batch_spanning_two_months_into_monthly_partitions(db):
 
     db.install(partition_by_month=True)
     rows = [ChangeRow(db.name, "public", "t", str(n), "CREATE", b"{}", b'{"n":%d}' % n, "{}", committed_at, 7, n, 100, n,
-                      change_id(db.name, 100, n))
+                      change_id(db.source, 100, n))
             for n, committed_at in enumerate(["2024-01-31 23:59:59+00", "2024-01-31 23:59:59+00", "2024-02-01 00:00:00+00"])]
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         with conn.transaction(), _Writer(conn, psycopg.sql.Identifier("public", "changes"), partitioned=True) as writer:
             for row in rows:
-                tail = [db.name.encode(), b"{}", row.committed_at.encode(), b"7", b"100", b"2026-11-26 00:00:00+00"]
+                tail = [db.source.encode(), db.name.encode(), b"{}", row.committed_at.encode(), b"7", b"100", b"2026-11-26 00:00:00+00"]
                 writer.add(row, b"\t".join(tail) + b"\n")
             assert writer.finish() == 3
     assert db.execute("SELECT tableoid::regclass::text, count(*) FROM changes GROUP BY 1 ORDER BY 1") == [

@@ -186,9 +186,9 @@ def test_prune_with_monthly_partitions(db):
     db.poll()
     # Old changes, as if written long ago: they land in partitions of their own months.
     db.execute("SELECT bemi.ensure_changes_partition(d::date) FROM generate_series(date '2024-01-01', '2024-03-01', '1 month') d")
-    db.execute("""INSERT INTO changes ("database", "schema", "table", primary_key, operation, committed_at, queued_at,
+    db.execute("""INSERT INTO changes (source, "database", "schema", "table", primary_key, operation, committed_at, queued_at,
                                        transaction_id, position, commit_position, seq)
-                  SELECT 'old', 'public', 't', g::text, 'CREATE', timestamptz '2024-01-15' + g * interval '1 day', now(),
+                  SELECT '1/old', 'old', 'public', 't', g::text, 'CREATE', timestamptz '2024-01-15' + g * interval '1 day', now(),
                          1, g, g, 0 FROM generate_series(1, 60) g""")
     partitions = "SELECT count(*) FROM pg_inherits WHERE inhparent = 'changes'::regclass"
     assert db.execute(partitions)[0][0] >= 4

@@ -43,7 +43,7 @@ def test_value_json_matches_to_jsonb(oid, raw, expected):
     assert value_json(TYPES[oid], bytes(change.columns[0].value)) == expected.encode()
     # The poller's path: wal2json's own text where it is already to_jsonb's, value_json otherwise.
     begin = parse_row('{"action":"B","xid":1,"timestamp":"2026-11-26 10:15:27+00","lsn":"0/1","nextlsn":"0/2"}')
-    state = TransactionState("db", TYPES, begin, 1000)
+    state = TransactionState("1/db", "db", TYPES, begin, 1000)
     assert json.loads(state.on_change(change).after) == {"c": json.loads(expected)}
     assert state.on_change(change).after == b'{"c":' + expected.encode() + b"}"
 
@@ -92,7 +92,7 @@ def test_a_domain_over_a_number_is_converted():
     change = parse_row('{"action":"I","xid":1,"lsn":"0/1","schema":"s","table":"t",'
                        '"columns":[{"name":"n","typeoid":16600,"value":"1.50"},{"name":"m","typeoid":16600,"value":null}],'
                        '"pk":[{"name":"n"}]}')
-    row = TransactionState("db", types, begin, 1000).on_change(change)
+    row = TransactionState("1/db", "db", types, begin, 1000).on_change(change)
     assert row.after == b'{"n":1.50,"m":null}' and row.primary_key == "1.50" and row.ambiguous
 
 

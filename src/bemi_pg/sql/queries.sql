@@ -56,6 +56,15 @@ SELECT t.oid::bigint, t.typtype::text, t.typcategory::text, t.typelem::bigint, c
   FROM pg_catalog.pg_type t LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem
  WHERE t.oid = ANY(%(oids)s::oid[])
 
+-- name: recorded_name
+-- The partition tree's root of a table (the table itself when it is no partition).
+SELECT rn.nspname::text, r.relname::text
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_class r ON r.oid = coalesce(pg_catalog.pg_partition_root(c.oid), c.oid)
+  JOIN pg_catalog.pg_namespace rn ON rn.oid = r.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+
 -- name: primary_key_order
 SELECT a.attname::text
   FROM pg_catalog.pg_index i
@@ -67,12 +76,12 @@ SELECT a.attname::text
 
 -- name: checkpoint
 SELECT commit_position, end_position, changes_written, updated_at
-  FROM bemi.checkpoint WHERE "database" = %(database)s AND slot_name = %(slot)s
+  FROM bemi.checkpoint WHERE source = %(source)s AND slot_name = %(slot)s
 
 -- name: save_checkpoint
-INSERT INTO bemi.checkpoint ("database", slot_name, commit_position, end_position, changes_written, updated_at)
-VALUES (%(database)s, %(slot)s, %(commit_position)s, %(end_position)s, %(written)s, pg_catalog.now())
-ON CONFLICT ("database", slot_name) DO UPDATE
+INSERT INTO bemi.checkpoint (source, "database", slot_name, commit_position, end_position, changes_written, updated_at)
+VALUES (%(source)s, %(database)s, %(slot)s, %(commit_position)s, %(end_position)s, %(written)s, pg_catalog.now())
+ON CONFLICT (source, slot_name) DO UPDATE
    SET commit_position = excluded.commit_position,
        end_position = excluded.end_position,
        changes_written = bemi.checkpoint.changes_written + excluded.changes_written,
@@ -80,6 +89,15 @@ ON CONFLICT ("database", slot_name) DO UPDATE
 
 -- name: installed_version
 SELECT version, settings FROM bemi.installation
+
+-- name: installation
+SELECT pg_catalog.to_jsonb(i) FROM bemi.installation AS i
+
+-- name: source_identity
+SELECT s.system_identifier::text || '/' || pg_catalog.current_database() FROM pg_catalog.pg_control_system() AS s
+
+-- name: adopt_source
+SELECT bemi.adopt_source(%(source)s, %(database)s)
 
 -- name: tracked_tables
 SELECT n.nspname, c.relname
