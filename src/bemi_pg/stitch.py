@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from pglast.parser import scan
@@ -112,18 +112,73 @@ COLUMNS = (
 )
 
 
+# What jsonb refuses in a string: U+0000 and a surrogate not in a pair (Python decodes a pair).
+_NOT_IN_JSONB = re.compile("[\x00\ud800-\udfff]")
+# A number as JSON writes it: sign, integer digits, fraction digits, exponent.
+_NUMBER = re.compile(r"-?(\d+)(?:\.(\d+))?(?:[eE]([-+]?\d+))?")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _jsonb_number(text: str) -> msgspec.Raw:
+    """A JSON number kept as written (msgspec writes it back unchanged), if jsonb's numeric takes
+    it: at most 16383 digits after the point (the number's scale, zeros included) and, unless it
+    is zero, at most 131072 before."""
+    match = _NUMBER.fullmatch(text)
+    if match is None:  # pragma: no cover - json only calls this for numbers
+        raise ValueError(text)
+    whole, fraction = match.group(1), match.group(2) or ""
+    exponent = int(match.group(3) or 0)
+    digits = whole + fraction
+    significant = digits.lstrip("0")
+    if max(len(fraction) - exponent, 0) > 16383 or (
+            significant and len(whole) + exponent - (len(digits) - len(significant)) > 131072):
+        raise ValueError(f"{text[:20]} is beyond jsonb's numbers")
+    return msgspec.Raw(text.encode())
+
+
+def _loads_jsonb(text: str) -> Any:
+    """``text`` parsed as JSON, or ValueError where PostgreSQL's jsonb would refuse it: NaN and
+    ±Infinity, ``\\u0000``, a lone surrogate, a number beyond numeric's range, or nesting deeper
+    than Python's parser goes. Numbers come back as msgspec.Raw, their text unchanged."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_jsonb_number, parse_int=_jsonb_number)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            for key, member in item.items():
+                if _NOT_IN_JSONB.search(key):
+                    raise ValueError("a string jsonb refuses")
+                pending.append(member)
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str) and _NOT_IN_JSONB.search(item):
+            raise ValueError("a string jsonb refuses")
+    return value
+
+
 def _parse_object(source: str, text: str, max_bytes: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Return (context object, error marker) for one source's raw text."""
+    """Return (context object, error marker) for one source's raw text. What jsonb would refuse
+    (see _loads_jsonb) is not valid JSON here, as trigger mode's ``raw::jsonb`` says."""
     size = len(text.encode())
     if size > max_bytes:
         return None, {"source": source, "error": f"context over {max_bytes} bytes", "bytes": size}
     try:
-        value = json.loads(text)
+        value = _loads_jsonb(text)
     except ValueError:
         return None, {"source": source, "error": "context is not valid JSON", "value": text[:200]}
     if isinstance(value, dict):
         return value, None
-    return None, {"source": source, "error": f"context is a JSON {type(value).__name__}, not an object"}
+    if isinstance(value, msgspec.Raw):  # a number: named as Python's json would type it
+        kind = "float" if re.search(rb"[.eE]", bytes(value)) else "int"
+    else:
+        kind = type(value).__name__
+    return None, {"source": source, "error": f"context is a JSON {kind}, not an object"}
 
 
 _PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
@@ -164,7 +219,11 @@ def _comment_text(raw: str) -> str:
     """Undo bemi-django's quoting (it URL-quotes the JSON and doubles every %)."""
     text = raw.strip()
     if "%" in text and _PERCENT_ESCAPE.search(text.replace("%%", "%")) and _DJANGO_SAFE.fullmatch(text):
-        return unquote(text.replace("%%", "%"))
+        try:  # as PostgreSQL's convert_from: not UTF-8, or a NUL byte, and it stays as written
+            decoded = unquote_to_bytes(text.replace("%%", "%")).decode()
+        except UnicodeDecodeError:
+            return text
+        return text if "\x00" in decoded else decoded
     return text
 
 
@@ -235,7 +294,10 @@ def context_json(message: str, max_bytes: int = 1_048_576, database_keys: str = 
         merged = {**{k: v for k, v in known.items() if v not in (None, "")}, **merged}
     if errors:
         merged["_bemi_error"] = errors
-    return json.dumps(merged, ensure_ascii=False)
+    return _context_text(merged).decode()
+
+
+_context_text = msgspec.json.Encoder().encode  # writes the msgspec.Raw numbers as they came
 
 
 # name -> the value's JSON text as to_jsonb gives it (often wal2json's own, unparsed)
