@@ -846,6 +846,9 @@ CREATE TABLE IF NOT EXISTS bemi.checkpoint (
 ALTER TABLE bemi.checkpoint ADD COLUMN IF NOT EXISTS source text;
 ALTER TABLE bemi.checkpoint DROP CONSTRAINT IF EXISTS checkpoint_pkey;
 CREATE UNIQUE INDEX IF NOT EXISTS checkpoint_source_slot_name_key ON bemi.checkpoint (source, slot_name);
+-- Why the destination last refused this source's batch (the transaction and position it names),
+-- for `bemi-pg status`; cleared by the next batch written.
+ALTER TABLE bemi.checkpoint ADD COLUMN IF NOT EXISTS refused text;
 
 -- Files the rows an earlier version wrote without a source (keyed by database name) under the
 -- source now installing, then makes changes.source NOT NULL once no row lacks one. Called by

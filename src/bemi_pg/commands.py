@@ -391,8 +391,10 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         schema, table = settings.destination
         try:
             row = dst.execute(query("checkpoint"), {"source": source, "slot": slot}).fetchone()
-            result["last_commit_position"] = row[0] if row else None
-            result["last_written_at"] = row[3].isoformat() if row else None
+            written = row if row is not None and row[0] >= 0 else None  # -1: a refusal saved before any batch
+            result["last_commit_position"] = written[0] if written else None
+            result["last_written_at"] = written[3].isoformat() if written else None
+            result["refused_batch"] = row[4] if row else None
             result["change_count"] = dst.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
             ).fetchone()[0]  # type: ignore[index]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BemiError", "ConfigError", "ConnectionError", "PreflightError", "SlotBusy", "SlotLost"]
+__all__ = ["BemiError", "ConfigError", "ConnectionError", "PreflightError", "SlotBusy", "SlotLost", "BatchRefused"]
 
 
 class BemiError(Exception):
@@ -29,6 +29,11 @@ class SlotBusy(BemiError):
     """Another poller holds the slot; nothing was touched."""
 
     exit_code = 75  # EX_TEMPFAIL: an overlapping cron run, try again later
+
+
+class BatchRefused(BemiError):
+    """The destination refused a batch for a reason the poller cannot fix (a constraint or
+    trigger the user added, a full disk): nothing of it was written and the slot stays before it."""
 
 
 class SlotLost(BemiError):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from psycopg.adapt import Buffer, Loader
 
 from .config import Settings
 from .db import connect, fetch_dict, installation, installed_capture_mode, installed_source, pending_capture_switch, source_identity
-from .errors import BemiError, SlotBusy, SlotLost
+from .errors import BatchRefused, BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
@@ -127,6 +129,10 @@ class _Writer:
         self.inserted = 0  # rows the changes table gained
         self._copy: psycopg.Copy | None = None
         self._open_copy = ExitStack()  # holds the COPY while it is open
+        # Where each transaction's rows start among the open COPY's lines, to name the one a
+        # refused line belongs to: (0-based line, transaction id, commit position).
+        self._copy_rows = 0
+        self._starts: list[tuple[int, int, int]] = []
         self._cursor = conn.cursor()
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS)
         self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
@@ -147,8 +153,28 @@ class _Writer:
 
     def __exit__(self, *exc: Any) -> None:
         self._copy = None
-        self._open_copy.__exit__(*exc)  # an error mid-batch ends the COPY with it (the server rolls back)
-        self._cursor.close()
+        try:
+            self._open_copy.__exit__(*exc)  # an error mid-batch ends the COPY with it (the server rolls back)
+        finally:
+            self._cursor.close()
+        error = exc[1]
+        if isinstance(error, psycopg.Error) and not isinstance(
+                error, (psycopg.errors.UniqueViolation, psycopg.OperationalError, psycopg.InterfaceError)):
+            raise BatchRefused(self._refusal(error)) from error
+
+    def _refusal(self, error: psycopg.Error) -> str:
+        """The refusal in one line, naming the transaction of the refused line when COPY says which."""
+        reason = " ".join(str(error).split())
+        line = re.search(r"\bCOPY \S+, line (\d+)", error.diag.context or "")
+        index = int(line.group(1)) - 1 if line else -1
+        at = bisect_right(self._starts, (index, float("inf"))) - 1
+        if line is None or at < 0:
+            where = "a batch"
+        else:
+            _, xid, commit_position = self._starts[at]
+            where = f"the batch holding transaction {xid} (commit position {format_lsn(commit_position)})"
+        return (f"the destination refused {where}: {reason}; nothing of the batch was written and the slot "
+                "stays before it: fix the destination and poll again (README: \"When the destination refuses a batch\")")
 
     def add(self, row: ChangeRow, tail: bytes) -> None:
         """Queue a row; ``tail``: its transaction's shared fields (TransactionState.copy_tail)."""
@@ -158,6 +184,9 @@ class _Writer:
                 self._end_copy()
                 self.conn.execute("SELECT bemi.ensure_changes_partition(%s::date)", (month + "-01",))
                 self.months.add(month)
+        if not self._starts or self._starts[-1][1] != row.transaction_id:
+            self._starts.append((self._copy_rows, row.transaction_id, row.commit_position))
+        self._copy_rows += 1
         line = row.copy_line(tail)
         self.lines.append(line)
         self.bytes += len(line)
@@ -178,9 +207,11 @@ class _Writer:
         self._send()
         if self._copy is not None:
             self._copy = None
-            self._open_copy.close()
+            self._open_copy.close()  # where the server's refusal of a line surfaces
             if not self.dedupe:
                 self.inserted += max(self._cursor.rowcount, 0)
+        self._copy_rows = 0
+        self._starts.clear()
 
     def finish(self) -> int:
         """Write what is left; return how many rows the changes table gained."""
@@ -418,13 +449,19 @@ class Poller:
         small peeks is decoded again and again. So a read spans many batches, and the slot is
         advanced once per read; a restart in between skips the committed batches by the checkpoint."""
         try:
-            return self._read(upto_lsn)
-        except psycopg.errors.UniqueViolation:
-            if self._dedupe:
-                raise
-            log.info("bemi-pg: the destination already holds some changes of this batch; writing it again without those")
-            self._dedupe = True
-            return self._read(upto_lsn)
+            try:
+                return self._read(upto_lsn)
+            except psycopg.errors.UniqueViolation:
+                if self._dedupe:
+                    raise
+                log.info("bemi-pg: the destination already holds some changes of this batch; writing it again without those")
+                self._dedupe = True
+                return self._read(upto_lsn)
+        except BatchRefused as exc:
+            with self.destination.transaction():  # for `status`, once the batch is rolled back
+                self.destination.execute(query("save_refusal"), {
+                    "source": self.source_id, "database": self.database, "slot": self.slot, "refused": str(exc)})
+            raise
 
     def _read(self, upto_lsn: str | None) -> PollStats:
         total = PollStats()

@@ -75,7 +75,7 @@ SELECT a.attname::text
  ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)
 
 -- name: checkpoint
-SELECT commit_position, end_position, changes_written, updated_at
+SELECT commit_position, end_position, changes_written, updated_at, refused
   FROM bemi.checkpoint WHERE source = %(source)s AND slot_name = %(slot)s
 
 -- name: save_checkpoint
@@ -85,7 +85,14 @@ ON CONFLICT (source, slot_name) DO UPDATE
    SET commit_position = excluded.commit_position,
        end_position = excluded.end_position,
        changes_written = bemi.checkpoint.changes_written + excluded.changes_written,
-       updated_at = excluded.updated_at
+       updated_at = excluded.updated_at,
+       refused = NULL
+
+-- name: save_refusal
+-- A source refused before any batch was written gets a row that skips nothing (positions -1).
+INSERT INTO bemi.checkpoint (source, "database", slot_name, commit_position, end_position, refused)
+VALUES (%(source)s, %(database)s, %(slot)s, -1, -1, %(refused)s)
+ON CONFLICT (source, slot_name) DO UPDATE SET refused = excluded.refused
 
 -- name: installed_version
 SELECT version, settings FROM bemi.installation
