@@ -14,6 +14,7 @@
 --   exclude_columns = []
 --   max_context_bytes = 1048576
 --   database_keys = no_context
+--   sqlcommenter = True
 
 -- Part 1: capture, in the tracked (source) database.
 
@@ -78,7 +79,8 @@ $fn$;
 
 -- Wal mode. Statement-level BEFORE trigger: emits what the statement's context is made of into
 -- the WAL, ahead of its rows:
---   [session context, transaction context, the query (when it carries a /*Bemi ... Bemi*/ comment),
+--   [session context, transaction context, the query (when it carries a /*Bemi ... Bemi*/ comment,
+--    or any comment when sqlcommenter tags count),
 --    PostgREST's request settings, what the database knows of the session, query truncated?]
 -- It emits at the first tracked statement of a transaction, then again only when a statement's
 -- comment differs from the last message's, or after bemi.set_context or bemi_set_context (they
@@ -98,13 +100,13 @@ BEGIN
   -- this transaction's last message was emitted for. The setting reads '' or NULL until the
   -- transaction's first message, and '' after a set_context. Assignments rather than PERFORM:
   -- PL/pgSQL evaluates them without starting the executor.
-  comment_part := CASE WHEN pg_catalog.strpos(pg_catalog.current_query(), '/*Bemi') > 0
+  comment_part := CASE WHEN pg_catalog.strpos(pg_catalog.current_query(), '*/') > 0
                        THEN pg_catalog.current_query() ELSE E'\x1f' END;
   IF comment_part = pg_catalog.current_setting('bemi.emitted_for', true) THEN
     RETURN NULL;
   END IF;
   query := pg_catalog.current_query();
-  IF pg_catalog.strpos(query, '/*Bemi') > 0 THEN
+  IF pg_catalog.strpos(query, '*/') > 0 THEN
     comment_query := pg_catalog.right(query, 4194304);
   END IF;
   IF pg_catalog.current_setting('request.method', true) <> '' THEN
@@ -163,39 +165,77 @@ BEGIN
 END
 $fn$;
 
--- The text inside the /*Bemi ... Bemi*/ comment that ends the query (trailing semicolons aside),
--- or NULL. The query is split into tokens (strings, E'' strings, quoted names, comments, the
--- rest), so a comment inside a string literal or after a line comment never counts. When only
--- the query's tail was kept (truncated), the last /*Bemi that the tail ends with is taken.
-CREATE OR REPLACE FUNCTION bemi.final_comment(query text, truncated boolean) RETURNS text
+-- The /* ... */ comments after the query's last token, in order (semicolons between and after
+-- them aside): where a statement's Bemi and sqlcommenter comments are, in either order. The
+-- query is split into tokens (strings, E'' strings, quoted names, comments, the rest), so a
+-- comment inside a string literal, before the last token or after a line comment never counts.
+-- When only the query's tail was kept (truncated), comments are taken from its end: /*Bemi
+-- back to Bemi*/, or /* back to */ (bemi_pg.stitch.trailing_comments).
+CREATE OR REPLACE FUNCTION bemi.trailing_comments(query text, truncated boolean) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT
 AS $fn$
 DECLARE
+  comments text[] := '{}';
   token text;
-  tail text;
+  tail text := query;
+  marker text;
   reversed_at integer;
   start integer;
 BEGIN
   IF NOT truncated THEN
-    SELECT r.t[1] INTO token
-      FROM pg_catalog.regexp_matches(query,
-             $re$([eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*(?:[^*]|\*+[^*/])*\*+/|\s+|;|(?:[^'"/\-\s;eE]|[eE](?!'))+|.)$re$,
-             'g') WITH ORDINALITY AS r(t, n)
-     WHERE r.t[1] !~ '^(\s+|;)$'
-     ORDER BY r.n DESC
-     LIMIT 1;
-    IF token LIKE '/*Bemi%' AND token LIKE '%Bemi*/' THEN
-      RETURN pg_catalog.substr(token, 7, greatest(pg_catalog.length(token) - 12, 0));
-    END IF;
-    RETURN NULL;
+    FOR token IN
+      SELECT r.t[1]
+        FROM pg_catalog.regexp_matches(query,
+               $re$([eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*(?:[^*]|\*+[^*/])*\*+/|\s+|;|(?:[^'"/\-\s;eE]|[eE](?!'))+|.)$re$,
+               'g') WITH ORDINALITY AS r(t, n)
+       ORDER BY r.n DESC
+    LOOP
+      CONTINUE WHEN token ~ '^(\s+|;)$';
+      EXIT WHEN token NOT LIKE '/*%';
+      comments := token || comments;
+    END LOOP;
+    RETURN comments;
   END IF;
-  tail := pg_catalog.rtrim(pg_catalog.rtrim(pg_catalog.rtrim(query, E' \t\n\r\f\v'), ';'), E' \t\n\r\f\v');
-  reversed_at := pg_catalog.strpos(pg_catalog.reverse(tail), 'imeB*/');
-  IF reversed_at = 0 OR tail NOT LIKE '%Bemi*/' THEN
-    RETURN NULL;
+  LOOP
+    tail := pg_catalog.rtrim(tail, E' \t\n\r\f\v;');
+    EXIT WHEN tail NOT LIKE '%*/';
+    marker := CASE WHEN tail LIKE '%Bemi*/' THEN '/*Bemi' ELSE '/*' END;
+    reversed_at := pg_catalog.strpos(pg_catalog.reverse(tail), pg_catalog.reverse(marker));
+    EXIT WHEN reversed_at = 0;
+    start := pg_catalog.length(tail) - reversed_at - pg_catalog.length(marker) + 2;
+    comments := pg_catalog.substr(tail, start) || comments;
+    tail := pg_catalog.left(tail, start - 1);
+  END LOOP;
+  RETURN comments;
+END
+$fn$;
+
+-- The text inside the last /*Bemi ... Bemi*/ comment among the query's trailing comments, or NULL.
+CREATE OR REPLACE FUNCTION bemi.final_comment(query text, truncated boolean) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT
+AS $fn$
+  SELECT pg_catalog.substr(c.comment, 7, greatest(pg_catalog.length(c.comment) - 12, 0))
+    FROM pg_catalog.unnest(bemi.trailing_comments(query, truncated)) WITH ORDINALITY AS c(comment, n)
+   WHERE c.comment LIKE '/*Bemi%' AND c.comment LIKE '%Bemi*/'
+   ORDER BY c.n DESC
+   LIMIT 1
+$fn$;
+
+-- %XX sequences decoded as UTF-8, or NULL when the result is not UTF-8 or holds a NUL.
+CREATE OR REPLACE FUNCTION bemi.url_decode(raw text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT
+AS $fn$
+BEGIN
+  IF pg_catalog.strpos(raw, '%') = 0 THEN
+    RETURN raw;
   END IF;
-  start := pg_catalog.length(tail) - reversed_at - 4;
-  RETURN pg_catalog.substr(tail, start + 6, greatest(pg_catalog.length(tail) - start - 11, 0));
+  RETURN (SELECT coalesce(pg_catalog.convert_from(pg_catalog.string_agg(
+                   CASE WHEN r.m[1] IS NULL THEN pg_catalog.convert_to(r.m[2], 'UTF8')
+                        ELSE pg_catalog.decode(pg_catalog.substr(r.m[1], 2), 'hex') END,
+                   ''::bytea ORDER BY r.n), 'UTF8'), '')
+            FROM pg_catalog.regexp_matches(raw, '(%[0-9A-Fa-f]{2})|([^%]+|%)', 'g') WITH ORDINALITY AS r(m, n));
+EXCEPTION WHEN OTHERS THEN
+  RETURN NULL;
 END
 $fn$;
 
@@ -209,17 +249,67 @@ DECLARE
 BEGIN
   IF pg_catalog.strpos(stripped, '%') > 0 AND unquoted ~ '%[0-9A-Fa-f]{2}'
      AND stripped ~ $re$^[]A-Za-z0-9_.~{},:"'\\/=()%[ -]*$$re$ THEN
-    BEGIN
-      RETURN (SELECT pg_catalog.convert_from(pg_catalog.string_agg(
-                       CASE WHEN r.m[1] IS NULL THEN pg_catalog.convert_to(r.m[2], 'UTF8')
-                            ELSE pg_catalog.decode(pg_catalog.substr(r.m[1], 2), 'hex') END,
-                       ''::bytea ORDER BY r.n), 'UTF8')
-                FROM pg_catalog.regexp_matches(unquoted, '(%[0-9A-Fa-f]{2})|([^%]+|%)', 'g') WITH ORDINALITY AS r(m, n));
-    EXCEPTION WHEN OTHERS THEN
-      RETURN stripped;  -- not UTF-8 once decoded: kept as written
-    END;
+    RETURN coalesce(bemi.url_decode(unquoted), stripped);  -- not UTF-8, or a NUL: kept as written
   END IF;
   RETURN stripped;
+END
+$fn$;
+
+-- The keys of the sqlcommenter comments among a statement's trailing comments (Bemi's aside),
+-- URL-decoded; a W3C traceparent also gives trace_id and span_id. A comment not in the format
+-- is someone else's and is ignored; what is wrong inside one goes to errors
+-- (bemi_pg.stitch.sqlcommenter; the patterns are the poller's).
+CREATE OR REPLACE FUNCTION bemi.sqlcommenter(comments text[], OUT value jsonb, OUT errors jsonb)
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+DECLARE
+  comment text;
+  body text;
+  pair text[];
+  raw_value text;
+  key text;
+  decoded text;
+  trace text[];
+BEGIN
+  value := '{}';
+  errors := '[]';
+  FOREACH comment IN ARRAY comments LOOP
+    body := pg_catalog.substr(comment, 3, pg_catalog.length(comment) - 4);
+    CONTINUE WHEN (comment LIKE '/*Bemi%' AND comment LIKE '%Bemi*/') OR body !~  E'^[ \\t\\n\\r\\f\\v]*[A-Za-z0-9_.~%-]+(?:[ \\t\\n\\r\\f\\v]*=[ \\t\\n\\r\\f\\v]*|:)(?:''(?:[^''\\\\]|\\\\.)*''|[^,'' \\t\\n\\r\\f\\v][^,'']*|)(?:[ \\t\\n\\r\\f\\v]*,[ \\t\\n\\r\\f\\v]*[A-Za-z0-9_.~%-]+(?:[ \\t\\n\\r\\f\\v]*=[ \\t\\n\\r\\f\\v]*|:)(?:''(?:[^''\\\\]|\\\\.)*''|[^,'' \\t\\n\\r\\f\\v][^,'']*|))*[ \\t\\n\\r\\f\\v]*$';
+    IF pg_catalog.octet_length(body) > 1048576 THEN
+      errors := errors || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+        'source', 'sqlcommenter', 'error', 'context over 1048576 bytes', 'bytes', pg_catalog.octet_length(body)));
+      CONTINUE;
+    END IF;
+    FOR pair IN SELECT r.m FROM pg_catalog.regexp_matches(body,  E'([A-Za-z0-9_.~%-]+)([ \\t\\n\\r\\f\\v]*=[ \\t\\n\\r\\f\\v]*|:)(''(?:[^''\\\\]|\\\\.)*''|[^,'' \\t\\n\\r\\f\\v][^,'']*|)', 'g') AS r(m) LOOP
+      raw_value := pair[3];
+      IF pg_catalog.length(raw_value) >= 2 AND raw_value LIKE '''%''' THEN
+        raw_value := pg_catalog.regexp_replace(pg_catalog.substr(raw_value, 2, pg_catalog.length(raw_value) - 2),
+                                               '\\(.)', '\1', 'g');
+      ELSE
+        raw_value := pg_catalog.rtrim(raw_value, E' \t\n\r\f\v');
+      END IF;
+      key := bemi.url_decode(pair[1]);
+      decoded := bemi.url_decode(raw_value);
+      IF key IS NULL OR decoded IS NULL THEN
+        errors := errors || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+          'source', 'sqlcommenter', 'error', 'not UTF-8 once URL-decoded',
+          'value', pg_catalog.left(pair[1] || pair[2] || pair[3], 200)));
+        CONTINUE;
+      END IF;
+      value := value || pg_catalog.jsonb_build_object(key, decoded);
+      IF key = 'traceparent' THEN
+        trace := pg_catalog.regexp_match(decoded, '^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$');
+        IF trace IS NULL THEN
+          errors := errors || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+            'source', 'sqlcommenter', 'error', 'traceparent is not 00-<32 hex>-<16 hex>-<2 hex>',
+            'value', pg_catalog.left(decoded, 200)));
+        ELSE
+          value := value || pg_catalog.jsonb_build_object('trace_id', trace[1], 'span_id', trace[2]);
+        END IF;
+      END IF;
+    END LOOP;
+  END LOOP;
 END
 $fn$;
 
@@ -237,7 +327,17 @@ DECLARE
   source record;
   value jsonb;
   error jsonb;
+  comments text[];
+  tags jsonb;
 BEGIN
+  IF comment_query IS NOT NULL THEN  -- sqlcommenter tags: the weakest source
+    SELECT t.value, t.errors INTO tags, errors
+      FROM bemi.sqlcommenter(bemi.trailing_comments(comment_query, coalesce(query_truncated, false))) AS t;
+    merged := tags;
+    IF tags <> '{}' THEN
+      used := used || 'derived'::text;
+    END IF;
+  END IF;
   IF pg_catalog.json_typeof(request) = 'array' THEN
     IF coalesce(request ->> 0, '') <> '' THEN
       merged := merged || pg_catalog.jsonb_build_object('method', request ->> 0);
@@ -267,11 +367,15 @@ BEGIN
       END IF;
     END IF;
     IF merged <> '{}' THEN
-      used := used || 'request'::text;
+      used := used || 'derived'::text;
     END IF;
   END IF;
   IF comment_query IS NOT NULL THEN
-    comment := bemi.comment_text(bemi.final_comment(comment_query, coalesce(query_truncated, false)));
+    comments := bemi.trailing_comments(comment_query, coalesce(query_truncated, false));
+    comment := bemi.comment_text((SELECT pg_catalog.substr(c.comment, 7, greatest(pg_catalog.length(c.comment) - 12, 0))
+                                    FROM pg_catalog.unnest(comments) WITH ORDINALITY AS c(comment, n)
+                                   WHERE c.comment LIKE '/*Bemi%' AND c.comment LIKE '%Bemi*/'
+                                   ORDER BY c.n DESC LIMIT 1));
   END IF;
   FOR source IN
     SELECT s.name, pg_catalog.btrim(s.raw, E' \t\n\r\f\v') AS raw
@@ -289,7 +393,7 @@ BEGIN
       errors := errors || pg_catalog.jsonb_build_array(error);
     END IF;
   END LOOP;
-  IF pg_catalog.cardinality(used) = 1 AND errors = '[]' AND used[1] <> 'request' AND true THEN
+  IF pg_catalog.cardinality(used) = 1 AND errors = '[]' AND used[1] <> 'derived' AND true THEN
     RETURN merged;  -- one source, as the application wrote it
   END IF;
   IF pg_catalog.json_typeof(database_keys) = 'array'
@@ -323,7 +427,7 @@ BEGIN
     || E'\x1e' || coalesce(pg_catalog.current_setting('bemi.session_context', true), E'\x1f')
     || E'\x1e' || coalesce(pg_catalog.current_setting('bemi.context', true), E'\x1f')
     || E'\x1e' || coalesce(pg_catalog.current_setting('request.method', true), E'\x1f')
-    || E'\x1e' || CASE WHEN pg_catalog.strpos(pg_catalog.current_query(), '/*Bemi') > 0
+    || E'\x1e' || CASE WHEN pg_catalog.strpos(pg_catalog.current_query(), '*/') > 0
                         THEN pg_catalog.current_query() ELSE E'\x1f' END
     || E'\x1e' || coalesce(pg_catalog.current_setting('request.path', true), E'\x1f')
     || E'\x1e' || coalesce(pg_catalog.current_setting('request.jwt.claims', true), E'\x1f')
@@ -333,7 +437,7 @@ BEGIN
     RETURN pg_catalog.current_setting('bemi.context_value', true)::jsonb;
   END IF;
   query := pg_catalog.current_query();
-  IF pg_catalog.strpos(query, '/*Bemi') > 0 THEN
+  IF pg_catalog.strpos(query, '*/') > 0 THEN
     comment_query := pg_catalog.right(query, 4194304);
   END IF;
   IF pg_catalog.current_setting('request.method', true) <> '' THEN
@@ -745,7 +849,7 @@ $do$;
 
 -- The settings, capture mode included, then every table tracked with them.
 INSERT INTO bemi.installation (version, settings, source)
-VALUES ('0.4.0', '{"capture_mode": "triggers", "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_name": null}'::jsonb, bemi.source_identity())
+VALUES ('0.4.0', '{"capture_mode": "triggers", "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_name": null, "sqlcommenter": true}'::jsonb, bemi.source_identity())
 -- CREATE EXTENSION starts in trigger mode, which needs no slot; ALTER EXTENSION UPDATE keeps the
 -- mode (wal in 0.1.0, which had no other), and `bemi-pg install --capture-mode` switches it.
 ON CONFLICT (singleton) DO UPDATE
@@ -770,6 +874,7 @@ CALL bemi.track_tables();
 --   exclude_columns = []
 --   max_context_bytes = 1048576
 --   database_keys = no_context
+--   sqlcommenter = True
 
 -- Part 2: the audit trail, in the destination database.
 

@@ -69,6 +69,7 @@ class Settings:
     heartbeat_interval: float = 30.0
     max_context_bytes: int = 1_048_576
     database_keys: str = "no_context"  # session_user, application_name, client_addr: no_context, always, never
+    sqlcommenter: bool = True  # the statement's sqlcommenter tags feed the context (the weakest source)
     source_file: str | None = field(default=None, compare=False)
     explicit: frozenset[str] = field(default=frozenset(), compare=False)  # the fields a file, flag or caller set
 
@@ -133,7 +134,8 @@ def _toml(value: Any) -> str:
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "source": {"schemas": list, "exclude_tables": list},
-    "capture": {"mode": str, "replica_identity_full": bool, "max_context_bytes": int, "database_keys": str},
+    "capture": {"mode": str, "replica_identity_full": bool, "max_context_bytes": int, "database_keys": str,
+                "sqlcommenter": bool},
     "slot": {"name": str},
     "destination": {"table": str, "row_gin_indexes": bool, "partition_by_month": bool},
     "columns": {"ignore": list, "exclude": list},
@@ -185,7 +187,7 @@ _MAPPING = {
     "source.schemas": "schemas", "source.exclude_tables": "exclude_tables",
     "capture.mode": "capture_mode", "capture.replica_identity_full": "replica_identity_full",
     "capture.max_context_bytes": "max_context_bytes",
-    "capture.database_keys": "database_keys",
+    "capture.database_keys": "database_keys", "capture.sqlcommenter": "sqlcommenter",
     "slot.name": "slot_name", "destination.table": "destination_table",
     "destination.row_gin_indexes": "row_gin_indexes", "destination.partition_by_month": "partition_by_month",
     "columns.ignore": "ignore_columns", "columns.exclude": "exclude_columns",

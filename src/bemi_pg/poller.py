@@ -529,7 +529,8 @@ class Poller:
                         stats.skipped += 1
                     else:
                         state = TransactionState(self.source_id, self.database, self.types, event, self.settings.max_context_bytes,
-                                                 self._key_order, self.settings.database_keys, self.column_rules)
+                                                 self._key_order, self.settings.database_keys, self.column_rules,
+                                                 self.settings.sqlcommenter)
                 elif isinstance(event, Commit):
                     if state is not None:
                         stats.transactions += state.seq > 0

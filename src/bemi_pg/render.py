@@ -19,6 +19,7 @@ from psycopg import sql
 from . import __version__
 from .config import Settings
 from .errors import BemiError
+from .stitch import SQLC_BODY, SQLC_PAIR
 
 __all__ = ["Rendered", "quote_ident", "quote_literal", "render_extension", "render_install", "render_roles",
            "render_uninstall", "check_sql"]
@@ -132,6 +133,12 @@ def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_ch
         "max_context_bytes": settings.max_context_bytes,
         "max_query_bytes": 4 * settings.max_context_bytes,
         "database_keys": settings.database_keys,
+        "sqlcommenter": settings.sqlcommenter,
+        # What makes the statement's text part of its context: any comment when sqlcommenter tags
+        # count (a Bemi comment ends with one too), else a Bemi comment.
+        "comment_marker": "*/" if settings.sqlcommenter else "/*Bemi",
+        "sqlcommenter_body": SQLC_BODY,  # the poller's patterns, so that both modes read tags alike
+        "sqlcommenter_pair": SQLC_PAIR,
         "changes_schema": dest_schema,
         "changes_name": dest_name,
         "changes_table": quote_ident(dest_schema, dest_name),

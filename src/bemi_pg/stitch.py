@@ -185,45 +185,119 @@ _PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _DJANGO_SAFE = re.compile(r"""[A-Za-z0-9_.~{},\[\]:"'\\/=()% -]*""")
 
 
-def final_comment(query: str, truncated: bool = False) -> str | None:
-    """The text inside the ``/*Bemi … Bemi*/`` comment that ends ``query``, if it has one.
+_SPACE = " \t\n\r\f\v"
 
-    Only a comment that ends the query counts (trailing semicolons aside): a string literal
-    or an earlier comment holding ``/*Bemi … Bemi*/`` never does. The query is lexed with
-    PostgreSQL's own scanner (pglast), so quotes, dollar quotes and nested comments are exact.
-    """
+
+def trailing_comments(query: str, truncated: bool = False) -> list[str]:
+    """The ``/* … */`` comments after the query's last token, in order (semicolons between and
+    after them aside): where a statement's Bemi and sqlcommenter comments are, in either order.
+
+    The query is lexed with PostgreSQL's own scanner (pglast), so a comment inside a string
+    literal, or one before the last token, never counts. When only the tail of a very long query
+    was sent (``truncated``), comments are taken from its end: ``/*Bemi`` back to ``Bemi*/``, or
+    ``/*`` back to ``*/``."""
+    comments: list[str] = []
     if not truncated:
         try:
             tokens = scan(query)
         except Exception:  # noqa: BLE001 - not lexable: fall back to the plain reading below
             tokens = None
         if tokens is not None:
-            while tokens and tokens[-1].name == "ASCII_59":  # ';'
-                tokens.pop()
-            if not tokens or tokens[-1].name != "C_COMMENT":
-                return None
-            last = tokens[-1]
-            comment = query[last.start : last.end + 1]  # pglast gives character offsets
-            if comment.startswith("/*Bemi") and comment.endswith("Bemi*/"):
-                return comment[6:-6]
-            return None
-    # Only the tail of a very long query was sent: take the last comment that closes it.
-    tail = query.rstrip().rstrip(";").rstrip()
-    start = tail.rfind("/*Bemi")
-    if start < 0 or not tail.endswith("Bemi*/"):
+            for token in reversed(tokens):
+                if token.name == "ASCII_59":  # ';'
+                    continue
+                if token.name != "C_COMMENT":
+                    break
+                comments.insert(0, query[token.start : token.end + 1])  # pglast gives character offsets
+            return comments
+    tail = query
+    while True:
+        tail = tail.rstrip(_SPACE + ";")
+        if not tail.endswith("*/"):
+            return comments
+        start = tail.rfind("/*Bemi") if tail.endswith("Bemi*/") else tail.rfind("/*")
+        if start < 0:
+            return comments
+        comments.insert(0, tail[start:])
+        tail = tail[:start]
+
+
+def _is_bemi(comment: str) -> bool:
+    return comment.startswith("/*Bemi") and comment.endswith("Bemi*/")
+
+
+def final_comment(query: str, truncated: bool = False) -> str | None:
+    """The text inside the last ``/*Bemi … Bemi*/`` comment of :func:`trailing_comments`, if any."""
+    return _last_bemi(trailing_comments(query, truncated))
+
+
+def _last_bemi(comments: list[str]) -> str | None:
+    bemi = [c for c in comments if _is_bemi(c)]
+    return bemi[-1][6:-6] if bemi else None
+
+
+def _url_decode(text: str) -> str | None:
+    """``%XX`` sequences decoded as UTF-8, as bemi.url_decode does; None when the result is not
+    UTF-8 or holds a NUL (PostgreSQL's convert_from refuses both)."""
+    try:
+        decoded = unquote_to_bytes(text).decode()
+    except UnicodeDecodeError:
         return None
-    return tail[start + 6 : -6]
+    return None if "\x00" in decoded else decoded
+
+
+# sqlcommenter (key='value', URL-encoded, \' escapes), also unquoted values and the older
+# marginalia style (key:value, no space after the colon). bemi.sqlcommenter uses the same patterns.
+_SQLC_KEY = r"[A-Za-z0-9_.~%-]+"
+_SQLC_VALUE = r"'(?:[^'\\]|\\.)*'|[^,' \t\n\r\f\v][^,']*|"
+SQLC_PAIR = rf"({_SQLC_KEY})([ \t\n\r\f\v]*=[ \t\n\r\f\v]*|:)({_SQLC_VALUE})"
+_SQLC_PAIR_NC = rf"{_SQLC_KEY}(?:[ \t\n\r\f\v]*=[ \t\n\r\f\v]*|:)(?:{_SQLC_VALUE})"
+SQLC_BODY = rf"^[ \t\n\r\f\v]*{_SQLC_PAIR_NC}(?:[ \t\n\r\f\v]*,[ \t\n\r\f\v]*{_SQLC_PAIR_NC})*[ \t\n\r\f\v]*$"
+_SQLC_BODY_RE = re.compile(SQLC_BODY, re.DOTALL)
+_SQLC_PAIR_RE = re.compile(SQLC_PAIR, re.DOTALL)
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+
+
+def sqlcommenter(comments: list[str], max_bytes: int, errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The keys of the sqlcommenter comments among ``comments`` (Bemi's aside), URL-decoded;
+    a W3C ``traceparent`` also gives ``trace_id`` and ``span_id``. A comment that is not in the
+    format is someone else's and is ignored; what is wrong inside one is added to ``errors``."""
+    ctx: dict[str, Any] = {}
+    for comment in comments:
+        body = comment[2:-2]
+        if _is_bemi(comment) or not _SQLC_BODY_RE.match(body):
+            continue
+        size = len(body.encode())
+        if size > max_bytes:
+            errors.append({"source": "sqlcommenter", "error": f"context over {max_bytes} bytes", "bytes": size})
+            continue
+        for match in _SQLC_PAIR_RE.finditer(body):
+            raw_key, _, raw_value = match.groups()
+            if len(raw_value) >= 2 and raw_value[0] == "'" and raw_value[-1] == "'":
+                raw_value = re.sub(r"\\(.)", r"\1", raw_value[1:-1], flags=re.DOTALL)
+            else:
+                raw_value = raw_value.rstrip(_SPACE)
+            key, value = _url_decode(raw_key), _url_decode(raw_value)
+            if key is None or value is None:
+                errors.append({"source": "sqlcommenter", "error": "not UTF-8 once URL-decoded", "value": match.group(0)[:200]})
+                continue
+            ctx[key] = value
+            if key == "traceparent":
+                trace = _TRACEPARENT.fullmatch(value)
+                if trace is None:
+                    errors.append({"source": "sqlcommenter", "error": "traceparent is not 00-<32 hex>-<16 hex>-<2 hex>",
+                                   "value": value[:200]})
+                else:
+                    ctx["trace_id"], ctx["span_id"] = trace.groups()
+    return ctx
 
 
 def _comment_text(raw: str) -> str:
     """Undo bemi-django's quoting (it URL-quotes the JSON and doubles every %)."""
     text = raw.strip()
     if "%" in text and _PERCENT_ESCAPE.search(text.replace("%%", "%")) and _DJANGO_SAFE.fullmatch(text):
-        try:  # as PostgreSQL's convert_from: not UTF-8, or a NUL byte, and it stays as written
-            decoded = unquote_to_bytes(text.replace("%%", "%")).decode()
-        except UnicodeDecodeError:
-            return text
-        return text if "\x00" in decoded else decoded
+        decoded = _url_decode(text.replace("%%", "%"))  # not UTF-8, or a NUL: it stays as written
+        return text if decoded is None else decoded
     return text
 
 
@@ -253,12 +327,17 @@ def _request_context(request: list[Any], max_bytes: int, errors: list[dict[str, 
     return ctx
 
 
+_DERIVED = "a source whose keys bemi-pg derives (sqlcommenter, PostgREST's settings), not JSON the application wrote"
+
+
 @lru_cache(maxsize=4096)
-def context_json(message: str, max_bytes: int = 1_048_576, database_keys: str = "no_context") -> str:
+def context_json(message: str, max_bytes: int = 1_048_576, database_keys: str = "no_context",
+                 sqlcommenter_tags: bool = True) -> str:
     """The context JSON text for one ``_bemi`` message's content.
 
-    Sources merge key by key, later ones winning: PostgREST request < session
-    (``bemi_set_context``) < transaction (``bemi.set_context``) < the statement's comment.
+    Sources merge key by key, later ones winning: the statement's sqlcommenter tags (unless
+    ``sqlcommenter_tags`` is off) < PostgREST request < session (``bemi_set_context``) <
+    transaction (``bemi.set_context``) < the statement's Bemi comment.
     What the database knows of the session (session_user, application_name, client_addr)
     is added where the application said nothing (``no_context``), always, or never.
     """
@@ -274,10 +353,15 @@ def context_json(message: str, max_bytes: int = 1_048_576, database_keys: str = 
     merged: dict[str, Any] = {}
     errors: list[dict[str, Any]] = []
     sources_used: list[str] = []  # the raw text of each source that gave an object
+    comments = trailing_comments(query, bool(truncated)) if isinstance(query, str) else []
+    if sqlcommenter_tags and comments:
+        merged.update(sqlcommenter(comments, max_bytes, errors))
+        sources_used += [_DERIVED] if merged else []
     if isinstance(request, list):
-        merged.update(_request_context(request, max_bytes, errors))
-        sources_used += ["request"] if merged else []
-    comment = final_comment(query, bool(truncated)) if isinstance(query, str) else None
+        derived = _request_context(request, max_bytes, errors)
+        merged.update(derived)
+        sources_used += [_DERIVED] if derived else []
+    comment = _last_bemi(comments)
     for source, text in (("session", session), ("transaction", local),
                          ("comment", None if comment is None else _comment_text(comment))):
         if isinstance(text, str):
@@ -287,7 +371,7 @@ def context_json(message: str, max_bytes: int = 1_048_576, database_keys: str = 
                 sources_used.append(text.strip())
             if error is not None:
                 errors.append(error)
-    if len(sources_used) == 1 and not errors and sources_used[0] != "request" and database_keys != "always":
+    if len(sources_used) == 1 and not errors and sources_used[0] is not _DERIVED and database_keys != "always":
         return sources_used[0]  # exactly as the application wrote it: numbers keep every digit
     if isinstance(database, list) and (database_keys == "always" or (database_keys == "no_context" and not merged and not errors)):
         known = dict(zip(("session_user", "application_name", "client_addr"), database, strict=False))
@@ -360,12 +444,14 @@ class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
     __slots__ = ("source", "database", "types", "key_order", "xid", "commit_lsn", "committed_at", "context", "seq",
-                 "max_bytes", "database_keys", "column_rules", "_tail", "_id_base")
+                 "max_bytes", "database_keys", "sqlcommenter", "column_rules", "_tail", "_id_base")
 
     def __init__(self, source: str, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
                  key_order: Callable[[str, str, list[str]], list[str]] | None = None,
-                 database_keys: str = "no_context", column_rules: ColumnRules | None = None) -> None:
+                 database_keys: str = "no_context", column_rules: ColumnRules | None = None,
+                 sqlcommenter: bool = True) -> None:
         self.database_keys = database_keys
+        self.sqlcommenter = sqlcommenter
         self.column_rules = column_rules
         self.source = source
         self.database = database
@@ -381,7 +467,7 @@ class TransactionState:
         self._id_base = _id_base(source, self.commit_lsn)
 
     def on_message(self, content: str) -> None:
-        self.context = context_json(content, self.max_bytes, self.database_keys)
+        self.context = context_json(content, self.max_bytes, self.database_keys, self.sqlcommenter)
         self._tail = None
 
     def copy_tail(self, queued_at: str) -> bytes:
