@@ -9,29 +9,65 @@ into another's.
 - :func:`use_context` / :func:`current_context` hold the context of the request in hand,
   for the framework integrations in :mod:`bemi_pg.integrations`.
 
+When ``opentelemetry-api`` is importable and a span is recording, every helper adds the span's
+``trace_id`` and ``span_id`` (32 and 16 lowercase hex digits, as in a W3C traceparent) to the
+context, under the application's own keys; :func:`use_opentelemetry` turns that off. bemi-pg does
+not depend on OpenTelemetry.
+
 Context is what the application asserts, not authentication.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import lru_cache
 from typing import Any
 
 from .errors import BemiError
 
-__all__ = ["set_context", "transaction", "annotate", "sql_comment", "use_context", "current_context"]
+__all__ = ["set_context", "transaction", "annotate", "sql_comment", "use_context", "current_context", "with_trace",
+           "use_opentelemetry"]
 
 _SET = "SELECT bemi.set_context(%s::jsonb)"
 _current: ContextVar[Mapping[str, Any] | None] = ContextVar("bemi_pg_context", default=None)
 
 
-def _payload(context: Mapping[str, Any]) -> str:
-    if not isinstance(context, Mapping):
+_opentelemetry = {"enabled": True}
+
+
+def use_opentelemetry(enabled: bool) -> None:
+    """Whether the helpers add the current OpenTelemetry span's ids to the context (on by default)."""
+    _opentelemetry["enabled"] = bool(enabled)
+
+
+@lru_cache(maxsize=1)
+def _otel_trace() -> Any:
+    """``opentelemetry.trace``, or None when opentelemetry-api is not installed."""
+    try:
+        return importlib.import_module("opentelemetry.trace")
+    except ImportError:
+        return None
+
+
+def with_trace(context: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``context`` with the recording OpenTelemetry span's ``trace_id`` and ``span_id`` under it
+    (the context's own keys win); ``context`` alone when there is none or it is turned off."""
+    if context is not None and not isinstance(context, Mapping):
         raise TypeError(f"context must be a mapping, not {type(context).__name__}")
-    return json.dumps(dict(context), default=str, separators=(",", ":"), ensure_ascii=False)
+    trace = _otel_trace() if _opentelemetry["enabled"] else None
+    span = trace.get_current_span() if trace is not None else None
+    if span is None or not span.is_recording():
+        return dict(context or {})
+    ids = span.get_span_context()
+    return {"trace_id": format(ids.trace_id, "032x"), "span_id": format(ids.span_id, "016x"), **(context or {})}
+
+
+def _payload(context: Mapping[str, Any]) -> str:
+    return json.dumps(with_trace(context), default=str, separators=(",", ":"), ensure_ascii=False)
 
 
 def _is_psycopg3(conn: Any) -> bool:
@@ -83,7 +119,7 @@ def sql_comment(context: Mapping[str, Any]) -> str:
 def annotate(statement: str, context: Mapping[str, Any] | None = None) -> str:
     """``statement`` with the context comment appended (before a final semicolon);
     ``context`` defaults to :func:`current_context`. Unchanged when there is none."""
-    context = current_context() if context is None else context
+    context = with_trace(current_context() if context is None else context)
     if not context:
         return statement
     stripped = statement.rstrip()

@@ -31,7 +31,7 @@ class BemiExecuteWrapper:
         self.context = context
 
     def __call__(self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
-        if self.context and _WRITE.match(sql):
+        if _WRITE.match(sql):  # annotate leaves it as it is when there is no context and no span
             sql = annotate(sql, self.context)
         return execute(sql, params, many, context)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..context import _payload, current_context
+from ..context import _payload, current_context, with_trace
 
 __all__ = ["instrument"]
 
@@ -26,7 +26,7 @@ def instrument(engine: Any) -> None:
     from sqlalchemy import event
 
     def _bemi_begin(conn: Any) -> None:
-        context = current_context()
+        context = with_trace(current_context())
         if context:
             conn.exec_driver_sql("SELECT bemi.set_context(%(ctx)s::jsonb)", {"ctx": _payload(context)})
 
