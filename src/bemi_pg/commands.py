@@ -16,8 +16,17 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings
-from .db import connect, fetch_dict, installation, installed_capture_mode, installed_source, pending_capture_switch, source_identity
-from .errors import BemiError, ConfigError, PreflightError, SlotBusy
+from .db import (
+    check_destination,
+    connect,
+    fetch_dict,
+    installation,
+    installed_capture_mode,
+    installed_source,
+    pending_capture_switch,
+    source_identity,
+)
+from .errors import BemiError, ConfigError, ConnectionError, PreflightError, SlotBusy
 from .poller import Poller, PollStats
 from .queries import query
 from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
@@ -232,9 +241,11 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                 src.execute(query("create_slot"), {"slot": slot})
                 created = True
             try:
+                trail_in = source  # where the trail is written, by its identity
                 if mode == "wal" and destination_dsn is not None:
                     with connect(destination_dsn, role="destination database") as dst:
                         _notices(dst)
+                        trail_in = source_identity(dst)
                         with dst.transaction():
                             dst.execute(rendered.destination)
                             dst.execute(query("adopt_source"), adopt)
@@ -244,6 +255,7 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                     else:
                         src.execute(rendered.combined())
                         src.execute(query("adopt_source"), adopt)
+                    src.execute(query("record_destination"), {"destination": trail_in})
                     if switching:  # recorded with the switch itself, so that a poller finishes it if we cannot
                         src.execute(query("record_capture_switch"), {"from_mode": previous, "to_mode": mode})
             except BaseException:
@@ -294,9 +306,22 @@ def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, 
 def poll_follow(source_dsn: str, destination_dsn: str | None, settings: Settings, *, interval: float,
                 stop: threading.Event, batch_size: int | None = None,
                 on_batch: Callable[[PollStats], None] | None = None) -> PollStats:
-    """Poll every ``interval`` seconds until ``stop`` is set."""
-    with Poller(source_dsn, destination_dsn, settings, batch_size=batch_size) as poller:
-        return poller.run_follow(interval, stop, on_batch)
+    """Poll every ``interval`` seconds until ``stop`` is set. A database that cannot be reached
+    at the start (a service started before its server) is waited for, as later in the loop."""
+    backoff = 1.0
+    while True:
+        try:
+            poller = Poller(source_dsn, destination_dsn, settings, batch_size=batch_size)
+        except ConnectionError as exc:
+            log.warning("bemi-pg: the %s is unreachable (%s); retrying in %.0fs", exc.role, exc.reason[:300], backoff)
+            if stop.wait(backoff):
+                return PollStats()
+            backoff = min(backoff * 2, 60.0)
+            continue
+        if backoff > 1.0:
+            log.info("bemi-pg: reconnected; catching up")
+        with poller:
+            return poller.run_follow(interval, stop, on_batch)
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
@@ -365,6 +390,7 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
     result: dict[str, Any] = {}
     with connect(source_dsn, role="source database") as src:
         settings, source = with_installation(src, settings)
+        inst = installation(src)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
         result["database"] = database
@@ -388,6 +414,7 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         result["installed_version"] = version[0] if version else None
         result["tracked_tables"] = [f"{s}.{t}" for s, t in src.execute(query("tracked_tables"))]
     with connect(destination_dsn or source_dsn, role="destination database") as dst:
+        check_destination(inst, dst)
         schema, table = settings.destination
         try:
             row = dst.execute(query("checkpoint"), {"source": source, "slot": slot}).fetchone()

@@ -23,7 +23,16 @@ from psycopg import sql
 from psycopg.adapt import Buffer, Loader
 
 from .config import Settings
-from .db import connect, fetch_dict, installation, installed_capture_mode, installed_source, pending_capture_switch, source_identity
+from .db import (
+    check_destination,
+    connect,
+    fetch_dict,
+    installation,
+    installed_capture_mode,
+    installed_source,
+    pending_capture_switch,
+    source_identity,
+)
 from .errors import BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
@@ -210,19 +219,25 @@ class Poller:
         self.source = connect(source_dsn, role="source database")
         # What is captured and where it goes is the installation's (``from_installation``; install
         # itself passes the settings it is installing); this process only chooses how it runs.
-        inst = installation(self.source)
-        if from_installation and inst is not None:
-            try:
+        try:
+            inst = installation(self.source)
+            if from_installation and inst is not None:
                 settings = settings.with_installed(inst.settings)
-            except BaseException:
-                self.source.close()
-                raise
-        self.source_id = (installed_source(self.source, inst) if from_installation and inst is not None
-                          else (inst.source if inst is not None and inst.source else source_identity(self.source)))
+            self.source_id = (installed_source(self.source, inst) if from_installation and inst is not None
+                              else (inst.source if inst is not None and inst.source else source_identity(self.source)))
+            self.destination = connect(destination_dsn or source_dsn, role="destination database")
+        except BaseException:
+            self.source.close()
+            raise
+        try:
+            if from_installation:
+                check_destination(inst, self.destination)
+        except BaseException:
+            self.close()
+            raise
         self.settings = settings
         self.batch_size = batch_size or settings.batch_size
         self.read_size = self.batch_size * READ_BATCHES
-        self.destination = connect(destination_dsn or source_dsn, role="destination database")
         self.database: str = self.source.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         self.slot = settings.slot_for(self.database)
         schema, table = settings.destination
