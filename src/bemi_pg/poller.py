@@ -400,7 +400,7 @@ class Poller:
                 log.info("bemi-pg: reconnected; catching up")
                 backoff = 1.0
             total.add(stats)
-            if stats.batches and on_batch:
+            if stats.changes and on_batch:  # an idle poller says nothing
                 on_batch(stats)
             if stats.rows >= self.read_size:
                 continue  # a backlog: no pause
@@ -509,8 +509,8 @@ class Poller:
                         state = TransactionState(self.source_id, self.database, self.types, event, self.settings.max_context_bytes,
                                                  self._key_order, self.settings.database_keys, self.column_rules)
                 elif isinstance(event, Commit):
-                    if state is not None:
-                        stats.transactions += state.seq > 0
+                    if state is not None and state.seq > 0:  # a transaction without changes (the
+                        stats.transactions += 1               # checkpoint's own write) needs no checkpoint
                         last_written = event
                     last = event
                     state = None

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -334,3 +336,28 @@ def test_two_sources_under_load_with_pollers_killed_share_one_destination(other_
             assert {k: result[k] for k in ("lost", "duplicated", "misattributed", "phantom")} == {
                 "lost": 0, "duplicated": 0, "misattributed": 0, "phantom": 0}
         assert other_db.execute("SELECT count(*) FROM changes") == [(sum(r["found"] for r in results),)]
+
+
+def test_an_idle_follower_writes_nothing_and_logs_nothing(db):
+    """Its own checkpoint write comes back through the slot as an empty transaction: that must
+    not be written again, or an idle poller writes and logs for ever."""
+    db.execute("CREATE TABLE todo (id int PRIMARY KEY)")
+    db.install()
+    db.execute("INSERT INTO todo VALUES (1)")
+    from ..faults import poller_env
+
+    poller = subprocess.Popen([sys.executable, "-m", "bemi_pg", "poll", "--follow", "--interval", "0.05"],
+                              env=poller_env(db.dsn), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while db.execute("SELECT count(*) FROM changes") != [(1,)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        [(xmin,)] = db.execute("SELECT xmin::text FROM bemi.checkpoint")
+        time.sleep(3)
+        assert db.execute("SELECT xmin::text FROM bemi.checkpoint") == [(xmin,)]
+    finally:
+        poller.send_signal(signal.SIGTERM)
+        _, err = poller.communicate(timeout=60)
+    assert poller.returncode == 0, err
+    assert sum(line.startswith("bemi-pg: wrote") for line in err.splitlines()) == 1, err
