@@ -190,8 +190,9 @@ class LocalCluster:
         if not self._port_file.exists():
             self._port_file.write_text(f"{_free_port()}\n")
 
-    def start(self, *extra_settings: str) -> str:
-        """Start the server (initialising it first if needed); return the DSN of ``postgres``."""
+    def start(self, *extra_settings: str, list_output_plugins: bool = True) -> str:
+        """Start the server (initialising it first if needed); return the DSN of ``postgres``.
+        ``list_output_plugins=False`` leaves Debian's ``output_plugin_libraries`` as configured."""
         self.init()
         if self.is_running():
             return self.dsn()
@@ -209,7 +210,7 @@ class LocalCluster:
             "shared_buffers=256MB",
             "log_min_messages=warning",
         ]
-        if self.supports_output_plugin_libraries():
+        if list_output_plugins and self.supports_output_plugin_libraries():
             settings.append(f"output_plugin_libraries={','.join(OUTPUT_PLUGINS)}")
         settings += extra_settings  # later settings win
         opts = " ".join(f"-c {s}" if "=" in s and " " not in s else f"-c '{s}'" for s in settings)
@@ -236,7 +237,7 @@ class LocalCluster:
 
 @contextmanager
 def throwaway_cluster(*databases: str, settings: tuple[str, ...] = (), prefix: str = "bemi-pg-",
-                      pg: PgInstall | None = None) -> Iterator[LocalCluster]:
+                      pg: PgInstall | None = None, list_output_plugins: bool = True) -> Iterator[LocalCluster]:
     """A cluster in a new directory under /tmp (the root's /tmp for binaries in a Debian root)
     with ``databases`` created; destroyed on exit."""
     pg = pg or PgInstall.from_env()
@@ -244,7 +245,7 @@ def throwaway_cluster(*databases: str, settings: tuple[str, ...] = (), prefix: s
     root.chmod(0o755)  # the postgres OS user must reach the data directory
     cluster = LocalCluster(root / "data", pg=pg)
     try:
-        admin = cluster.start(*settings)
+        admin = cluster.start(*settings, list_output_plugins=list_output_plugins)
         if databases:
             import psycopg
 
