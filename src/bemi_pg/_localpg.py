@@ -62,10 +62,10 @@ class PgInstall:
             return cls(Path(found).parent)
         where = f" in {root}" if root else ""
         wanted = major or "15"
-        fix = f"scripts/pgroot.sh {wanted}" if root else f"apt-get install -y postgresql-{wanted}"
+        fix = (f"scripts/pgroot.sh {wanted} (make deps PG={wanted} does it)" if root
+               else f"apt-get install -y postgresql-{wanted} postgresql-{wanted}-wal2json")
         raise FileNotFoundError(
-            f"PostgreSQL {major + ' ' if major else ''}server binaries not found{where}: "
-            f"run {fix} (make deps PG={wanted} does it) or set BEMI_PG_BINDIR"
+            f"PostgreSQL {major + ' ' if major else ''}server binaries not found{where}: run {fix}, or set BEMI_PG_BINDIR"
         )
 
     @property
