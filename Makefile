@@ -1,16 +1,33 @@
 # bemi-pg. `make deps` once (as root: apt packages), then `make test` or `make demo`.
+# PG=17 or PG=18 (`make deps test PG=17`): the throwaway clusters, pg_regress, pgbench and the
+# extension build come from a Debian root that scripts/pgroot.sh prepares (or reuses); 15, the
+# default, is this host's own postgresql-15.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PG_PACKAGES := postgresql-15 postgresql-15-wal2json pgbouncer
+PG ?= 15
+HOST_PG := 15
+ifeq ($(PG),$(HOST_PG))
+PG_PACKAGES := postgresql-$(PG) postgresql-$(PG)-wal2json pgbouncer
+PG_ENV := BEMI_PG_MAJOR=$(PG)
+PG_ROOT_DEPS :=
+else
+PG_PACKAGES := pgbouncer
+PG_ENV = BEMI_PG_MAJOR=$(PG) BEMI_PG_ROOT=$$(scripts/pgroot.sh $(PG))
+PG_ROOT_DEPS := pgroot
+endif
 DEMO_DIR ?= .demo
 
-.PHONY: deps test unit lint soak bench demo demo-stop install clean
+.PHONY: deps pgroot test unit lint soak bench demo demo-stop install clean
 
-deps: .stamp-apt .stamp-venv
+deps: .stamp-apt-$(PG) .stamp-venv $(PG_ROOT_DEPS)
 
-# Debian packages: the PostgreSQL 15 server, wal2json and pgbouncer (for tests), only if missing.
-.stamp-apt:
+# PostgreSQL $(PG) in a Debian root (about 70 s the first time; reused after).
+pgroot:
+	scripts/pgroot.sh $(PG)
+
+# Debian packages: the PostgreSQL 15 server, wal2json and pgbouncer (for tests; pgbouncer also for PG=17|18), only if missing.
+.stamp-apt-$(PG):
 	@missing=$$(for p in $(PG_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "error: missing Debian packages: $$missing; run: sudo make deps" >&2; exit 1; fi; \
@@ -26,24 +43,24 @@ deps: .stamp-apt .stamp-venv
 	@touch $@
 
 test: deps
-	$(BIN)/pytest tests
+	$(PG_ENV) $(BIN)/pytest tests
 
 unit: .stamp-venv
 	$(BIN)/pytest tests/unit
 
 # The fault-injection suite with soak-sized numbers (500 kills, 20 crashes); prints the figures.
 soak: deps
-	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
+	$(PG_ENV) $(BIN)/python scripts/soak.py $(SOAK_ARGS)
 
 # Benchmarks (bench/README.md): ingest against raw decode (with the batch-size chart), write
 # overhead under pgbench, the poller's memory, follow-mode latency, time travel on 5M changes.
 bench: deps
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python bench/ingest.py --rounds 3 --chart bench/batch-size.png
-	$(BIN)/python bench/pgbench_overhead.py --seconds 6 --rounds 3
-	$(BIN)/python bench/memory.py
-	$(BIN)/python bench/latency.py --tps 500 --seconds 20
-	$(BIN)/python bench/timetravel.py --rows 5000000 --samples 200
+	$(PG_ENV) $(BIN)/python bench/ingest.py --rounds 3 --chart bench/batch-size.png
+	$(PG_ENV) $(BIN)/python bench/pgbench_overhead.py --seconds 6 --rounds 3
+	$(PG_ENV) $(BIN)/python bench/memory.py
+	$(PG_ENV) $(BIN)/python bench/latency.py --tps 500 --seconds 20
+	$(PG_ENV) $(BIN)/python bench/timetravel.py --rows 5000000 --samples 200
 
 lint: .stamp-venv
 	$(BIN)/ruff check src tests

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,8 +70,13 @@ CONTEXT = "SELECT bemi.set_context(('{\"user_id\": ' || :aid || ', \"endpoint\":
 
 
 def pgbench(cluster: LocalCluster, db: str, script: Path, seconds: int, clients: int) -> float:
-    cmd = [str(cluster.bindir / "pgbench"), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
-           "-T", str(seconds), "-f", str(script), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", db]
+    inside = script
+    if cluster.pg.root is not None:  # pgbench in a Debian root sees only the root's files
+        inside = cluster.pg.scratch_dir() / f"bemi-pg-bench-{script.name}"
+        shutil.copyfile(script, inside)
+    cmd = cluster.pg.argv("pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
+                          "-T", str(seconds), "-f", cluster.pg.inner_path(inside), "-h", "127.0.0.1",
+                          "-p", str(cluster.port), "-U", "postgres", db)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
@@ -104,8 +110,8 @@ def main() -> int:
     databases = ("plain", "full", "empty_trigger", "wal", "triggers", "audit")
     with throwaway_cluster(*databases, settings=("synchronous_commit=off",), prefix="bemi-pg-bench-") as cluster:
         for db in databases:
-            subprocess.run([str(cluster.bindir / "pgbench"), "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
-                            "-p", str(cluster.port), "-U", "postgres", db], check=True, capture_output=True)
+            subprocess.run(cluster.pg.argv("pgbench", "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1",
+                            "-p", str(cluster.port), "-U", "postgres", db), check=True, capture_output=True)
         commands.install(cluster.dsn("wal"), None, load_settings(None))
         commands.install(cluster.dsn("triggers"), None, load_settings(None, capture_mode="triggers"))
         for db, setup in (("audit", AUDIT), ("full", REPLICA_IDENTITY_FULL),

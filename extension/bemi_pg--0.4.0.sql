@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS bemi.installation (
 -- The source's identity: this server's system identifier and this database's name
 -- (bemi.source_identity()), recorded at install. The destination files every change under it.
 ALTER TABLE bemi.installation ADD COLUMN IF NOT EXISTS source text;
+-- The destination's identity, recorded by `bemi-pg install` (NULL: the extension's own install,
+-- whose trail is in this database). A poller that reaches another database stops.
+ALTER TABLE bemi.installation ADD COLUMN IF NOT EXISTS destination text;
 
 -- Tables bemi-pg tracks, with the replica identity they had before, restored on uninstall.
 CREATE TABLE IF NOT EXISTS bemi.tracked_table (

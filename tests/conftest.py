@@ -3,6 +3,8 @@ and a fresh database per test.
 
 Set BEMI_TEST_DSN to use a running server instead (superuser, wal_level=logical, wal2json).
 Without either, the integration tests are skipped and the unit tests still run.
+BEMI_PG_ROOT / BEMI_PG_MAJOR (`make test PG=17`) choose the server binaries (bemi_pg._localpg.PgInstall);
+when the version they name is missing, the integration tests fail instead of skipping.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def server_dsn() -> Iterator[str]:
     try:
         find_bindir()
     except FileNotFoundError as exc:
+        if os.environ.get("BEMI_PG_ROOT") or os.environ.get("BEMI_PG_MAJOR"):
+            pytest.fail(f"the PostgreSQL version asked for is not there: {exc}")  # make test PG=N must not skip
         pytest.skip(f"no PostgreSQL server binaries ({exc}) and no BEMI_TEST_DSN")
     with throwaway_cluster(prefix="bemi-pg-test-") as cluster:
         yield cluster.dsn()

@@ -25,6 +25,15 @@ CREATE TABLE ledger_tx (w int, n int, PRIMARY KEY (w, n));
 """
 EXCLUDE = ("public.ledger_tx",)
 
+# BEMI_TEST_FAULT_SCALE shrinks (or grows) the fault suite's kills and rows: `.ci/run` runs it at
+# full size on 15 and at 0.5 on 17 and 18, to keep three versions within the CI budget.
+FAULT_SCALE = float(os.environ.get("BEMI_TEST_FAULT_SCALE") or 1)
+
+
+def scaled(n: int) -> int:
+    """``n`` at the fault suite's scale (at least 1)."""
+    return max(1, round(n * FAULT_SCALE))
+
 Key = tuple[str, str | None, str, str, str]  # table, primary_key, operation, after (jsonb text), context (canonical)
 
 
@@ -149,22 +158,24 @@ def poller_env(dsn: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def kill_pollers(dsn: str, kills: int, *, seed: int = 0, config: str = "", fault_every: int = 5) -> dict[str, int]:
+def kill_pollers(dsn: str, kills: int, *, seed: int = 0, config: str = "", fault_every: int = 5,
+                 destination: str | None = None) -> dict[str, int]:
     """Start `poll --follow` and SIGKILL it at a random moment, ``kills`` times; every
     ``fault_every``-th round instead runs `poll --once` with a fault point (the process dies
     just before or after the destination commit, or after the slot advance)."""
     rng = random.Random(seed)
     figures = {"kills": 0, "faults": 0}
+    extra = {"BEMI_DESTINATION_DSN": destination} if destination else {}
     points = ["before_commit", "after_commit", "after_advance"]
     for round_ in range(kills):
         if fault_every and round_ % fault_every == fault_every - 1:
             point = points[round_ // fault_every % len(points)]
             subprocess.run([sys.executable, "-m", "bemi_pg", "poll", "--once", "--batch-size", str(rng.choice([50, 500]))],
-                           env=poller_env(dsn, config=config, BEMI_FAULT=point), capture_output=True, timeout=120)
+                           env=poller_env(dsn, config=config, BEMI_FAULT=point, **extra), capture_output=True, timeout=120)
             figures["faults"] += 1
             continue
         args = ["poll", "--follow", "--interval", "0.02", "--batch-size", str(rng.choice([20, 200, 2000, 10000]))]
-        proc = subprocess.Popen([sys.executable, "-m", "bemi_pg", *args], env=poller_env(dsn, config=config),
+        proc = subprocess.Popen([sys.executable, "-m", "bemi_pg", *args], env=poller_env(dsn, config=config, **extra),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.05, 0.6))
         proc.send_signal(signal.SIGKILL)
@@ -173,14 +184,15 @@ def kill_pollers(dsn: str, kills: int, *, seed: int = 0, config: str = "", fault
     return figures
 
 
-def compare(source_dsn: str, destination_dsn: str, ledger: Ledger) -> dict[str, int]:
-    """Figures: rows expected, found, lost, duplicated, misattributed (right row, wrong context)."""
+def compare(source_dsn: str, destination_dsn: str, ledger: Ledger, *, source: str | None = None) -> dict[str, int]:
+    """Figures: rows expected, found, lost, duplicated, misattributed (right row, wrong context);
+    with ``source``, of that source's rows in a shared destination (another source's are phantoms)."""
     with psycopg.connect(source_dsn) as conn:
         committed = {(w, n) for w, n in conn.execute("SELECT w, n FROM ledger_tx")}
     expected = ledger.expected(committed)
     with psycopg.connect(destination_dsn) as conn:
         rows = conn.execute("SELECT \"table\", primary_key, operation, after::text, context::text FROM changes "
-                            "WHERE \"table\" = 'item'").fetchall()
+                            "WHERE \"table\" = 'item' AND source = coalesce(%s, source)", (source,)).fetchall()
     found: Counter[Key] = Counter((t, pk, op, after, canonical(ctx)) for t, pk, op, after, ctx in rows)
     lost = expected - found
     extra = found - expected

@@ -36,6 +36,7 @@ SELECT "table", primary_key, operation, after FROM changes WHERE "table" = 'tag'
 SELECT pg_describe_object(classid, objid, 0) AS object
   FROM pg_depend
  WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+   AND classid <> 'pg_type'::regclass  -- 17 and later also list the tables' row types
    AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'bemi_pg')
  ORDER BY 1;
 

@@ -14,6 +14,7 @@ SELECT relreplident FROM pg_class WHERE oid = 'todo'::regclass;
 -- compares them one by one with `bemi-pg install`).
 SELECT count(*) AS members FROM pg_depend
  WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+   AND classid <> 'pg_type'::regclass  -- 17 and later also list the tables' row types
    AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'bemi_pg');
 
 SET client_min_messages = warning;

@@ -13,7 +13,6 @@ Command line (used by the Makefile)::
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import socket
@@ -25,29 +24,96 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["LocalCluster", "LocalPgBouncer", "find_bindir", "throwaway_cluster"]
+__all__ = ["LocalCluster", "LocalPgBouncer", "PgInstall", "find_bindir", "throwaway_cluster"]
 
-OUTPUT_PLUGINS = "pgoutput,test_decoding,wal2json"
+# Debian's output_plugin_libraries is a list setting: one element per plugin.
+OUTPUT_PLUGINS = ("pgoutput", "test_decoding", "wal2json")
+
+# The major versions bemi-pg supports and tests (README: Supported PostgreSQL versions).
+SUPPORTED_MAJORS = (15, 17, 18)
+
+
+class PgInstall:
+    """Where the PostgreSQL binaries are and how to run them: this host's packages, or a
+    Debian root prepared by ``scripts/pgroot.sh`` (``BEMI_PG_ROOT``), whose binaries run in it
+    via chroot and see only paths inside it. ``BEMI_PG_MAJOR`` picks the host's
+    ``/usr/lib/postgresql/<major>``; ``BEMI_PG_BINDIR`` names a bin directory outright."""
+
+    def __init__(self, bindir: Path, root: Path | None = None) -> None:
+        self.bindir = bindir  # as the binaries see it (inside ``root`` when there is one)
+        self.root = root
+
+    @classmethod
+    def from_env(cls) -> PgInstall:
+        root = Path(os.environ["BEMI_PG_ROOT"]).absolute() if os.environ.get("BEMI_PG_ROOT") else None
+        major = os.environ.get("BEMI_PG_MAJOR", "")
+        if os.environ.get("BEMI_PG_BINDIR"):
+            return cls(Path(os.environ["BEMI_PG_BINDIR"]), root)
+        base = root or Path("/")
+        pattern = f"usr/lib/postgresql/{major or '*'}/bin/pg_ctl"
+        candidates = sorted(
+            base.glob(pattern),
+            key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+        )
+        if candidates:
+            return cls(Path("/") / candidates[-1].parent.relative_to(base), root)
+        found = shutil.which("pg_ctl") if root is None and not major else None
+        if found:
+            return cls(Path(found).parent)
+        where = f" in {root}" if root else ""
+        wanted = major or "15"
+        fix = (f"scripts/pgroot.sh {wanted} (make deps PG={wanted} does it)" if root
+               else f"apt-get install -y postgresql-{wanted} postgresql-{wanted}-wal2json")
+        raise FileNotFoundError(
+            f"PostgreSQL {major + ' ' if major else ''}server binaries not found{where}: run {fix}, or set BEMI_PG_BINDIR"
+        )
+
+    @property
+    def major(self) -> int | None:
+        name = self.bindir.parent.name
+        return int(name) if name.isdigit() else None
+
+    def host_path(self, inner: str | Path) -> Path:
+        """The host's path of a path as the binaries see it."""
+        return self.root / Path(inner).relative_to("/") if self.root else Path(inner)
+
+    def inner_path(self, host: Path) -> str:
+        """The path the binaries see for a host path (which must be inside the root)."""
+        return "/" + str(host.absolute().relative_to(self.root)) if self.root else str(host)
+
+    def scratch_dir(self) -> Path:
+        """The host directory for throwaway clusters: /tmp, or the root's /tmp."""
+        return self.host_path("/tmp")
+
+    def _postgres_ids(self) -> tuple[int, int]:
+        passwd = self.host_path("/etc/passwd").read_text()
+        for line in passwd.splitlines():
+            fields = line.split(":")
+            if fields[0] == "postgres":
+                return int(fields[2]), int(fields[3])
+        raise FileNotFoundError(f"no postgres user in {self.host_path('/etc/passwd')}")
+
+    def chown_postgres(self, path: Path) -> None:
+        """Give ``path`` to the postgres OS user the binaries run as."""
+        uid, gid = self._postgres_ids()
+        os.chown(path, uid, gid)
+
+    def argv(self, program: str, *args: str, as_postgres: bool = False) -> list[str]:
+        """The command line running ``program`` (a name in the bin directory, or an absolute path)."""
+        exe = program if program.startswith("/") else str(self.bindir / program)
+        if self.root is not None:
+            user = []
+            if as_postgres:
+                uid, gid = self._postgres_ids()
+                user = [f"--userspec={uid}:{gid}"]
+            return ["chroot", *user, str(self.root), "/usr/bin/env", "HOME=/tmp", exe, *args]
+        return (["runuser", "-u", "postgres", "--"] if as_postgres else []) + [exe, *args]
 
 
 def find_bindir() -> Path:
-    """Return the directory of the PostgreSQL server binaries (initdb, pg_ctl, postgres)."""
-    env = os.environ.get("BEMI_PG_BINDIR")
-    if env:
-        return Path(env)
-    candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
-    )
-    if candidates:
-        return Path(candidates[-1]).parent
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
-    raise FileNotFoundError(
-        "PostgreSQL server binaries not found: install postgresql-15 "
-        "(apt-get install -y postgresql-15) or set BEMI_PG_BINDIR"
-    )
+    """Return the host path of the PostgreSQL server binaries (initdb, pg_ctl, postgres)."""
+    pg = PgInstall.from_env()
+    return pg.host_path(pg.bindir)
 
 
 def _free_port() -> int:
@@ -57,19 +123,29 @@ def _free_port() -> int:
 
 
 class LocalCluster:
-    """A PostgreSQL cluster in ``datadir``, created on first start."""
+    """A PostgreSQL cluster in ``datadir`` (a host path; inside the root when ``pg`` has one),
+    created on first start."""
 
-    def __init__(self, datadir: Path | str, *, bindir: Path | None = None) -> None:
+    def __init__(self, datadir: Path | str, *, pg: PgInstall | None = None) -> None:
         self.datadir = Path(datadir).absolute()
-        self.bindir = bindir or find_bindir()
-        self._as_postgres = os.geteuid() == 0
+        self.pg = pg or PgInstall.from_env()
+        self._as_postgres = os.geteuid() == 0 or self.pg.root is not None
+        if self.pg.root is not None and not self.datadir.is_relative_to(self.pg.root):
+            raise ValueError(f"{self.datadir} is outside {self.pg.root}, where the server binaries run")
+
+    @property
+    def bindir(self) -> Path:
+        """The host path of the server binaries."""
+        return self.pg.host_path(self.pg.bindir)
 
     # -- helpers -------------------------------------------------------------
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = list(args)
-        if self._as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    def _run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = self.pg.argv(program, *args, as_postgres=self._as_postgres)
         return subprocess.run(cmd, check=check, text=True, capture_output=True)
+
+    @property
+    def _inner_datadir(self) -> str:
+        return self.pg.inner_path(self.datadir)
 
     @property
     def _port_file(self) -> Path:
@@ -85,24 +161,22 @@ class LocalCluster:
 
     def supports_output_plugin_libraries(self) -> bool:
         """Whether this server build has Debian's ``output_plugin_libraries`` setting."""
-        out = subprocess.run(
-            [str(self.bindir / "postgres"), "--describe-config"],
-            check=True, text=True, capture_output=True,
-        ).stdout
+        out = subprocess.run(self.pg.argv("postgres", "--describe-config"), check=True, text=True,
+                             capture_output=True).stdout
         return any(line.split("\t", 1)[0] == "output_plugin_libraries" for line in out.splitlines())
 
     def is_running(self) -> bool:
         if not (self.datadir / "PG_VERSION").exists():
             return False
-        return self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "status", check=False).returncode == 0
+        return self._run("pg_ctl", "-D", self._inner_datadir, "status", check=False).returncode == 0
 
     # -- lifecycle -----------------------------------------------------------
     def init(self) -> None:
         """Create the data directory (owned by ``postgres`` when run as root)."""
         self.datadir.mkdir(parents=True, exist_ok=True)
         if self._as_postgres:
-            shutil.chown(self.datadir, "postgres", "postgres")
-            probe = self._run("test", "-w", str(self.datadir), check=False)
+            self.pg.chown_postgres(self.datadir)
+            probe = self._run("/usr/bin/test", "-w", self._inner_datadir, check=False)
             if probe.returncode != 0:
                 raise PermissionError(
                     f"the postgres OS user cannot write {self.datadir}: "
@@ -110,22 +184,24 @@ class LocalCluster:
                 )
         if not (self.datadir / "PG_VERSION").exists():
             self._run(
-                str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
+                "initdb", "-D", self._inner_datadir, "-U", "postgres",
                 "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync",
             )
         if not self._port_file.exists():
             self._port_file.write_text(f"{_free_port()}\n")
 
-    def start(self, *extra_settings: str) -> str:
-        """Start the server (initialising it first if needed); return the DSN of ``postgres``."""
+    def start(self, *extra_settings: str, list_output_plugins: bool = True) -> str:
+        """Start the server (initialising it first if needed); return the DSN of ``postgres``.
+        ``list_output_plugins=False`` leaves Debian's ``output_plugin_libraries`` as configured."""
         self.init()
         if self.is_running():
             return self.dsn()
+        inner = self._inner_datadir
         settings = [
             "wal_level=logical",
             f"port={self.port}",
             "listen_addresses=127.0.0.1",
-            f"unix_socket_directories={self.datadir if len(str(self.datadir)) < 80 else ''}",
+            f"unix_socket_directories={inner if len(inner) < 80 else ''}",
             "max_replication_slots=100",
             "max_wal_senders=20",
             "max_connections=200",
@@ -134,13 +210,13 @@ class LocalCluster:
             "shared_buffers=256MB",
             "log_min_messages=warning",
         ]
-        if self.supports_output_plugin_libraries():
-            settings.append(f"output_plugin_libraries={OUTPUT_PLUGINS}")
+        if list_output_plugins and self.supports_output_plugin_libraries():
+            settings.append(f"output_plugin_libraries={','.join(OUTPUT_PLUGINS)}")
         settings += extra_settings  # later settings win
         opts = " ".join(f"-c {s}" if "=" in s and " " not in s else f"-c '{s}'" for s in settings)
         log = self.datadir / "server.log"
         res = self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(log),
+            "pg_ctl", "-D", inner, "-l", self.pg.inner_path(log),
             "-o", opts, "-w", "-t", "60", "start", check=False,
         )
         if res.returncode != 0:
@@ -151,7 +227,7 @@ class LocalCluster:
     def stop(self, mode: str = "fast") -> None:
         """Stop the server if it runs (``mode``: smart, fast or immediate)."""
         if self.is_running():
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop")
+            self._run("pg_ctl", "-D", self._inner_datadir, "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
         """Stop the server and delete its data directory."""
@@ -160,13 +236,16 @@ class LocalCluster:
 
 
 @contextmanager
-def throwaway_cluster(*databases: str, settings: tuple[str, ...] = (), prefix: str = "bemi-pg-") -> Iterator[LocalCluster]:
-    """A cluster in a new directory under /tmp with ``databases`` created; destroyed on exit."""
-    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+def throwaway_cluster(*databases: str, settings: tuple[str, ...] = (), prefix: str = "bemi-pg-",
+                      pg: PgInstall | None = None, list_output_plugins: bool = True) -> Iterator[LocalCluster]:
+    """A cluster in a new directory under /tmp (the root's /tmp for binaries in a Debian root)
+    with ``databases`` created; destroyed on exit."""
+    pg = pg or PgInstall.from_env()
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=pg.scratch_dir()))
     root.chmod(0o755)  # the postgres OS user must reach the data directory
-    cluster = LocalCluster(root / "data")
+    cluster = LocalCluster(root / "data", pg=pg)
     try:
-        admin = cluster.start(*settings)
+        admin = cluster.start(*settings, list_output_plugins=list_output_plugins)
         if databases:
             import psycopg
 

@@ -16,8 +16,17 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings
-from .db import connect, fetch_dict, installation, installed_capture_mode, installed_source, pending_capture_switch, source_identity
-from .errors import BemiError, ConfigError, PreflightError, SlotBusy
+from .db import (
+    check_destination,
+    connect,
+    fetch_dict,
+    installation,
+    installed_capture_mode,
+    installed_source,
+    pending_capture_switch,
+    source_identity,
+)
+from .errors import BemiError, ConfigError, ConnectionError, PreflightError, SlotBusy
 from .poller import Poller, PollStats
 from .queries import query
 from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
@@ -28,6 +37,37 @@ __all__ = ["Check", "doctor", "install", "installed_settings", "uninstall", "pol
 log = logging.getLogger("bemi_pg")
 
 MIN_SERVER_VERSION = 140000  # CREATE OR REPLACE TRIGGER, split_part with a negative index
+TESTED_MAJORS = (15, 17, 18)  # the versions CI runs the whole suite on (README: Supported PostgreSQL versions)
+# The output plugins bemi-pg loads: wal2json for the poller, test_decoding for doctor's own probe.
+NEEDED_PLUGINS = ("test_decoding", "wal2json")
+
+
+def _server_check(version_num: int) -> Check:
+    """The server's version against the ones bemi-pg supports and tests."""
+    major, minor = version_num // 10000, version_num % 10000
+    tested = ", ".join(map(str, TESTED_MAJORS[:-1])) + f" and {TESTED_MAJORS[-1]}"
+    text = f"PostgreSQL {major}.{minor}"
+    if version_num < MIN_SERVER_VERSION:
+        return Check("FAIL", "server", f"{text} is not supported (bemi-pg needs 14 or later; tested: {tested})",
+                     f"upgrade to PostgreSQL {TESTED_MAJORS[-1]}")
+    if major not in TESTED_MAJORS:
+        return Check("WARN", "server", f"{text} should work but is not tested (tested: {tested})",
+                     f"to run what is tested, use PostgreSQL {tested.replace(' and ', ' or ')}")
+    return Check("OK", "server", text)
+
+
+def _output_plugin_libraries_fix(conn: psycopg.Connection[Any]) -> str:
+    """The ALTER SYSTEM that adds the plugins bemi-pg needs to Debian's output_plugin_libraries,
+    keeping what it lists; the setting is a list: one quoted element per plugin. Only roles with
+    pg_read_all_settings see its value; for the others, Debian's default ('pgoutput') is assumed."""
+    row = conn.execute("SELECT setting FROM pg_catalog.pg_settings WHERE name = 'output_plugin_libraries'").fetchone()
+    current = row[0] if row else "pgoutput"
+    listed = [quoted.replace('""', '"') if quoted else bare.strip()
+              for quoted, bare in re.findall(r'\s*(?:"((?:[^"]|"")*)"|([^,]+))\s*(?:,|$)', str(current))
+              if quoted or bare.strip()]
+    wanted = listed + [p for p in NEEDED_PLUGINS if p not in listed]
+    values = ", ".join(sql.Literal(name).as_string(conn) for name in wanted)
+    return f"ALTER SYSTEM SET output_plugin_libraries = {values}; SELECT pg_reload_conf()"
 
 
 def render(settings: Settings, *, uninstall: bool = False, drop_changes: bool = False) -> str:
@@ -88,11 +128,11 @@ def _plugin_check(conn: psycopg.Connection[Any], plugin: str, slot: str, slot_ex
     except psycopg.Error as exc:
         msg = exc.diag.message_primary or " ".join(str(exc).split())
         if "output_plugin_libraries" in f"{msg} {exc.diag.message_hint or ''}":
-            return Check("FAIL", plugin, f"the server refuses it ({msg})",
-                         "ALTER SYSTEM SET output_plugin_libraries = 'pgoutput,test_decoding,wal2json'; "
-                         "SELECT pg_reload_conf() (Debian's PostgreSQL 15.20 and later)")
+            return Check("FAIL", plugin, f"the server refuses it ({msg}; Debian's PostgreSQL 15.20, 17, 18 and later "
+                         "load only the output plugins listed)", _output_plugin_libraries_fix(conn))
         if "could not access file" in msg:
-            pkg = "postgresql-15-wal2json" if plugin == "wal2json" else "postgresql-contrib"
+            major = conn.info.server_version // 10000
+            pkg = f"postgresql-{major}-wal2json" if plugin == "wal2json" else "postgresql-contrib"
             return Check("FAIL", plugin, "not installed on the server", f"apt-get install -y {pkg}, or your platform's {plugin}")
         return Check("FAIL", plugin, f"cannot be loaded: {msg}", "see the message; bemi-pg doctor -v shows more")
     return Check("OK", plugin, "loadable as an output plugin")
@@ -106,8 +146,7 @@ def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         assert info is not None
         slot = settings.slot_for(info["database"])
         version = info["version_num"]
-        checks.append(Check("OK" if version >= MIN_SERVER_VERSION else "FAIL", "server",
-                            f"PostgreSQL {version // 10000}.{version % 10000}", "upgrade to PostgreSQL 14 or later"))
+        checks.append(_server_check(version))
         checks.append(Check("OK" if info["wal_level"] == "logical" else "FAIL", "wal_level", info["wal_level"],
                             "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"))
         can_slot = info["rolsuper"] or info["rolreplication"]
@@ -232,9 +271,11 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                 src.execute(query("create_slot"), {"slot": slot})
                 created = True
             try:
+                trail_in = source  # where the trail is written, by its identity
                 if mode == "wal" and destination_dsn is not None:
                     with connect(destination_dsn, role="destination database") as dst:
                         _notices(dst)
+                        trail_in = source_identity(dst)
                         with dst.transaction():
                             dst.execute(rendered.destination)
                             dst.execute(query("adopt_source"), adopt)
@@ -244,6 +285,7 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                     else:
                         src.execute(rendered.combined())
                         src.execute(query("adopt_source"), adopt)
+                    src.execute(query("record_destination"), {"destination": trail_in})
                     if switching:  # recorded with the switch itself, so that a poller finishes it if we cannot
                         src.execute(query("record_capture_switch"), {"from_mode": previous, "to_mode": mode})
             except BaseException:
@@ -294,9 +336,22 @@ def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, 
 def poll_follow(source_dsn: str, destination_dsn: str | None, settings: Settings, *, interval: float,
                 stop: threading.Event, batch_size: int | None = None,
                 on_batch: Callable[[PollStats], None] | None = None) -> PollStats:
-    """Poll every ``interval`` seconds until ``stop`` is set."""
-    with Poller(source_dsn, destination_dsn, settings, batch_size=batch_size) as poller:
-        return poller.run_follow(interval, stop, on_batch)
+    """Poll every ``interval`` seconds until ``stop`` is set. A database that cannot be reached
+    at the start (a service started before its server) is waited for, as later in the loop."""
+    backoff = 1.0
+    while True:
+        try:
+            poller = Poller(source_dsn, destination_dsn, settings, batch_size=batch_size)
+        except ConnectionError as exc:
+            log.warning("bemi-pg: the %s is unreachable (%s); retrying in %.0fs", exc.role, exc.reason[:300], backoff)
+            if stop.wait(backoff):
+                return PollStats()
+            backoff = min(backoff * 2, 60.0)
+            continue
+        if backoff > 1.0:
+            log.info("bemi-pg: reconnected; catching up")
+        with poller:
+            return poller.run_follow(interval, stop, on_batch)
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
@@ -365,6 +420,7 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
     result: dict[str, Any] = {}
     with connect(source_dsn, role="source database") as src:
         settings, source = with_installation(src, settings)
+        inst = installation(src)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
         result["database"] = database
@@ -388,6 +444,7 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         result["installed_version"] = version[0] if version else None
         result["tracked_tables"] = [f"{s}.{t}" for s, t in src.execute(query("tracked_tables"))]
     with connect(destination_dsn or source_dsn, role="destination database") as dst:
+        check_destination(inst, dst)
         schema, table = settings.destination
         try:
             row = dst.execute(query("checkpoint"), {"source": source, "slot": slot}).fetchone()

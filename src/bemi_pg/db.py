@@ -87,7 +87,8 @@ def connect(dsn: str, *, autocommit: bool = True, role: str = "database") -> psy
         if dsn:
             reason = reason.replace(dsn, scrub(dsn))
         raise ConnectionError(
-            f"cannot connect to the {role} ({scrub(dsn)}): {reason}; check the DSN (--dsn, BEMI_DSN, DATABASE_URL or PG* variables)"
+            f"cannot connect to the {role} ({scrub(dsn)}): {reason}; check the DSN (--dsn, BEMI_DSN, DATABASE_URL or PG* variables)",
+            role=role, reason=reason,
         ) from None
     conn.execute(query("session_setup"))
     if not autocommit:
@@ -121,6 +122,7 @@ class Installation:
     version: str
     settings: dict[str, Any]
     source: str | None  # None: installed by a version before 0.4.0, not upgraded yet
+    destination: str | None = None  # the destination's identity, where `bemi-pg install` recorded it
 
     @property
     def system_identifier(self) -> str | None:
@@ -133,12 +135,29 @@ def installation(conn: psycopg.Connection[Any]) -> Installation | None:
     if row is None:
         return None
     data = row[0]
-    return Installation(version=data["version"], settings=data["settings"], source=data.get("source"))
+    return Installation(version=data["version"], settings=data["settings"], source=data.get("source"),
+                        destination=data.get("destination"))
 
 
 def source_identity(conn: psycopg.Connection[Any]) -> str:
     """This connection's source as the destination files it: ``<system identifier>/<database>``."""
     return str(conn.execute(query("source_identity")).fetchone()[0])  # type: ignore[index]
+
+
+def check_destination(inst: Installation | None, destination: psycopg.Connection[Any]) -> None:
+    """ConfigError unless ``destination`` is the database the installation writes its trail to:
+    a poller that forgot --destination-dsn would otherwise start a second trail in the source."""
+    if inst is None or inst.destination is None:
+        return
+    live = source_identity(destination)
+    if live != inst.destination:
+        where = ("this database" if inst.destination == inst.source
+                 else f"database {inst.destination.split('/', 1)[1]!r} ({inst.destination})")
+        raise ConfigError(
+            f"bemi-pg was installed to write its trail into {where}, but this command's destination is {live}: "
+            "give the installed destination with --destination-dsn (BEMI_DESTINATION_DSN), or run `bemi-pg install` "
+            "with the new destination to move the trail"
+        )
 
 
 def installed_source(conn: psycopg.Connection[Any], inst: Installation) -> str:

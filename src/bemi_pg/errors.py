@@ -20,6 +20,11 @@ class ConfigError(BemiError):
 class ConnectionError(BemiError):  # noqa: A001 - shadowing is deliberate inside the package
     """The database cannot be reached."""
 
+    def __init__(self, message: str, *, role: str = "database", reason: str = "") -> None:
+        super().__init__(message)
+        self.role = role  # "source database", "destination database", ...
+        self.reason = reason
+
 
 class PreflightError(BemiError):
     """The database is not ready for bemi-pg (wal_level, wal2json, privileges, slots)."""

@@ -25,7 +25,16 @@ from psycopg import sql
 from psycopg.adapt import Buffer, Loader
 
 from .config import Settings
-from .db import connect, fetch_dict, installation, installed_capture_mode, installed_source, pending_capture_switch, source_identity
+from .db import (
+    check_destination,
+    connect,
+    fetch_dict,
+    installation,
+    installed_capture_mode,
+    installed_source,
+    pending_capture_switch,
+    source_identity,
+)
 from .errors import BatchRefused, BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
@@ -241,19 +250,25 @@ class Poller:
         self.source = connect(source_dsn, role="source database")
         # What is captured and where it goes is the installation's (``from_installation``; install
         # itself passes the settings it is installing); this process only chooses how it runs.
-        inst = installation(self.source)
-        if from_installation and inst is not None:
-            try:
+        try:
+            inst = installation(self.source)
+            if from_installation and inst is not None:
                 settings = settings.with_installed(inst.settings)
-            except BaseException:
-                self.source.close()
-                raise
-        self.source_id = (installed_source(self.source, inst) if from_installation and inst is not None
-                          else (inst.source if inst is not None and inst.source else source_identity(self.source)))
+            self.source_id = (installed_source(self.source, inst) if from_installation and inst is not None
+                              else (inst.source if inst is not None and inst.source else source_identity(self.source)))
+            self.destination = connect(destination_dsn or source_dsn, role="destination database")
+        except BaseException:
+            self.source.close()
+            raise
+        try:
+            if from_installation:
+                check_destination(inst, self.destination)
+        except BaseException:
+            self.close()
+            raise
         self.settings = settings
         self.batch_size = batch_size or settings.batch_size
         self.read_size = self.batch_size * READ_BATCHES
-        self.destination = connect(destination_dsn or source_dsn, role="destination database")
         self.database: str = self.source.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         self.slot = settings.slot_for(self.database)
         schema, table = settings.destination
@@ -416,7 +431,7 @@ class Poller:
                 log.info("bemi-pg: reconnected; catching up")
                 backoff = 1.0
             total.add(stats)
-            if stats.batches and on_batch:
+            if stats.changes and on_batch:  # an idle poller says nothing
                 on_batch(stats)
             if stats.rows >= self.read_size:
                 continue  # a backlog: no pause
@@ -532,8 +547,8 @@ class Poller:
                                                  self._key_order, self.settings.database_keys, self.column_rules,
                                                  self.settings.sqlcommenter)
                 elif isinstance(event, Commit):
-                    if state is not None:
-                        stats.transactions += state.seq > 0
+                    if state is not None and state.seq > 0:  # a transaction without changes (the
+                        stats.transactions += 1               # checkpoint's own write) needs no checkpoint
                         last_written = event
                     last = event
                     state = None

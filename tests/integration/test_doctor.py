@@ -25,20 +25,52 @@ def test_a_missing_plugin_names_the_package(db):
 def test_debian_output_plugin_libraries_is_explained(db):
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         if conn.execute("SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'").fetchone()[0] == 0:
-            pytest.skip("this server build has no output_plugin_libraries (Debian 15.20 and later do)")
+            pytest.skip("this server build has no output_plugin_libraries (Debian's 15.20, 17 and 18 do)")
         conn.execute("CREATE ROLE bemi_rep LOGIN REPLICATION")
         conn.execute(f'GRANT CREATE ON DATABASE "{db.name}" TO bemi_rep')
         # As a role setting, it overrides the test server's command line, for this role only.
         conn.execute("ALTER ROLE bemi_rep SET output_plugin_libraries = 'pgoutput'")
     try:
-        result = run_cli("doctor", env={"BEMI_DSN": db.dsn.replace("user=postgres", "user=bemi_rep")})
+        result = run_cli("doctor", env={"BEMI_DSN": conninfo.make_conninfo(db.dsn, user="bemi_rep")})
         assert result.returncode == 1
         line = next(x for x in result.stdout.splitlines() if x.startswith("FAIL wal2json"))
-        assert "output_plugin_libraries = 'pgoutput,test_decoding,wal2json'" in line
+        assert "output_plugin_libraries = 'pgoutput', 'test_decoding', 'wal2json'; SELECT pg_reload_conf()" in line
     finally:
         with psycopg.connect(db.dsn, autocommit=True) as conn:
             conn.execute(f'REVOKE CREATE ON DATABASE "{db.name}" FROM bemi_rep')
             conn.execute("DROP ROLE bemi_rep")
+
+
+def _wal2json_line(dsn: str) -> str:
+    result = run_cli("doctor", env={"BEMI_DSN": dsn})
+    return next(x for x in result.stdout.splitlines() if x.split(":")[0].endswith(" wal2json"))
+
+
+def test_the_printed_output_plugin_libraries_fix_makes_wal2json_loadable():
+    """On a server that has Debian's setting (15.20, 17, 18: `make test PG=17`) left as shipped,
+    doctor's fix, run as printed, makes wal2json loadable; the old single-string value does not."""
+    with throwaway_cluster("app", list_output_plugins=False) as cluster:
+        dsn = cluster.dsn("app")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            if conn.execute("SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'").fetchone()[0] == 0:
+                pytest.skip("this server build has no output_plugin_libraries (Debian's 15.20, 17 and 18 do)")
+            # The value the README used to give: one element, which refuses wal2json.
+            conn.execute("ALTER SYSTEM SET output_plugin_libraries = 'pgoutput,test_decoding,wal2json'")
+            conn.execute("SELECT pg_reload_conf()")
+        line = _wal2json_line(dsn)
+        assert line.startswith("FAIL wal2json: the server refuses it"), line
+        fix = line.split("(fix: ", 1)[1].removesuffix(")")
+        assert "'test_decoding', 'wal2json'; SELECT pg_reload_conf()" in fix
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for statement in fix.split("; "):
+                conn.execute(statement)
+        assert _wal2json_line(dsn) == "OK   wal2json: loadable as an output plugin"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_create_logical_replication_slot('w', 'wal2json')")
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO t VALUES (1)")
+            rows = conn.execute("SELECT data FROM pg_logical_slot_get_changes('w', NULL, NULL, 'format-version', '2')").fetchall()
+        assert any('"action":"I"' in data for (data,) in rows)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +125,17 @@ def test_without_logical_decoding_auto_installs_trigger_mode(replica_level_serve
         assert conn.execute("SELECT operation, context FROM changes").fetchall() == [("CREATE", {"job": "import"})]
     poll = run_cli("poll", "--once", env=env)
     assert poll.returncode == 1 and "nothing to poll" in poll.stderr
+
+
+def test_the_server_line_names_the_supported_versions(db):
+    with psycopg.connect(db.dsn) as conn:
+        version = conn.info.server_version
+    result = run_cli("doctor", env={"BEMI_DSN": db.dsn})
+    line = next(x for x in result.stdout.splitlines() if x.split(":")[0].endswith(" server"))
+    assert line == f"OK   server: PostgreSQL {version // 10000}.{version % 10000}"
+    assert commands._server_check(160004).line() == (
+        "WARN server: PostgreSQL 16.4 should work but is not tested (tested: 15, 17 and 18) "
+        "(fix: to run what is tested, use PostgreSQL 15, 17 or 18)")
+    assert commands._server_check(130012).line() == (
+        "FAIL server: PostgreSQL 13.12 is not supported (bemi-pg needs 14 or later; tested: 15, 17 and 18) "
+        "(fix: upgrade to PostgreSQL 18)")

@@ -24,7 +24,7 @@ from bemi_pg.config import load_settings
 from bemi_pg.render import render_roles
 
 from ..conftest import run_cli
-from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers, poller_env
+from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers, poller_env, scaled
 
 CLEAN = {"lost": 0, "duplicated": 0, "misattributed": 0, "phantom": 0}
 
@@ -41,13 +41,25 @@ def _writers(dsn: str, count: int, ledger: Ledger, stop: threading.Event, copy_r
     return writers
 
 
+def _wait_for_the_poller(destination_dsn: str, timeout: float = 60) -> None:
+    """Until the poller started has written changes: a fault injected before it is running
+    would only test its start (which stops on an unreachable database, by design)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with psycopg.connect(destination_dsn, autocommit=True) as conn:
+            if conn.execute("SELECT EXISTS (SELECT FROM changes)").fetchone()[0]:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the poller wrote nothing in {timeout:.0f} s")
+
+
 def test_kill_9_and_fault_points_under_a_mixed_workload(db):
     db.execute(SCHEMA)
     db.install(exclude_tables=EXCLUDE)
     ledger, stop = Ledger(), threading.Event()
-    writers = _writers(db.dsn, 4, ledger, stop, copy_rows=20_000)
+    writers = _writers(db.dsn, 4, ledger, stop, copy_rows=scaled(20_000))
     try:
-        figures = kill_pollers(db.dsn, 60, seed=1, fault_every=6)
+        figures = kill_pollers(db.dsn, scaled(60), seed=1, fault_every=6)
     finally:
         stop.set()
         for writer in writers:
@@ -55,7 +67,7 @@ def test_kill_9_and_fault_points_under_a_mixed_workload(db):
     db.poll()
     result = compare(db.dsn, db.dsn, ledger)
     figures.update(result)
-    assert figures["kills"] >= 50 and figures["faults"] >= 10 and result["expected"] > 20_000
+    assert figures["kills"] >= scaled(50) and figures["faults"] >= scaled(10) and result["expected"] > scaled(20_000)
     assert _figures(figures) == CLEAN
 
 
@@ -80,11 +92,12 @@ def test_postgres_crash_under_load(own_cluster):
     config = Path(tempfile.mkdtemp(prefix="bemi-pg-conf-")) / "bemi.toml"
     config.write_text('[source]\nexclude_tables = ["public.ledger_tx"]\n')
     ledger, stop = Ledger(), threading.Event()
-    writers = _writers(dsn, 3, ledger, stop, copy_rows=5_000)
+    writers = _writers(dsn, 3, ledger, stop, copy_rows=scaled(5_000))
     poller = subprocess.Popen([sys.executable, "-m", "bemi_pg", "poll", "--follow", "--interval", "0.05"],
                               env=poller_env(dsn, config=str(config)), stderr=subprocess.PIPE, text=True)
     crashes = 0
     try:
+        _wait_for_the_poller(dsn)
         for _ in range(3):
             time.sleep(1.5)
             cluster.stop("immediate")
@@ -101,7 +114,7 @@ def test_postgres_crash_under_load(own_cluster):
     assert "unreachable" in err and "retrying" in err  # the poller said what happened, and kept going
     commands.poll_once(dsn, None, settings)
     result = compare(dsn, dsn, ledger)
-    assert result["expected"] > 5_000
+    assert result["expected"] > scaled(5_000)
     assert _figures({"crashes": crashes, **result}) == CLEAN
 
 
@@ -116,7 +129,7 @@ def test_destination_unreachable_then_back(db, other_db):
         [sys.executable, "-m", "bemi_pg", "poll", "--follow", "--interval", "0.05", "--destination-dsn", other_db.dsn],
         env=poller_env(db.dsn, config=str(config)), stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        _wait_for_the_poller(other_db.dsn)
         db.execute(f'ALTER DATABASE "{other_db.name}" ALLOW_CONNECTIONS false')
         db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (other_db.name,))
         time.sleep(4.0)

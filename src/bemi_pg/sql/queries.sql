@@ -106,6 +106,9 @@ SELECT s.system_identifier::text || '/' || pg_catalog.current_database() FROM pg
 -- name: adopt_source
 SELECT bemi.adopt_source(%(source)s, %(database)s)
 
+-- name: record_destination
+UPDATE bemi.installation SET destination = %(destination)s WHERE destination IS DISTINCT FROM %(destination)s
+
 -- name: tracked_tables
 SELECT n.nspname, c.relname
   FROM pg_catalog.pg_trigger t
