@@ -31,15 +31,49 @@ CREATE TABLE IF NOT EXISTS bemi.installation (
 
 -- The source's identity: this server's system identifier and this database's name
 -- (bemi.source_identity()), recorded at install. The destination files every change under it.
-ALTER TABLE bemi.installation ADD COLUMN IF NOT EXISTS source text;
--- The destination's identity, recorded by `bemi-pg install` (NULL: the extension's own install,
--- whose trail is in this database). A poller that reaches another database stops.
-ALTER TABLE bemi.installation ADD COLUMN IF NOT EXISTS destination text;
+-- (ADD COLUMN IF NOT EXISTS locks the table even when the column is there, and trigger mode's
+-- writers read bemi.installation: a reinstall or a capture-mode switch must not wait on them.)
+DO $do$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'bemi.installation'::regclass AND attname = 'source' AND NOT attisdropped) THEN
+    ALTER TABLE bemi.installation ADD COLUMN source text;
+  END IF;
+  -- The destination's identity, recorded by `bemi-pg install` (NULL: the extension's own install,
+  -- whose trail is in this database). A poller that reaches another database stops.
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'bemi.installation'::regclass AND attname = 'destination' AND NOT attisdropped) THEN
+    ALTER TABLE bemi.installation ADD COLUMN destination text;
+  END IF;
+END
+$do$;
 
 -- Tables bemi-pg tracks, with the replica identity they had before, restored on uninstall.
 CREATE TABLE IF NOT EXISTS bemi.tracked_table (
   relid oid PRIMARY KEY,
   prior_replica_identity "char" NOT NULL
+);
+
+-- With REPLICA IDENTITY USING INDEX ('i'), the index it used (restored with it).
+DO $do$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'bemi.tracked_table'::regclass AND attname = 'prior_replica_index' AND NOT attisdropped) THEN
+    ALTER TABLE bemi.tracked_table ADD COLUMN prior_replica_index oid;
+  END IF;
+END
+$do$;
+
+-- The catalog rows of the types of tracked columns that are not built in (with their domains'
+-- base types and arrays' elements), as the poller's type lookup reads them: a value whose type
+-- was dropped before the poller caught up is still converted as to_jsonb gave it.
+CREATE TABLE IF NOT EXISTS bemi.column_type (
+  oid oid PRIMARY KEY,
+  typtype "char" NOT NULL,
+  typcategory "char" NOT NULL,
+  typelem oid NOT NULL,
+  typdelim "char" NOT NULL,
+  typbasetype oid NOT NULL
 );
 
 -- A switch of capture mode whose slot work is not done yet: `bemi-pg install` records it in
@@ -592,8 +626,25 @@ BEGIN
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
          bemi.recorded_name(c.oid) AS r
    WHERE c.oid = relation;
-  INSERT INTO bemi.tracked_table (relid, prior_replica_identity)
-  VALUES (rel.oid, rel.relreplident)
+  WITH RECURSIVE used(type_oid) AS (
+    SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = rel.oid AND a.attnum > 0 AND NOT a.attisdropped
+    UNION
+    SELECT x.type_oid FROM used JOIN pg_catalog.pg_type t ON t.oid = used.type_oid,
+           LATERAL (VALUES (t.typbasetype), (t.typelem)) AS x(type_oid)
+     WHERE x.type_oid <> 0
+  )
+  INSERT INTO bemi.column_type AS ct (oid, typtype, typcategory, typelem, typdelim, typbasetype)
+  SELECT t.oid, t.typtype, t.typcategory, t.typelem, coalesce(e.typdelim, t.typdelim), t.typbasetype
+    FROM used JOIN pg_catalog.pg_type t ON t.oid = used.type_oid LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem
+   WHERE t.oid >= 16384
+  ON CONFLICT (oid) DO UPDATE
+    SET typtype = excluded.typtype, typcategory = excluded.typcategory, typelem = excluded.typelem,
+        typdelim = excluded.typdelim, typbasetype = excluded.typbasetype
+    WHERE (ct.typtype, ct.typcategory, ct.typelem, ct.typdelim, ct.typbasetype)
+          IS DISTINCT FROM (excluded.typtype, excluded.typcategory, excluded.typelem, excluded.typdelim, excluded.typbasetype);
+  INSERT INTO bemi.tracked_table (relid, prior_replica_identity, prior_replica_index)
+  VALUES (rel.oid, rel.relreplident,
+          (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = rel.oid AND i.indisreplident))
   ON CONFLICT (relid) DO NOTHING;
   in_publication := EXISTS (
     SELECT FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
@@ -689,11 +740,12 @@ $fn$;
 
 -- Whether a table is tracked: by the name it is recorded under, so that a partition follows its
 -- partitioned table, and never what bemi-pg made itself (schema bemi, the changes table and
--- its partitions).
+-- its partitions). Wal mode cannot track an UNLOGGED table: its changes are not in the WAL.
 CREATE OR REPLACE FUNCTION bemi.should_track(relation regclass) RETURNS boolean
 LANGUAGE sql STABLE
 AS $fn$
-  SELECT coalesce(bool_and(c.relkind IN ('r', 'p') AND n.nspname <> 'bemi' AND bemi.is_tracked_name(r.schema_name, r.table_name)), false)
+  SELECT coalesce(bool_and(c.relkind IN ('r', 'p') AND n.nspname <> 'bemi' AND bemi.is_tracked_name(r.schema_name, r.table_name)
+                           AND (c.relpersistence <> 'u' OR bemi.capture_mode() = 'triggers')), false)
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
          bemi.recorded_name(c.oid) AS r
    WHERE c.oid = relation
@@ -708,10 +760,13 @@ DECLARE
   rel record;
   trigger_name name;
 BEGIN
-  SELECT c.oid, n.nspname, c.relname, c.relreplident, tt.prior_replica_identity
+  SELECT c.oid, n.nspname, c.relname, c.relreplident, tt.prior_replica_identity, ix.oid AS prior_index_oid, ix.relname AS prior_index,
+         (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) AS replica_index
     INTO rel
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     LEFT JOIN bemi.tracked_table tt ON tt.relid = c.oid
+    LEFT JOIN pg_catalog.pg_index pi ON pi.indexrelid = tt.prior_replica_index AND pi.indrelid = c.oid
+    LEFT JOIN pg_catalog.pg_class ix ON ix.oid = pi.indexrelid
    WHERE c.oid = relation;
   FOR trigger_name IN
     SELECT t.tgname FROM pg_catalog.pg_trigger t
@@ -728,6 +783,13 @@ BEGIN
   IF rel.prior_replica_identity IN ('d', 'n') AND rel.relreplident <> rel.prior_replica_identity THEN
     EXECUTE pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY %s', rel.nspname, rel.relname,
       CASE rel.prior_replica_identity WHEN 'd' THEN 'DEFAULT' ELSE 'NOTHING' END);
+  ELSIF rel.prior_replica_identity = 'i' AND rel.prior_index IS NOT NULL
+        AND rel.replica_index IS DISTINCT FROM rel.prior_index_oid THEN
+    EXECUTE pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY USING INDEX %I', rel.nspname, rel.relname, rel.prior_index);
+  ELSIF rel.prior_replica_identity = 'i' AND rel.prior_index IS NULL THEN
+    RAISE NOTICE 'bemi: %.% had REPLICA IDENTITY USING INDEX, and that index is gone: its replica identity stays %',
+      rel.nspname, rel.relname, CASE rel.relreplident WHEN 'f' THEN 'FULL' WHEN 'd' THEN 'DEFAULT' WHEN 'n' THEN 'NOTHING' ELSE 'USING INDEX' END
+      USING HINT = 'Set it with ALTER TABLE ... REPLICA IDENTITY.';
   END IF;
   DELETE FROM bemi.tracked_table WHERE relid = rel.oid;
 END
@@ -745,10 +807,18 @@ BEGIN
   PERFORM pg_catalog.set_config('bemi.syncing', 'on', true);
   IF bemi.should_track(relation) THEN
     PERFORM bemi.track_table(relation);
-  ELSIF EXISTS (SELECT FROM bemi.tracked_table WHERE relid = relation)
-     OR EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = relation
-                   AND t.tgname IN ('bemi_capture', 'bemi_capture_insert', 'bemi_capture_update', 'bemi_capture_delete', 'bemi_capture_truncate')) THEN
-    PERFORM bemi.untrack_table(relation);
+  ELSE
+    IF bemi.capture_mode() = 'wal' AND EXISTS (
+         SELECT FROM pg_catalog.pg_class c, bemi.recorded_name(c.oid) AS r
+          WHERE c.oid = relation AND c.relpersistence = 'u' AND bemi.is_tracked_name(r.schema_name, r.table_name)) THEN
+      RAISE NOTICE 'bemi: % is UNLOGGED, so logical decoding cannot see its changes: wal mode does not track it', relation
+        USING HINT = 'ALTER TABLE ... SET LOGGED, or use capture.mode = "triggers", which tracks it.';
+    END IF;
+    IF EXISTS (SELECT FROM bemi.tracked_table WHERE relid = relation)
+       OR EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = relation
+                     AND t.tgname IN ('bemi_capture', 'bemi_capture_insert', 'bemi_capture_update', 'bemi_capture_delete', 'bemi_capture_truncate')) THEN
+      PERFORM bemi.untrack_table(relation);
+    END IF;
   END IF;
   PERFORM pg_catalog.set_config('bemi.syncing', coalesce(outer_syncing, ''), true);
 END
@@ -768,7 +838,7 @@ BEGIN
     SELECT c.oid
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
-       AND (bemi.should_track(c.oid) OR c.oid IN (SELECT tt.relid FROM bemi.tracked_table tt)
+       AND (bemi.should_track(c.oid) OR c.oid IN (SELECT tt.relid FROM bemi.tracked_table tt) OR c.relpersistence = 'u'  -- (for its note)
             OR EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname LIKE 'bemi\_capture%'))
      ORDER BY n.nspname, c.relname
   LOOP

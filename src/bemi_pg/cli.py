@@ -126,7 +126,8 @@ def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: 
         if args.command == "history":
             # Straight from the database as JSON text, so numbers print with every digit.
             rows = conn.execute(
-                "SELECT h.committed_at, h.operation, h.transaction_id, h.context::text, h.changed::text, to_jsonb(h)::text "
+                "SELECT h.committed_at, h.operation, h.transaction_id, h.context::text, h.changed::text, "
+                "(to_jsonb(h) - 'ordinality')::text "
                 "FROM bemi.history(%s, %s, %s) WITH ORDINALITY AS h ORDER BY h.ordinality",
                 (args.table, args.primary_key, args.limit)).fetchall()
             if not rows:
@@ -175,7 +176,7 @@ def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: 
             return 0
     # revert: read from the destination, write to the source
     try:
-        context = json.loads(args.context) if args.context else None
+        context = revert.context_filter(json.loads(args.context)) if args.context is not None else None
     except ValueError:
         raise ConfigError(f"--context {args.context!r} is not JSON: pass an object, e.g. '{{\"user_id\": 42}}'") from None
     with connect(dsn, role="source database") as src, connect(dest or dsn, role="destination database") as dconn:

@@ -6,7 +6,8 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from .config import Settings
 from .db import (
@@ -172,13 +174,21 @@ def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         if not info["rolsuper"]:
             not_owned = [f"{s}.{t}" for s, t in conn.execute(query("tables_not_owned"), params)]
             checks.append(Check("FAIL" if not_owned else "OK", "table ownership",
-                                f"not owner of {', '.join(not_owned[:5])}{' ...' if len(not_owned) > 5 else ''}" if not_owned
+                                f"not owner of {_few(not_owned)}" if not_owned
                                 else "owner of every tracked table", "install as the tables' owner"))
             checks.append(Check("WARN", "event trigger", "only superusers may create one, so new tables are not tracked automatically",
                                 "run CALL bemi.track_tables() after creating tables"))
+        if settings.capture_mode != "triggers":
+            unlogged = [f"{s}.{t}" for s, t in conn.execute(query("tables_unlogged"), params)]
+            checks.append(Check("WARN" if unlogged else "OK", "unlogged tables",
+                                f"{_few(unlogged)}: UNLOGGED, so logical decoding cannot see their changes and wal mode "
+                                "does not track them" if unlogged else "none in the tracked schemas",
+                                "ALTER TABLE ... SET LOGGED, or capture.mode = \"triggers\" (which tracks them)"))
+        if destination_dsn is None:
+            checks.append(_changes_table_check(conn, settings))
         no_pk = [f"{s}.{t}" for s, t in conn.execute(query("tables_without_pk"), params)]
         checks.append(Check("WARN" if no_pk else "OK", "primary keys",
-                            f"no primary key on {', '.join(no_pk[:5])}{' ...' if len(no_pk) > 5 else ''}: "
+                            f"no primary key on {_few(no_pk)}: "
                             "their changes are recorded with primary_key null" if no_pk else "every tracked table has one",
                             "add a primary key to each of them"))
     if settings.capture_mode != "wal":
@@ -192,7 +202,32 @@ def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             ok = bool(row and row[0])
             checks.append(Check("OK" if ok else "FAIL", "destination", "reachable and writable" if ok else "cannot create schemas",
                                 "GRANT CREATE ON DATABASE <destination> TO <role>"))
+            checks.append(_changes_table_check(dconn, settings))
     return checks
+
+
+# Columns every version's changes table has: a relation of the destination's name without them is
+# the application's, not a changes table.
+CHANGES_COLUMNS = ("id", "database", "schema", "table", "primary_key", "operation", "before", "after", "context",
+                   "committed_at", "transaction_id", "commit_position", "seq")
+
+
+def _few(names: list[str]) -> str:
+    """Up to five names, for a check's line."""
+    return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+
+
+def _changes_table_check(conn: psycopg.Connection[Any], settings: Settings) -> Check:
+    """Whether the destination table's name is free, or already a changes table."""
+    name = quote_ident(*settings.destination)
+    clash = fetch_dict(conn, query("changes_table_clash"), {"table": name, "columns": list(CHANGES_COLUMNS)})
+    if clash is None:
+        return Check("OK", "changes table", f"{name} will be created")
+    if clash["relkind"] not in ("r", "p") or clash["missing"]:
+        what = "is not a table" if clash["relkind"] not in ("r", "p") else f"has no column {', '.join(clash['missing'][:3])}"
+        return Check("FAIL", "changes table", f"{name} already exists and is not a bemi-pg changes table ({what})",
+                     "set [destination] table = \"public.bemi_changes\" (or another free name) in bemi.toml")
+    return Check("OK", "changes table", f"{name} exists")
 
 
 def _notices(conn: psycopg.Connection[Any]) -> None:
@@ -256,15 +291,10 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
         switching = previous is not None and previous != mode and (mode == "wal" or draining)
         # A switch holds the poller's lock from before its transaction until the slot work is
         # done: a poller running now exits (75) instead of reading past the switch.
-        poller = Poller(source_dsn, destination_dsn, settings, from_installation=False) if switching or pending else None
-        try:
-            if poller is not None:
-                try:
-                    poller.lock()
-                except SlotBusy:
-                    raise SlotBusy(f"a bemi-pg poller is running for slot {slot}: stop it, then switch the capture mode") from None
-                if pending:  # an earlier switch whose slot work was cut short
-                    poller.finish_switch()
+        with (_poller_locked(source_dsn, destination_dsn, settings, "switch the capture mode") if switching or pending
+              else nullcontext()) as poller:
+            if poller is not None and pending:  # an earlier switch whose slot work was cut short
+                poller.finish_switch()
             created = False
             if mode == "wal" and slot_row is None:
                 # The slot comes first, so that no change made during installation is missed.
@@ -294,35 +324,54 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                 raise
             if poller is not None:
                 poller.finish_switch()
-        finally:
-            if poller is not None:
-                poller.close()
     return rendered
+
+
+@contextmanager
+def _poller_locked(source_dsn: str, destination_dsn: str | None, settings: Settings, doing: str) -> Iterator[Poller]:
+    """A poller holding the one-poller-per-slot lock, for a command that must not run while a
+    poller reads (a capture-mode switch, uninstall): SlotBusy if one is running."""
+    poller = Poller(source_dsn, destination_dsn, settings, from_installation=False)
+    try:
+        try:
+            poller.lock()
+        except SlotBusy:
+            raise SlotBusy(f"a bemi-pg poller is running for slot {poller.slot}: stop it, then {doing}") from None
+        yield poller
+    finally:
+        poller.close()
 
 
 def uninstall(source_dsn: str, destination_dsn: str | None, settings: Settings, *, drop_changes: bool = False) -> None:
     """Remove triggers, functions, publication and slot; the audit data stays unless ``drop_changes``."""
     with connect(source_dsn, role="source database") as src:
-        settings = with_installation(src, settings)[0]
+        settings, source = with_installation(src, settings)
         rendered = render_uninstall(settings, drop_changes=drop_changes)
+        leaving = "SELECT pg_catalog.set_config('bemi.uninstalling_source', %s, true)"  # for a destination others share
         _notices(src)
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         slot = settings.slot_for(database)
         if src.execute("SELECT count(*) FROM pg_catalog.pg_extension WHERE extname = 'bemi_pg'").fetchone()[0]:  # type: ignore[index]
             raise BemiError("bemi-pg was installed here with CREATE EXTENSION bemi_pg: remove it with "
                             "DROP EXTENSION bemi_pg CASCADE (which drops the changes table too; dump it first)")
-        row = src.execute(query("slot_info"), {"slot": slot}).fetchone()
-        if row is not None and row[3] is not None:
-            raise BemiError(f"replication slot {slot} is in use by pid {row[3]}: stop the poller first")
-        if destination_dsn is None:
-            with src.transaction():
-                src.execute(rendered.combined())
-        else:
-            with connect(destination_dsn, role="destination database") as dst, dst.transaction():
-                dst.execute(rendered.destination + rendered.trailer)
-            with src.transaction():
-                src.execute(rendered.source + rendered.trailer)
-        src.execute(query("drop_slot"), {"slot": slot})
+        # Held until the slot is gone: a poller running now, even between reads, is told to stop
+        # first, and one starting meanwhile exits instead of reading what is being removed.
+        with _poller_locked(source_dsn, destination_dsn, settings, "uninstall"):
+            row = src.execute(query("slot_info"), {"slot": slot}).fetchone()
+            if row is not None and row[3] is not None:
+                raise BemiError(f"replication slot {slot} is in use by pid {row[3]}: stop the poller first")
+            if destination_dsn is None:
+                with src.transaction():
+                    src.execute(leaving, (source,))
+                    src.execute(rendered.combined())
+            else:
+                with connect(destination_dsn, role="destination database") as dst, dst.transaction():
+                    _notices(dst)
+                    dst.execute(leaving, (source,))
+                    dst.execute(rendered.destination + rendered.trailer)
+                with src.transaction():
+                    src.execute(rendered.source + rendered.trailer)
+            src.execute(query("drop_slot"), {"slot": slot})
 
 
 def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, *, batch_size: int | None = None) -> PollStats:
@@ -363,7 +412,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text)
     if not match:
         raise ConfigError(f"duration {text!r} not understood: write a number and a unit, e.g. 90d, 12w, 36h")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        raise ConfigError(f"duration {text!r} is too long: write at most 999999999 days (about 2.7 million years)") from None
 
 
 def prune(dest: psycopg.Connection[Any], settings: Settings, older_than: str, *, batch: int = 10_000) -> dict[str, Any]:
@@ -373,7 +425,12 @@ def prune(dest: psycopg.Connection[Any], settings: Settings, older_than: str, *,
     age = parse_duration(older_than)
     schema, name = settings.destination
     table = sql.Identifier(schema, name)
-    cutoff = dest.execute("SELECT now() - %s::interval", (age,)).fetchone()[0]  # type: ignore[index]
+    try:
+        with dest.transaction():
+            cutoff = dest.execute("SELECT now() - %s::interval", (age,)).fetchone()[0]  # type: ignore[index]
+    except (psycopg.errors.DatetimeFieldOverflow, psycopg.errors.IntervalFieldOverflow):
+        raise ConfigError(f"duration {older_than!r} reaches before the earliest timestamp PostgreSQL has: "
+                          "write a shorter one") from None
     dropped = 0
     if settings.partition_by_month:
         parts = dest.execute(query("changes_partitions"), {"table": f"{quote_ident(schema, name)}"}).fetchall()
@@ -437,6 +494,8 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         # Logical decoding cannot move past the start of a transaction still open anywhere
         # in the cluster: the oldest one is what holds the slot back.
         result["oldest_open_transaction"] = fetch_dict(src, query("oldest_transaction"))
+        with src.cursor(row_factory=dict_row) as cur:
+            result["prepared_transactions"] = cur.execute(query("prepared_transactions")).fetchall()
         try:
             version = src.execute(query("installed_version")).fetchone()
         except psycopg.errors.UndefinedTable:

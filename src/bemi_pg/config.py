@@ -145,9 +145,15 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 
 def _from_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: pass an existing file to --config or BEMI_CONFIG") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory: pass the bemi.toml file itself to --config or BEMI_CONFIG") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (permission denied): make it readable by this user") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 (byte {exc.start}): save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML ({exc}): fix the file or remove it") from None
     values: dict[str, Any] = {}

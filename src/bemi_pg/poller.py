@@ -601,6 +601,9 @@ class Poller:
 
     def _load_types(self, oids: list[int]) -> list[tuple[int, str, str, int, str, int]]:
         rows = self.source.execute(query("types"), {"oids": oids}).fetchall()
+        missing = set(oids) - {int(r[0]) for r in rows}
+        if missing and self.source.execute("SELECT pg_catalog.to_regclass('bemi.column_type') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+            rows += self.source.execute(query("recorded_types"), {"oids": sorted(missing)}).fetchall()
         return [(int(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4]), int(r[5])) for r in rows]
 
     # -- NaN and Infinity ------------------------------------------------------------

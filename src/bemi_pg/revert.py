@@ -10,16 +10,18 @@ itself in the audit trail.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
-from .errors import BemiError
+from .db import installation, installed_source, source_identity
+from .errors import BemiError, ConfigError
 from .render import quote_ident, quote_literal
 
-__all__ = ["RevertStep", "RevertPlan", "plan_revert", "apply_revert"]
+__all__ = ["RevertStep", "RevertPlan", "context_filter", "plan_revert", "apply_revert"]
 
 _COLUMNS = """
 SELECT a.attname::text, a.attgenerated <> '' AS generated, a.attidentity = 'a' AS identity_always,
@@ -63,20 +65,20 @@ class RevertPlan:
         return "\n".join(lines) + "\n"
 
 
-def _select(dest: psycopg.Connection[Any], database: str, *, change_id: str | None, transaction_id: int | None,
+def _select(dest: psycopg.Connection[Any], source: str, *, change_id: str | None, transaction_id: int | None,
             context: dict[str, Any] | None, changes_table: str) -> list[dict[str, Any]]:
     base = (f'SELECT id::text, "schema", "table", primary_key, operation, before::text, after::text, committed_at, '
-            f'transaction_id FROM {changes_table} WHERE "database" = %s')
+            f'transaction_id FROM {changes_table} WHERE source = %s')
     order = " ORDER BY committed_at DESC, commit_position DESC, seq DESC"
     with dest.cursor(row_factory=dict_row) as cur:
         if change_id is not None:
-            return cur.execute(base + " AND id = %s::uuid" + order, (database, change_id)).fetchall()
+            return cur.execute(base + " AND id = %s::uuid" + order, (source, change_id)).fetchall()
         if transaction_id is not None:  # xids wrap: the most recent transaction with that id (in either capture mode)
             return cur.execute(
                 base + f" AND transaction_id = %s AND commit_position = (SELECT commit_position FROM {changes_table}"
-                " WHERE \"database\" = %s AND transaction_id = %s ORDER BY committed_at DESC LIMIT 1)" + order,
-                (database, transaction_id, database, transaction_id)).fetchall()
-        return cur.execute(base + " AND context @> %s::jsonb" + order, (database, json.dumps(context))).fetchall()
+                " WHERE source = %s AND transaction_id = %s ORDER BY committed_at DESC LIMIT 1)" + order,
+                (source, transaction_id, source, transaction_id)).fetchall()
+        return cur.execute(base + " AND context @> %s::jsonb" + order, (source, json.dumps(context))).fetchall()
 
 
 def _step(source: psycopg.Connection[Any], change: dict[str, Any], columns_cache: dict[str, list[dict[str, Any]]]) -> RevertStep:
@@ -131,16 +133,34 @@ def _step(source: psycopg.Connection[Any], change: dict[str, Any], columns_cache
     return RevertStep(change["id"], desc, sql, f"a row with key {pk} exists again")
 
 
+def context_filter(value: Any) -> dict[str, Any]:
+    """``--context``'s value, which selects the changes whose context contains it: an object."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"--context {json.dumps(value)} is not a JSON object: pass an object, e.g. '{{\"user_id\": 42}}'")
+    return value
+
+
 def plan_revert(source: psycopg.Connection[Any], dest: psycopg.Connection[Any], changes_table: str, *,
                 change_id: str | None = None, transaction_id: int | None = None,
                 context: dict[str, Any] | None = None) -> RevertPlan:
     """The statements that undo the selected changes, newest first."""
     if sum(x is not None for x in (change_id, transaction_id, context)) != 1:
         raise BemiError("choose what to revert: exactly one of --change, --transaction or --context")
+    if change_id is not None:
+        try:
+            change_id = str(uuid.UUID(change_id))
+        except ValueError:
+            raise ConfigError(f"--change {change_id!r} is not a change id: pass the uuid in changes.id, "
+                              "e.g. as `bemi-pg blame` prints it") from None
+    if context is not None:
+        context = context_filter(context)
     what: dict[str, Any] = ({"change": change_id} if change_id is not None else
                             {"transaction": transaction_id} if transaction_id is not None else {"context": context})
     database = source.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
-    changes = _select(dest, database, change_id=change_id, transaction_id=transaction_id, context=context,
+    # This source's changes only: a destination may hold other servers' databases of the same name.
+    inst = installation(source)
+    source_id = installed_source(source, inst) if inst is not None else source_identity(source)
+    changes = _select(dest, source_id, change_id=change_id, transaction_id=transaction_id, context=context,
                       changes_table=changes_table)
     if not changes:
         raise BemiError(f"no change matches {json.dumps(what)} in {changes_table} for database {database}")

@@ -68,7 +68,8 @@ class TypeInfo:
 
 _SCALARS: dict[int, TypeInfo] = {
     16: TypeInfo(BOOL),
-    20: TypeInfo(NUMBER), 21: TypeInfo(NUMBER), 23: TypeInfo(NUMBER), 26: TypeInfo(NUMBER),
+    20: TypeInfo(NUMBER), 21: TypeInfo(NUMBER), 23: TypeInfo(NUMBER),
+    26: TypeInfo(STRING),  # oid: to_jsonb writes a string, wal2json a number
     700: TypeInfo(NUMBER, specials_as_null=True), 701: TypeInfo(NUMBER, specials_as_null=True),
     1700: TypeInfo(NUMBER, specials_as_null=True),
     114: TypeInfo(JSON), 3802: TypeInfo(JSON),
@@ -120,10 +121,11 @@ class TypeRegistry:
         its TypeInfo for :func:`value_json`. Passthrough are strings, dates, the built-in numeric
         types and bool: wal2json writes those numbers and bool unquoted and everything else as a
         quoted string of the text output (a domain over a number too, which is why this goes by
-        OID)."""
+        OID). oid is the one type wal2json writes as a number where to_jsonb writes a string."""
         info = self[oid]
         plan: TypeInfo | Passthrough = info
-        if oid in _WAL2JSON_UNQUOTED or info.kind in (STRING, DATE):
+        unquoted = oid in _WAL2JSON_UNQUOTED
+        if (info.kind in (NUMBER, BOOL) and unquoted) or (info.kind in (STRING, DATE) and not unquoted):
             plan = PASS_SPECIALS if info.specials_as_null else PASS
         self.plans[oid] = plan
         return plan

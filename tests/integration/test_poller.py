@@ -187,4 +187,4 @@ def test_a_batch_spanning_two_months_into_monthly_partitions(db):
                 writer.add(row, b"\t".join(tail) + b"\n")
             assert writer.finish() == 3
     assert db.execute("SELECT tableoid::regclass::text, count(*) FROM changes GROUP BY 1 ORDER BY 1") == [
-        ("changes_p202401", 2), ("changes_p202402", 1)]
+        ("bemi.changes_p202401", 2), ("bemi.changes_p202402", 1)]

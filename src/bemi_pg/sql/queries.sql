@@ -56,6 +56,12 @@ SELECT t.oid::bigint, t.typtype::text, t.typcategory::text, t.typelem::bigint, c
   FROM pg_catalog.pg_type t LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem
  WHERE t.oid = ANY(%(oids)s::oid[])
 
+-- name: recorded_types
+-- What bemi.track_table recorded of types since dropped (a value of one may still be decoded).
+SELECT ct.oid::bigint, ct.typtype::text, ct.typcategory::text, ct.typelem::bigint, ct.typdelim::text, ct.typbasetype::bigint
+  FROM bemi.column_type ct
+ WHERE ct.oid = ANY(%(oids)s::oid[])
+
 -- name: recorded_name
 -- The partition tree's root of a table (the table itself when it is no partition).
 SELECT rn.nspname::text, r.relname::text
@@ -125,6 +131,24 @@ SELECT n.nspname, c.relname
    AND NOT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
  ORDER BY 1, 2
 
+-- name: tables_unlogged
+-- Logical decoding cannot see an UNLOGGED table's changes (they are not in the WAL).
+SELECT n.nspname, c.relname
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND n.nspname = ANY(%(schemas)s::text[])
+   AND NOT (n.nspname || '.' || c.relname) = ANY(%(untracked)s::text[])
+ ORDER BY 1, 2
+
+-- name: changes_table_clash
+-- The destination table's name, when a relation of that name exists that is not a changes table:
+-- its kind, and which of the changes table's columns it lacks.
+SELECT c.relkind::text AS relkind,
+       ARRAY(SELECT col FROM pg_catalog.unnest(%(columns)s::text[]) AS col
+              WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                                 WHERE a.attrelid = c.oid AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped)) AS missing
+  FROM pg_catalog.pg_class c
+ WHERE c.oid = pg_catalog.to_regclass(%(table)s)
+
 -- name: tables_not_owned
 SELECT n.nspname, c.relname
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -151,6 +175,14 @@ SELECT a.datname, a.pid, a.usename, a.application_name, a.state,
  WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_catalog.pg_backend_pid()
  ORDER BY a.xact_start
  LIMIT 1
+
+-- name: prepared_transactions
+-- A prepared transaction (PREPARE TRANSACTION) holds logical decoding back as an open one does,
+-- until COMMIT PREPARED or ROLLBACK PREPARED, whoever's session is gone.
+SELECT p.gid, p.database, p.owner, p.transaction::text AS transaction_id,
+       p.prepared, extract(epoch FROM pg_catalog.now() - p.prepared)::bigint AS seconds
+  FROM pg_catalog.pg_prepared_xacts p
+ ORDER BY p.prepared
 
 -- name: changes_partitions
 SELECT n.nspname, c.relname,
