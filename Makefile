@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PG_PACKAGES := postgresql-15 postgresql-15-wal2json pgbouncer
+# prometheus: for promtool, which checks and unit-tests the alert rules in docs/alerts.yml
+APT_PACKAGES := $(PG_PACKAGES) prometheus
 DEMO_DIR ?= .demo
 
 .PHONY: deps test unit lint soak bench demo demo-stop install clean
 
 deps: .stamp-apt .stamp-venv
 
-# Debian packages: the PostgreSQL 15 server, wal2json and pgbouncer (for tests), only if missing.
+# Debian packages: the PostgreSQL 15 server, wal2json, pgbouncer and promtool (for tests), only if missing.
 .stamp-apt:
-	@missing=$$(for p in $(PG_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "error: missing Debian packages: $$missing; run: sudo make deps" >&2; exit 1; fi; \
 	  echo "installing $$missing"; \
@@ -22,7 +24,7 @@ deps: .stamp-apt .stamp-venv
 .stamp-venv: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -e '.[test,dev,metrics,progress]'
 	@touch $@
 
 test: deps
