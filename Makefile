@@ -16,6 +16,8 @@ PG_PACKAGES := pgbouncer
 PG_ENV = BEMI_PG_MAJOR=$(PG) BEMI_PG_ROOT=$$(scripts/pgroot.sh $(PG))
 PG_ROOT_DEPS := pgroot
 endif
+# prometheus: for promtool, which checks and unit-tests the alert rules in docs/alerts.yml
+APT_PACKAGES := $(PG_PACKAGES) prometheus
 DEMO_DIR ?= .demo
 
 .PHONY: deps pgroot test unit lint soak bench demo demo-stop install clean
@@ -26,9 +28,10 @@ deps: .stamp-apt-$(PG) .stamp-venv $(PG_ROOT_DEPS)
 pgroot:
 	scripts/pgroot.sh $(PG)
 
-# Debian packages: the PostgreSQL 15 server, wal2json and pgbouncer (for tests; pgbouncer also for PG=17|18), only if missing.
+# Debian packages: the PostgreSQL 15 server, wal2json, pgbouncer and promtool (for tests; all but
+# the server and wal2json also for PG=17|18), only if missing.
 .stamp-apt-$(PG):
-	@missing=$$(for p in $(PG_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "error: missing Debian packages: $$missing; run: sudo make deps" >&2; exit 1; fi; \
 	  echo "installing $$missing"; \
@@ -39,7 +42,7 @@ pgroot:
 .stamp-venv: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -e '.[test,dev,metrics,progress]'
 	@touch $@
 
 test: deps

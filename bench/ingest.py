@@ -1,7 +1,7 @@
 """Ingest: `poll --once` draining a backlog, against the raw decode rate of the same slot.
 
     python bench/ingest.py [--inserts 200000] [--updates 100000] [--per-transaction 1000] [--rounds 3]
-                           [--chart bench/batch-size.png]
+                           [--chart bench/batch-size.png] [--metrics-rounds 4] [--only-metrics]
 
 On a throwaway server: a 5-column table with REPLICA IDENTITY FULL, a backlog of inserts and
 updates, then (1) the server decoding the slot by itself (`SELECT count(*) FROM
@@ -16,14 +16,20 @@ It also measures the floor the destination sets: the same number of finished cha
 copied by the server itself (`INSERT … SELECT` from `changes`, no decoding, no Python) into a
 table with the changes table's columns and indexes, and prints the ratio any poller could
 reach at best, decoding and writing one after the other (as a peek does) or fully
-overlapped."""
+overlapped.
+
+First it measures what ``--metrics-port`` costs: drains of backlogs in --per-transaction-row
+transactions, with and without the metrics (alternating which goes first), and prints the ratio."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import threading
 import time
+import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 import psycopg
@@ -32,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_pg import commands  # noqa: E402
 from bemi_pg._localpg import throwaway_cluster  # noqa: E402
-from bemi_pg.config import load_settings  # noqa: E402
-from bemi_pg.poller import wal2json_options  # noqa: E402
+from bemi_pg.config import Settings, load_settings  # noqa: E402
+from bemi_pg.metrics import PollerMetrics, serve  # noqa: E402
+from bemi_pg.poller import Poller, PollStats, wal2json_options  # noqa: E402
+from bemi_pg.service import Health, Monitor  # noqa: E402
 
 TABLE = "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, price numeric(12, 2), updated_at timestamptz)"
 
@@ -72,6 +80,61 @@ def destination_floor(dsn: str, rows: int, rounds: int) -> list[float]:
     return result
 
 
+class TimedMonitor(Monitor):
+    """Monitor that adds up the time the poll loop spends in it."""
+
+    seconds = 0.0
+
+    def batch_written(self, stats: PollStats, seconds: float) -> None:
+        t0 = time.perf_counter()
+        super().batch_written(stats, seconds)
+        self.seconds += time.perf_counter() - t0
+
+
+def drain(src: str, settings: Settings, *, with_metrics: bool) -> tuple[float, float]:
+    """Drain the slot as ``poll --once`` does, bare or with everything ``--metrics-port`` adds: the
+    series updated per batch, the HTTP server, the slot probe, and a scrape every second.
+    Changes/s, and the share of the drain's time the loop spent updating the metrics."""
+    monitor = None
+    with Poller(src, None, settings) as poller, ExitStack() as stack:
+        if with_metrics:
+            health = Health(1.0)
+            registry = PollerMetrics(poller.source_id, poller.slot, version="bench", capture_mode="wal")
+            monitor = poller.observer = TimedMonitor(health=health, metrics=registry)
+            url = stack.enter_context(serve("127.0.0.1", 0, registry, health, source_dsn=src, slot=poller.slot, probe_every=1.0))
+            done = threading.Event()
+            stack.callback(done.set)
+
+            def scrape() -> None:
+                while not done.wait(1.0):
+                    urllib.request.urlopen(url + "metrics", timeout=10).read()
+
+            threading.Thread(target=scrape, daemon=True).start()
+        stats = poller.run_once()
+    return stats.changes / stats.seconds, (monitor.seconds / stats.seconds if monitor else 0.0)
+
+
+def metrics_cost(src: str, settings: Settings, args: argparse.Namespace, next_id: int) -> None:
+    """Drains with and without metrics, alternating which goes first, each of a backlog of its own."""
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    shares = []
+    for round_ in range(args.metrics_rounds):
+        for with_metrics in ((False, True) if round_ % 2 == 0 else (True, False)):
+            backlog(src, next_id, args.inserts, args.updates, args.per_transaction)
+            next_id += args.inserts
+            rate, share = drain(src, settings, with_metrics=with_metrics)
+            rates[with_metrics].append(rate)
+            if with_metrics:
+                shares.append(share)
+    bare, metered = statistics.median(rates[False]), statistics.median(rates[True])
+    paired = statistics.median(m / b for b, m in zip(rates[False], rates[True], strict=True))
+    print(f"metrics: without {bare:,.0f} changes/s, with {metered:,.0f} changes/s (series, HTTP server, slot probe, "
+          f"a scrape a second): ratio of the medians {metered / bare:.3f}, paired ratio median {paired:.3f}, "
+          f"cost {100 * (1 - metered / bare):+.1f}%   rounds without {', '.join(f'{v:,.0f}' for v in rates[False])}; "
+          f"with {', '.join(f'{v:,.0f}' for v in rates[True])}")
+    print(f"metrics: the poll loop's own metric updates took {100 * statistics.median(shares):.4f}% of the drain's time (median)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inserts", type=int, default=200_000)
@@ -79,6 +142,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-transaction", type=int, default=1_000, help="rows per transaction of the second backlog")
     parser.add_argument("--chart", help="write throughput against batch size to this PNG")
+    parser.add_argument("--metrics-rounds", type=int, default=4, help="drains with and without --metrics-port's work (0: none)")
+    parser.add_argument("--only-metrics", action="store_true", help="measure only the metrics' cost")
     args = parser.parse_args()
     with throwaway_cluster("src", "dst", settings=(), prefix="bemi-pg-bench-") as cluster:
         src, dst = cluster.dsn("src"), cluster.dsn("dst")
@@ -89,6 +154,11 @@ def main() -> int:
         commands.install(src, dst, settings)  # the destination objects in the other database too
         slot, options = settings.slot_for("src"), wal2json_options(settings)
         next_id = 1
+        if args.metrics_rounds:
+            metrics_cost(src, settings, args, next_id)
+            next_id += 2 * args.metrics_rounds * args.inserts
+        if args.only_metrics:
+            return 0
         small = f"same db, {args.per_transaction:,}-row transactions"
         rates: dict[str, list[float]] = {"raw decode": [], "same database": [], "other database": [], small: []}
         ratios: dict[str, list[float]] = {name: [] for name in rates}

@@ -10,10 +10,12 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -146,6 +148,13 @@ class Writer(threading.Thread):
         conn.commit()
         self.committed += 1
         return after_commit
+
+
+def excluding_config() -> str:
+    """A bemi.toml (its path) that excludes the ledger table, as the workload's installation does."""
+    config = Path(tempfile.mkdtemp(prefix="bemi-pg-conf-")) / "bemi.toml"
+    config.write_text('[source]\nexclude_tables = ["public.ledger_tx"]\n')
+    return str(config)
 
 
 def poller_env(dsn: str, **extra: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from . import __version__, commands, migrations, revert, timetravel
+from . import __version__, commands, logs, migrations, revert, timetravel
 from .config import load_settings
 from .db import connect, resolve_destination_dsn, resolve_dsn
 from .errors import BemiError, ConfigError
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--destination-dsn", help="where the changes table lives (default: BEMI_DESTINATION_DSN, then the source)")
     common.add_argument("--config", help="settings file (default: BEMI_CONFIG, then ./bemi.toml if present)")
     common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug messages")
+    common.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text (default) or json: one object a line with time, level, message and fields")
 
     parser = argparse.ArgumentParser(prog="bemi-pg", description="Postgres-native audit trail (Bemi-compatible).")
     parser.add_argument("--version", action="version", version=f"bemi-pg {__version__}")
@@ -56,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--follow", action="store_true", help="keep polling until SIGTERM or SIGINT")
     p.add_argument("--batch-size", type=int, help="rows per destination transaction (default 10000, poll.batch_size)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow (default 1)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="with --follow: serve Prometheus /metrics, /healthz and /readyz on PORT (the metrics extra)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="with --metrics-port: the address to bind (default 127.0.0.1)")
 
     p = sub.add_parser("status", parents=[common], help="slot lag, last position written, tracked tables")
     p.add_argument("--json", action="store_true")
@@ -112,11 +118,13 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
     signal.signal(signal.SIGINT, on_signal)
 
     def on_batch(stats: Any) -> None:
-        log.info("bemi-pg: wrote %d changes from %d transactions (slot at %s)",
-                 stats.changes, stats.transactions, format_lsn(stats.end_lsn) if stats.end_lsn else "-")
+        position = format_lsn(stats.end_lsn) if stats.end_lsn else None
+        log.info("bemi-pg: wrote %d changes from %d transactions (slot at %s)", stats.changes, stats.transactions, position or "-",
+                 extra={"changes": stats.changes, "transactions": stats.transactions, "position": position})
 
+    metrics = None if args.metrics_port is None else commands.MetricsEndpoint(args.metrics_host, args.metrics_port)
     total = commands.poll_follow(dsn, dest, settings, interval=args.interval, stop=stop,
-                                 batch_size=args.batch_size, on_batch=on_batch)
+                                 batch_size=args.batch_size, on_batch=on_batch, metrics=metrics)
     log.info("bemi-pg: stopped after writing %d changes", total.changes)
     return 0
 
@@ -242,6 +250,10 @@ def _run(args: argparse.Namespace) -> int:
         log.info("bemi-pg: uninstalled%s", "" if args.drop_changes else "; the changes table was kept")
         return 0
     if args.command == "poll":
+        if args.metrics_port is not None and not args.follow:
+            raise ConfigError("--metrics-port serves a running poller: use it with poll --follow")
+        if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {args.metrics_port} is not a TCP port: give 1-65535 (0 picks a free one)")
         if args.follow:
             return _follow(args, dsn, dest, settings)
         commands.poll_once(dsn, dest, settings, batch_size=args.batch_size)
@@ -263,21 +275,31 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # pragma: no cover
 
 
+def _error(args: argparse.Namespace, message: str) -> None:
+    """The one error line: plain, or a JSON log line with --log-format json."""
+    if args.log_format == "json":
+        log.error("error: %s", message)
+    else:
+        print(logs.redact(f"error: {message}"), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bemi-pg`` command."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    env_dsns = [os.environ.get(name) for name in ("BEMI_DSN", "DATABASE_URL", "BEMI_DESTINATION_DSN")]
+    logs.configure(args.log_format, verbose=args.verbose,
+                   secrets=logs.known_secrets([getattr(args, "dsn", None), getattr(args, "destination_dsn", None), *env_dsns]))
     try:
         return _run(args)
     except BemiError as exc:
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, str(exc))
         return exc.exit_code
     except psycopg.Error as exc:
         if args.verbose:
             raise
-        print(f"error: database error: {' '.join(str(exc).split())}", file=sys.stderr)
+        _error(args, f"database error: {' '.join(str(exc).split())}")
         return 1
     except KeyboardInterrupt:
         return 130

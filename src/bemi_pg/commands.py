@@ -7,7 +7,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +17,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from . import __version__
+from . import metrics as metrics_module
 from .config import Settings
 from .db import (
     check_destination,
@@ -30,11 +32,14 @@ from .db import (
 )
 from .errors import BemiError, ConfigError, ConnectionError, PreflightError, SlotBusy
 from .poller import Poller, PollStats
+from .progress import Progress
 from .queries import query
 from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
+from .service import Health, Monitor, Notifier
+from .wal2json import format_lsn
 
-__all__ = ["Check", "doctor", "install", "installed_settings", "uninstall", "poll_once", "poll_follow", "prune", "status", "render",
-           "with_installation"]
+__all__ = ["Check", "MetricsEndpoint", "doctor", "install", "installed_settings", "uninstall", "poll_once", "poll_follow",
+           "prune", "status", "render", "with_installation"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -375,18 +380,60 @@ def uninstall(source_dsn: str, destination_dsn: str | None, settings: Settings, 
 
 
 def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, *, batch_size: int | None = None) -> PollStats:
-    """Drain every change committed before the call; return what was written."""
-    with Poller(source_dsn, destination_dsn, settings, batch_size=batch_size) as poller:
+    """Drain every change committed before the call; return what was written. On a terminal, a
+    progress bar shows the WAL bytes to go."""
+    with Poller(source_dsn, destination_dsn, settings, batch_size=batch_size) as poller, \
+            Progress(f"draining {poller.slot}", unit="bytes") as bar:
+        poller.observer = Monitor(progress=bar)
         stats = poller.run_once()
-        log.info(stats.summary(poller.slot))
+        bar.close()
+        log.info(stats.summary(poller.slot), extra=_stats_fields(poller, stats))
         return stats
+
+
+def _stats_fields(poller: Poller, stats: PollStats) -> dict[str, Any]:
+    """The fields of a JSON log line about what a poll wrote."""
+    return {"source": poller.source_id, "slot": poller.slot, "changes": stats.changes, "transactions": stats.transactions,
+            "batches": stats.batches, "position": format_lsn(stats.end_lsn) if stats.end_lsn else None}
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where ``poll --follow`` serves /metrics, /healthz and /readyz."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
 
 
 def poll_follow(source_dsn: str, destination_dsn: str | None, settings: Settings, *, interval: float,
                 stop: threading.Event, batch_size: int | None = None,
-                on_batch: Callable[[PollStats], None] | None = None) -> PollStats:
-    """Poll every ``interval`` seconds until ``stop`` is set. A database that cannot be reached
-    at the start (a service started before its server) is waited for, as later in the loop."""
+                on_batch: Callable[[PollStats], None] | None = None,
+                metrics: MetricsEndpoint | None = None) -> PollStats:
+    """Poll every ``interval`` seconds until ``stop`` is set. Under systemd (``$NOTIFY_SOCKET``)
+    it reports READY=1 after the first poll and pings the watchdog; with ``metrics``, it serves
+    Prometheus metrics and health checks there (the ``metrics`` extra). A database that cannot
+    be reached at the start (a service started before its server) is waited for, as later."""
+    if metrics is not None:
+        metrics_module.require()
+    poller = _first_poller(source_dsn, destination_dsn, settings, stop, batch_size=batch_size)
+    if poller is None:
+        return PollStats()
+    with poller, ExitStack() as stack:
+        health, notifier = Health(interval), Notifier()
+        monitor = Monitor(health=health, notifier=notifier)
+        poller.observer = monitor
+        if metrics is not None:
+            monitor.metrics = metrics_module.PollerMetrics(poller.source_id, poller.slot, version=__version__,
+                                                           capture_mode=installed_capture_mode(poller.source) or "wal")
+            stack.enter_context(metrics_module.serve(metrics.host, metrics.port, monitor.metrics, health,
+                                                     source_dsn=source_dsn, slot=poller.slot, probe_every=max(interval, 1.0)))
+        stack.callback(notifier.stopping)
+        return poller.run_follow(interval, stop, on_batch)
+
+
+def _first_poller(source_dsn: str, destination_dsn: str | None, settings: Settings, stop: threading.Event, *,
+                  batch_size: int | None) -> Poller | None:
+    """A connected Poller, retried with backoff while a database is unreachable; None if stopped."""
     backoff = 1.0
     while True:
         try:
@@ -394,13 +441,12 @@ def poll_follow(source_dsn: str, destination_dsn: str | None, settings: Settings
         except ConnectionError as exc:
             log.warning("bemi-pg: the %s is unreachable (%s); retrying in %.0fs", exc.role, exc.reason[:300], backoff)
             if stop.wait(backoff):
-                return PollStats()
+                return None
             backoff = min(backoff * 2, 60.0)
             continue
         if backoff > 1.0:
             log.info("bemi-pg: reconnected; catching up")
-        with poller:
-            return poller.run_follow(interval, stop, on_batch)
+        return poller
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -40,9 +40,9 @@ from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
 from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, TransactionState, tracked_filter
-from .wal2json import Begin, Change, Commit, Event, Message, TypeRegistry, format_lsn, parse_row
+from .wal2json import Begin, Change, Commit, Event, Message, TypeRegistry, format_lsn, parse_lsn, parse_row
 
-__all__ = ["Poller", "PollStats", "wal2json_options"]
+__all__ = ["Observer", "Poller", "PollStats", "wal2json_options"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -96,6 +96,7 @@ class PollStats:
     sent: int = 0  # rows sent to the destination (duplicates counted)
     skipped: int = 0  # transactions already at or before the checkpoint
     end_lsn: int | None = None
+    committed_at: str | None = None  # commit time of the newest transaction written (wal2json's text)
     seconds: float = 0.0
 
     def add(self, other: PollStats) -> None:
@@ -106,6 +107,7 @@ class PollStats:
         self.sent += other.sent
         self.skipped += other.skipped
         self.end_lsn = other.end_lsn or self.end_lsn
+        self.committed_at = other.committed_at or self.committed_at
 
     def summary(self, slot: str) -> str:
         where = f", slot {slot} at {format_lsn(self.end_lsn)}" if self.end_lsn else f", slot {slot}"
@@ -114,6 +116,36 @@ class PollStats:
             f"{self.transactions} transaction{'s' * (self.transactions != 1)} in {self.batches} "
             f"batch{'es' * (self.batches != 1)}{where} ({self.seconds:.1f}s)"
         )
+
+
+class Observer(Protocol):
+    """What a running poller tells whoever watches it (metrics, health, progress, systemd)."""
+
+    def batch_written(self, stats: PollStats, seconds: float) -> None:
+        """A destination transaction committed (``stats`` is that batch's, its ``end_lsn`` the last commit read)."""
+
+    def backlog(self, start_lsn: int, target_lsn: int) -> None:
+        """``run_once`` drains the slot from ``start_lsn`` to ``target_lsn``."""
+
+    def polled(self) -> None:
+        """A poll finished without an error."""
+
+    def failed(self, kind: str, reason: str) -> None:
+        """A poll failed: ``kind`` is ``source``, ``destination`` or ``other``."""
+
+
+class _Unobserved:
+    def batch_written(self, stats: PollStats, seconds: float) -> None:
+        pass
+
+    def backlog(self, start_lsn: int, target_lsn: int) -> None:
+        pass
+
+    def polled(self) -> None:
+        pass
+
+    def failed(self, kind: str, reason: str) -> None:
+        pass
 
 
 class _Writer:
@@ -244,6 +276,7 @@ class Poller:
         batch_size: int | None = None,
         fault: Callable[[str], None] | None = None,
         from_installation: bool = True,
+        observer: Observer | None = None,
     ) -> None:
         self._source_dsn = source_dsn
         self._destination_dsn = destination_dsn
@@ -279,6 +312,7 @@ class Poller:
         self.types = TypeRegistry(self._load_types)
         self.column_rules = ColumnRules(settings.ignore_columns, settings.exclude_columns)
         self._fault = fault or _fault_from_env()
+        self.observer: Observer = observer or _Unobserved()
         self._keys: dict[tuple[str, str], list[str]] = {}
         self._recorded_names: dict[tuple[str, str], tuple[str, str] | None] = {}  # for one read
         self._dedupe = False  # write through the staging table (set after a batch met duplicates)
@@ -389,6 +423,9 @@ class Poller:
         self.start()
         self.heartbeat()
         target = upto_lsn or self.source.execute(query("current_lsn")).fetchone()[0]  # type: ignore[index]
+        slot = fetch_dict(self.source, query("slot_info"), {"slot": self.slot})
+        if slot is not None:
+            self.observer.backlog(parse_lsn(slot["confirmed_flush_lsn"]), parse_lsn(target))
         total = PollStats()
         while True:
             stats = self.poll(upto_lsn=target)
@@ -421,14 +458,20 @@ class Poller:
                     last_heartbeat = now
             except (psycopg.OperationalError, psycopg.InterfaceError, Unreachable) as exc:
                 which = "destination" if self.destination.closed or self.destination.broken else "source"
-                log.warning("bemi-pg: the %s database is unreachable (%s); retrying in %.0fs",
-                            which, " ".join(str(exc).split())[:300], backoff)
+                reason = " ".join(str(exc).split())[:300]
+                log.warning("bemi-pg: the %s database is unreachable (%s); retrying in %.0fs", which, reason, backoff,
+                            extra={"error_kind": which, "slot": self.slot, "source": self.source_id})
+                self.observer.failed(which, f"the {which} database is unreachable: {reason}")
                 self.close()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, max_backoff)
                 continue
+            except Exception as exc:
+                self.observer.failed("other", " ".join(str(exc).split())[:300] or type(exc).__name__)
+                raise
+            self.observer.polled()
             if backoff > 1.0:
-                log.info("bemi-pg: reconnected; catching up")
+                log.info("bemi-pg: reconnected; catching up", extra={"slot": self.slot, "source": self.source_id})
                 backoff = 1.0
             total.add(stats)
             if stats.changes and on_batch:  # an idle poller says nothing
@@ -486,7 +529,11 @@ class Poller:
         with self.source.transaction():
             events = (parse_row(data) for data in self._rows(upto_lsn))
             while True:
+                began = time.monotonic()
                 stats, commit = self._write_batch(events, queued_at)
+                if commit is not None:
+                    stats.end_lsn = commit.end_lsn
+                    self.observer.batch_written(stats, time.monotonic() - began)
                 total.add(stats)
                 last = commit or last
                 if commit is None or self._stop.is_set():  # the read is over, or the poller is asked to stop
@@ -512,6 +559,7 @@ class Poller:
             ambiguous: dict[int, int] = {}
             last: Commit | None = None
             last_written: Commit | None = None
+            committed_at: str | None = None
             state: TransactionState | None = None
             truncated: tuple[tuple[str, str], str] | None = None  # (table, position) of a TRUNCATE just recorded
             for event in events:
@@ -543,6 +591,7 @@ class Poller:
                         state = None
                         stats.skipped += 1
                     else:
+                        committed_at = event.timestamp
                         state = TransactionState(self.source_id, self.database, self.types, event, self.settings.max_context_bytes,
                                                  self._key_order, self.settings.database_keys, self.column_rules,
                                                  self.settings.sqlcommenter)
@@ -550,6 +599,7 @@ class Poller:
                     if state is not None and state.seq > 0:  # a transaction without changes (the
                         stats.transactions += 1               # checkpoint's own write) needs no checkpoint
                         last_written = event
+                        stats.committed_at = committed_at if state.seq > 0 else stats.committed_at
                     last = event
                     state = None
                     if stats.rows >= self.batch_size:

@@ -25,6 +25,15 @@ SELECT s.plugin, s.database, s.wal_status, s.active_pid, s.confirmed_flush_lsn::
   FROM pg_catalog.pg_replication_slots s
  WHERE s.slot_name = %(slot)s
 
+-- name: slot_metrics
+-- What the metrics show of the slot; keep_size_bytes is null where max_slot_wal_keep_size is -1 (no limit).
+SELECT s.wal_status,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes,
+       (SELECT NULLIF(c.setting::bigint, -1) * 1024 * 1024
+          FROM pg_catalog.pg_settings c WHERE c.name = 'max_slot_wal_keep_size') AS keep_size_bytes
+  FROM pg_catalog.pg_replication_slots s
+ WHERE s.slot_name = %(slot)s
+
 -- name: create_slot
 SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot(%(slot)s, 'wal2json')
 
