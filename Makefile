@@ -22,7 +22,7 @@ deps: .stamp-apt .stamp-venv
 .stamp-venv: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -e '.[test,dev,ui]'
 	@touch $@
 
 test: deps

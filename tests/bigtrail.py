@@ -20,7 +20,8 @@ def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("""
             ALTER TABLE changes DROP CONSTRAINT changes_pkey, DROP CONSTRAINT changes_source_commit_position_seq_key;
-            DROP INDEX changes_table_primary_key_committed_at_idx, changes_committed_at_idx, changes_context_idx;
+            DROP INDEX changes_table_primary_key_committed_at_idx, changes_committed_at_idx, changes_transaction_id_idx,
+              changes_context_idx;
         """)
         conn.execute(f"""
             INSERT INTO changes (source, "database", "schema", "table", primary_key, operation, before, after, context,
