@@ -2,14 +2,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PG_PACKAGES := postgresql-15 postgresql-15-wal2json pgbouncer
+PG_PACKAGES := postgresql-15 postgresql-15-wal2json pgbouncer chromium
 DEMO_DIR ?= .demo
 
 .PHONY: deps test unit lint soak bench demo demo-stop install clean
 
 deps: .stamp-apt .stamp-venv
 
-# Debian packages: the PostgreSQL 15 server, wal2json and pgbouncer (for tests), only if missing.
+# Debian packages: the PostgreSQL 15 server, wal2json, pgbouncer and chromium (for tests), only if missing.
 .stamp-apt:
 	@missing=$$(for p in $(PG_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -22,7 +22,7 @@ deps: .stamp-apt .stamp-venv
 .stamp-venv: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev,ui]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/pip install -q -e '.[test,dev,ui,browser]'
 	@touch $@
 
 test: deps

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -60,7 +61,16 @@ class Explorer:
 
 
 def _json_value(value: Any) -> str:
-    return json.dumps(value, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v), sort_keys=True)
+    """JSON text with numbers exactly as stored (Decimal digits kept: 120.50 stays 120.50)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_json_value(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_json_value(v) for v in value) + "]"
+    if isinstance(value, Decimal):
+        return str(value) if value.is_finite() else json.dumps(str(value))
+    if isinstance(value, str | int | float | bool) or value is None:
+        return json.dumps(value)
+    return json.dumps(value.isoformat() if hasattr(value, "isoformat") else str(value))
 
 
 def _environment() -> jinja2.Environment:

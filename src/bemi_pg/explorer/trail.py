@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -254,7 +255,7 @@ class Trail:
 
 def _change(text: str) -> dict[str, Any]:
     """A change for a template: its JSON, with the diff (old → new per column) worked out."""
-    change: dict[str, Any] = json.loads(text)
+    change: dict[str, Any] = json.loads(text, parse_float=Decimal)
     before, after = change.get("before") or {}, change.get("after") or {}
     keys = list(dict.fromkeys([*before, *after]))
     change["diff"] = [(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)
