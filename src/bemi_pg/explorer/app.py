@@ -38,6 +38,7 @@ log = logging.getLogger("bemi_pg")
 HERE = Path(__file__).parent
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; "
        "base-uri 'none'; frame-ancestors 'none'")
+GROUP_PAGE = 100  # changes shown on a transaction or request page; the rest are a link away
 HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
            (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"), (b"cache-control", b"no-store")]
 
@@ -228,18 +229,18 @@ def create_app(explorer: Explorer) -> ASGIApp:
     def _group(request: Request) -> tuple[dict[str, Any], Filters, str]:
         if "xid" in request.path_params:
             xid = int(request.path_params["xid"])
-            return {"transaction_id": xid}, Filters(transaction_id=xid, limit=500), f"Transaction {xid}"
+            return {"transaction_id": xid}, Filters(transaction_id=xid, limit=GROUP_PAGE), f"Transaction {xid}"
         text = request.query_params.get("context")
         if not text:
             raise BadRequest("a request needs a context: /request?context={\"request_id\": \"...\"} or ?context=request_id=...")
         context = parse_context(text)
-        return {"context": context}, Filters(context=context, limit=500), "Request " + json.dumps(context, sort_keys=True)
+        return {"context": context}, Filters(context=context, limit=GROUP_PAGE), "Request " + json.dumps(context, sort_keys=True)
 
     async def group_page(request: Request) -> Response:
         what, f, title = _group(request)
         result = await run_in_threadpool(read_changes, f)
         script = None
-        if result.raw:
+        if result.raw and result.next is None:  # a larger group's plan is on its own page (/revert)
             script = (await run_in_threadpool(plan, what, request.state.user)).script()
         return page(request, "group.html", title=title, page=result, what=what, script=script,
                     what_qs={"transaction": what.get("transaction_id", ""),
@@ -255,8 +256,6 @@ def create_app(explorer: Explorer) -> ASGIApp:
         raise BadRequest("say what to revert: transaction=<xid> or context=<json>")
 
     async def revert_confirm(request: Request) -> Response:
-        if not explorer.allow_revert:
-            return page(request, "error.html", 403, message="revert is off: start `bemi-pg serve --allow-revert` to allow it")
         what = _revert_what(request.query_params)
         p = await run_in_threadpool(plan, what, request.state.user)
         return page(request, "revert.html", title="Revert", plan=p, what=what, done=False,
