@@ -120,6 +120,11 @@ def test_every_filter(shop):
     assert ops(transaction_id=shop.xid) == [("todo", "1", "UPDATE")]
     assert ops(context='{"user_id": 42}') == [("note", "1", "CREATE"), ("todo", "2", "CREATE"), ("todo", "1", "CREATE")]
     assert ops(context="request_id=r-2") == [("todo", "1", "UPDATE")]
+    request = _api(client, "/api/request", context='{"request_id": "r-1"}', limit="2")
+    assert len(request["changes"]) == 2 and request["next"]
+    rest = _api(client, "/api/request", context='{"request_id": "r-1"}', cursor=request["next"], transaction_id="1")
+    assert len(rest["changes"]) == 1 and rest["next"] is None
+    assert [c["operation"] for c in _api(client, f"/api/transaction/{shop.xid}", transaction_id="1")["changes"]] == ["UPDATE"]
     update_at = next(c["committed_at"] for c in everything["changes"] if c["operation"] == "UPDATE")
     assert ops(since=update_at) == [("note", "1", "DELETE"), ("todo", "1", "UPDATE")]
     assert ops(until=update_at) == [("note", "1", "CREATE"), ("todo", "2", "CREATE"), ("todo", "1", "CREATE")]

@@ -302,7 +302,8 @@ def create_app(explorer: Explorer) -> ASGIApp:
 
     async def api_group(request: Request) -> Response:
         _, f, _ = _group(request)
-        f = parse_filters({**request.query_params, **f.query_string()})
+        paging = {k: request.query_params[k] for k in ("limit", "cursor") if k in request.query_params}
+        f = parse_filters({**f.query_string(), **paging})
         result = await run_in_threadpool(read_changes, f)
         return json_response(result.json())
 
