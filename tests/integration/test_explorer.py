@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
 import psycopg
 import pytest
@@ -236,3 +243,30 @@ def test_reads_are_read_only_and_filtered_by_source(shop):
 def test_serve_refuses_a_public_address_without_a_token(db):
     result = run_cli("serve", "--host", "0.0.0.0", env={"BEMI_DSN": db.dsn})
     assert result.returncode == 2 and "without a token" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_answers_the_api_until_stopped(shop):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMI_", "PG")) and k != "DATABASE_URL"}
+    env.update(BEMI_DSN=shop.dsn, BEMI_UI_TOKEN=TOKEN)
+    server = subprocess.Popen([sys.executable, "-m", "bemi_pg", "serve", "--port", str(port)], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/changes?table=todo"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+                break
+            except OSError:
+                time.sleep(0.1)
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        body = json.load(urllib.request.urlopen(request, timeout=5))
+        assert [c["operation"] for c in body["changes"]] == ["UPDATE", "CREATE", "CREATE"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=20)
+    assert TOKEN not in stderr and "Traceback" not in stderr, stderr
