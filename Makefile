@@ -17,7 +17,8 @@ PG_ENV = BEMI_PG_MAJOR=$(PG) BEMI_PG_ROOT=$$(scripts/pgroot.sh $(PG))
 PG_ROOT_DEPS := pgroot
 endif
 # prometheus: for promtool, which checks and unit-tests the alert rules in docs/alerts.yml
-APT_PACKAGES := $(PG_PACKAGES) prometheus
+# chromium: the explorer's browser tests (Playwright drives Debian's build; no browser download)
+APT_PACKAGES := $(PG_PACKAGES) prometheus chromium
 DEMO_DIR ?= .demo
 
 .PHONY: deps pgroot test unit lint soak bench demo demo-stop install clean
@@ -28,7 +29,7 @@ deps: .stamp-apt-$(PG) .stamp-venv $(PG_ROOT_DEPS)
 pgroot:
 	scripts/pgroot.sh $(PG)
 
-# Debian packages: the PostgreSQL 15 server, wal2json, pgbouncer and promtool (for tests; all but
+# Debian packages: the PostgreSQL 15 server, wal2json, pgbouncer, promtool and chromium (for tests; all but
 # the server and wal2json also for PG=17|18), only if missing.
 .stamp-apt-$(PG):
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -42,7 +43,7 @@ pgroot:
 .stamp-venv: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev,metrics,progress]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/pip install -q -e '.[test,dev,metrics,progress,ui,browser]'
 	@touch $@
 
 test: deps

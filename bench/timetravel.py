@@ -19,9 +19,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bemi_pg._localpg import throwaway_cluster  # noqa: E402
-from bemi_pg.config import load_settings  # noqa: E402
-from tests.bigtrail import KEYS, TABLES, fill_changes  # noqa: E402
+from tests.bigtrail import KEYS, TABLES, big_trail  # noqa: E402
 
 QUERIES = {
     "history": "SELECT count(*) FROM bemi.history(%s, %s, 100)",
@@ -35,11 +33,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--samples", type=int, default=200)
     args = parser.parse_args()
-    with throwaway_cluster("trail", settings=(), prefix="bemi-pg-bench-") as cluster:
-        dsn = cluster.dsn("trail")
-        started = time.monotonic()
-        fill_changes(dsn, load_settings(None), args.rows)
-        print(f"filled {args.rows:,} changes in {time.monotonic() - started:.0f}s")
+    with big_trail(args.rows) as dsn:
         rng = random.Random(1)
         with psycopg.connect(dsn, autocommit=True) as conn:
             for name, sql in QUERIES.items():

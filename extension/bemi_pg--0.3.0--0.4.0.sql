@@ -1003,6 +1003,10 @@ CREATE INDEX IF NOT EXISTS changes_table_primary_key_committed_at_idx
 CREATE INDEX IF NOT EXISTS changes_committed_at_idx
   ON public.changes (committed_at);
 
+-- A transaction's changes (the explorer's transaction page, revert --transaction).
+CREATE INDEX IF NOT EXISTS changes_transaction_id_idx
+  ON public.changes (transaction_id);
+
 CREATE INDEX IF NOT EXISTS changes_context_idx
   ON public.changes USING gin (context jsonb_path_ops);
 

@@ -6,10 +6,16 @@ secondary indexes exactly as it defines them."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import psycopg
 
 from bemi_pg import commands
-from bemi_pg.config import Settings
+from bemi_pg._localpg import throwaway_cluster
+from bemi_pg.config import Settings, load_settings
 
 TABLES = 20  # t0 .. t19
 KEYS = 50_000  # primary keys per table
@@ -20,7 +26,8 @@ def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("""
             ALTER TABLE changes DROP CONSTRAINT changes_pkey, DROP CONSTRAINT changes_source_commit_position_seq_key;
-            DROP INDEX changes_table_primary_key_committed_at_idx, changes_committed_at_idx, changes_context_idx;
+            DROP INDEX changes_table_primary_key_committed_at_idx, changes_committed_at_idx, changes_transaction_id_idx,
+              changes_context_idx;
         """)
         conn.execute(f"""
             INSERT INTO changes (source, "database", "schema", "table", primary_key, operation, before, after, context,
@@ -41,3 +48,24 @@ def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
     commands.install(dsn, None, settings)  # recreates the secondary indexes
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE changes")
+
+
+def explain_everything(conn: psycopg.Connection[Any]) -> list[str]:
+    """From now on, every statement's plan on ``conn`` (nested ones too) lands in the returned list."""
+    plans: list[str] = []
+    conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    conn.execute("SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on; "
+                 "SET auto_explain.log_level = notice")
+    return plans
+
+
+@contextmanager
+def big_trail(rows: int) -> Iterator[str]:
+    """A throwaway cluster whose database holds ``rows`` synthetic changes (for the benchmarks); its DSN."""
+    with throwaway_cluster("trail", settings=(), prefix="bemi-pg-bench-") as cluster:
+        dsn = cluster.dsn("trail")
+        started = time.monotonic()
+        fill_changes(dsn, load_settings(None), rows)
+        print(f"filled {rows:,} changes in {time.monotonic() - started:.0f}s", flush=True)
+        yield dsn

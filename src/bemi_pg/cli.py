@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--context", metavar="JSON", help="every change whose context contains this JSON")
     p.add_argument("--apply", action="store_true", help="run it, in one transaction, instead of printing it")
 
+    p = sub.add_parser("serve", parents=[common], help="the audit-trail explorer in the browser (needs bemi-pg[ui])")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
+    p.add_argument("--port", type=int, default=8321, help="port (default 8321)")
+    p.add_argument("--token-file", help="file holding the token (default: BEMI_UI_TOKEN)")
+    p.add_argument("--allow-revert", action="store_true", help="let users revert a transaction or request (confirmed, guarded)")
+    p.add_argument("--trusted-user-header", metavar="HEADER",
+                   help="trust this header from a reverse proxy as the user (e.g. X-Forwarded-User); off by default")
     p = sub.add_parser("prune", parents=[common], help="delete changes older than a duration (drops whole partitions)")
     p.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 90d, 12w, 36h")
 
@@ -262,6 +269,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.command in ("revert", "prune"):  # they use the destination table and its partitioning
             settings = commands.installed_settings(dsn, settings)
         return _timetravel(args, dsn, dest, settings)
+    if args.command == "serve":
+        commands.serve(dsn, dest, settings, host=args.host, port=args.port, token=commands.ui_token(args.token_file),
+                       allow_revert=args.allow_revert, trusted_user_header=args.trusted_user_header)
+        return 0
     if args.command == "status":
         result = commands.status(dsn, dest, settings)
         if args.json:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import re
+import secrets
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -39,7 +42,7 @@ from .service import Health, Monitor, Notifier
 from .wal2json import format_lsn
 
 __all__ = ["Check", "MetricsEndpoint", "doctor", "install", "installed_settings", "uninstall", "poll_once", "poll_follow",
-           "prune", "status", "render", "with_installation"]
+           "prune", "status", "render", "with_installation", "serve", "explorer_app", "ui_token"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -564,3 +567,61 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result["last_commit_position"] = None
             result["change_count"] = None
     return result
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_token(token_file: str | None, env: dict[str, str] | None = None) -> str | None:
+    """The explorer's token: ``--token-file`` > ``BEMI_UI_TOKEN``; None when neither is given."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {token_file}: {exc.strerror}; give a readable file holding the token") from None
+        if not token:
+            raise ConfigError(f"--token-file {token_file} is empty: put the token in it")
+        return token
+    return (os.environ if env is None else env).get("BEMI_UI_TOKEN") or None
+
+
+def explorer_app(source_dsn: str, destination_dsn: str | None, settings: Settings, *, token: str,
+                 allow_revert: bool = False, trusted_user_header: str | None = None,
+                 statement_timeout_ms: int = 5000, session_seconds: int = 8 * 3600) -> Any:
+    """The explorer's ASGI app for this source, read with the installation's settings."""
+    try:
+        from .explorer.app import Explorer, create_app
+        from .explorer.auth import Auth
+    except ImportError as exc:
+        raise ConfigError(f"the explorer needs the ui extra ({exc.name} is missing): pip install 'bemi-pg[ui]'") from None
+    with connect(source_dsn, role="source database") as src:
+        if installation(src) is None:
+            raise BemiError("bemi-pg is not installed in this database: run `bemi-pg install` first")
+        settings, source = with_installation(src, settings)
+    explorer = Explorer(source_dsn, destination_dsn, settings, source,
+                        Auth(token, trusted_user_header=trusted_user_header, session_seconds=session_seconds),
+                        allow_revert=allow_revert, statement_timeout_ms=statement_timeout_ms)
+    return create_app(explorer)
+
+
+def serve(source_dsn: str, destination_dsn: str | None, settings: Settings, *, host: str = "127.0.0.1", port: int = 8321,
+          token: str | None = None, allow_revert: bool = False, trusted_user_header: str | None = None) -> None:
+    """Serve the explorer until interrupted. Without a token it only binds a loopback address,
+    with a token made up for this run and printed once to stderr."""
+    if token is None:
+        if not _loopback(host):
+            raise ConfigError(f"refusing to serve the trail on {host} without a token: set BEMI_UI_TOKEN or pass --token-file")
+        token = secrets.token_urlsafe(24)
+        print(f"bemi-pg serve: no BEMI_UI_TOKEN given; this run's token is {token}", file=sys.stderr)
+    app = explorer_app(source_dsn, destination_dsn, settings, token=token, allow_revert=allow_revert,
+                       trusted_user_header=trusted_user_header)
+    import uvicorn
+
+    log.info("bemi-pg serve: http://%s:%d/ (revert %s)", host, port, "allowed" if allow_revert else "off")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

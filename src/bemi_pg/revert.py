@@ -48,10 +48,15 @@ class RevertStep:
 class RevertPlan:
     what: dict[str, Any]
     steps: list[RevertStep] = field(default_factory=list)
+    by: dict[str, Any] | None = None  # who asked, recorded in the revert's own context (the explorer's user)
+    committed: bool = False
 
     @property
     def context(self) -> str:
-        return json.dumps({"bemi_revert": self.what, "reverted_changes": len(self.steps)}, sort_keys=True)
+        ctx: dict[str, Any] = {"bemi_revert": self.what, "reverted_changes": len(self.steps)}
+        if self.by:
+            ctx["bemi_revert_by"] = self.by
+        return json.dumps(ctx, sort_keys=True)
 
     def script(self) -> str:
         """The SQL, for review: one transaction, newest change first."""
@@ -168,11 +173,11 @@ def plan_revert(source: psycopg.Connection[Any], dest: psycopg.Connection[Any], 
     return RevertPlan(what, [_step(source, change, cache) for change in changes])
 
 
-def apply_revert(source: psycopg.Connection[Any], plan: RevertPlan, *, commit: bool) -> RevertPlan:
+def apply_revert(source: psycopg.Connection[Any], plan: RevertPlan, *, commit: bool, atomic: bool = False) -> RevertPlan:
     """Run the plan in one transaction: each step is applied or marked a conflict. Rolled back
-    unless ``commit`` (so a dry run finds the conflicts without changing anything)."""
-    tx = source.transaction(force_rollback=not commit)
-    with tx:
+    unless ``commit`` (so a dry run finds the conflicts without changing anything), and, when
+    ``atomic``, rolled back too if any step could not be applied (all or nothing)."""
+    with source.transaction(force_rollback=not commit) as tx:
         source.execute("SELECT bemi.set_context(%s::jsonb)", (plan.context,))
         for step in plan.steps:
             if step.sql is None:
@@ -180,4 +185,7 @@ def apply_revert(source: psycopg.Connection[Any], plan: RevertPlan, *, commit: b
                 continue
             cur = source.execute(step.sql)
             step.outcome = "applied" if cur.rowcount > 0 else "conflict"
+        if commit and atomic and any(s.outcome != "applied" for s in plan.steps):
+            raise psycopg.Rollback(tx)
+    plan.committed = commit and not (atomic and any(s.outcome != "applied" for s in plan.steps))
     return plan

@@ -201,16 +201,12 @@ def test_prune_with_monthly_partitions(db):
 
 
 def test_history_and_as_of_use_an_index_on_5_million_changes(db):
-    from ..bigtrail import fill_changes
+    from ..bigtrail import explain_everything, fill_changes
 
     fill_changes(db.dsn, db.settings, 5_000_000)
     assert db.execute("SELECT count(*) FROM changes") == [(5_000_000,)]
-    plans: list[str] = []
     with psycopg.connect(db.dsn, autocommit=True) as conn:
-        conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
-        conn.execute("LOAD 'auto_explain'")
-        conn.execute("SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on; "
-                     "SET auto_explain.log_level = notice")
+        plans = explain_everything(conn)
         history = conn.execute("SELECT count(*) FROM bemi.history('t7', '1234', 100)").fetchone()[0]
         as_of = conn.execute("SELECT bemi.as_of('public.t7', '1234', '2024-03-01')").fetchone()[0]
         blame = conn.execute("SELECT count(*) FROM bemi.blame('t7', '1234')").fetchone()[0]

@@ -224,3 +224,41 @@ ON CONFLICT (singleton) DO UPDATE
 
 -- name: clear_capture_switch
 DELETE FROM bemi.capture_switch
+
+-- The explorer's reads (bemi_pg.explorer). {changes} is the changes table, {where} the filters
+-- (each a parameter), all ANDed after the source's own; newest first on an index-backed order.
+
+-- name: explorer_changes
+SELECT to_jsonb(c)::text AS change, c.committed_at, c.commit_position, c.seq
+  FROM {changes} AS c
+ WHERE c.source = %(source)s AND {where}
+ ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
+ LIMIT %(limit)s
+
+-- name: explorer_transaction_position
+-- xids wrap: a transaction id names the most recent transaction that had it.
+SELECT c.commit_position FROM {changes} AS c
+ WHERE c.source = %(source)s AND c.transaction_id = %(xid)s
+ ORDER BY c.committed_at DESC LIMIT 1
+
+-- name: explorer_row_extent
+SELECT min(c.committed_at) AS first_at, max(c.committed_at) AS last_at, count(*) AS changes,
+       (array_agg(c.operation ORDER BY c.committed_at, c.commit_position, c.seq))[1] AS first_operation
+  FROM {changes} AS c
+ WHERE c.source = %(source)s AND c."table" = %(table)s AND (%(schema)s::text IS NULL OR c."schema" = %(schema)s)
+   AND c.primary_key = %(pk)s
+
+-- name: explorer_volume
+SELECT c."schema" || '.' || c."table" AS relation, pg_catalog.date_trunc(%(unit)s, c.committed_at) AS bucket, count(*) AS changes
+  FROM {changes} AS c
+ WHERE c.source = %(source)s AND c.committed_at >= %(since)s
+ GROUP BY 1, 2
+ ORDER BY 1, 2
+
+-- name: explorer_busiest_contexts
+SELECT c.context::text AS context, count(*) AS changes, max(c.committed_at) AS last_at
+  FROM {changes} AS c
+ WHERE c.source = %(source)s AND c.committed_at >= %(since)s AND c.context <> '{{}}'::jsonb
+ GROUP BY c.context
+ ORDER BY count(*) DESC, c.context::text
+ LIMIT 10
