@@ -336,6 +336,17 @@ def test_two_sources_under_load_with_pollers_killed_share_one_destination(other_
             assert {k: result[k] for k in ("lost", "duplicated", "misattributed", "phantom")} == {
                 "lost": 0, "duplicated": 0, "misattributed": 0, "phantom": 0}
         assert other_db.execute("SELECT count(*) FROM changes") == [(sum(r["found"] for r in results),)]
+        # One source leaves with its trail; the other's stays whole and its poller keeps going.
+        [(source_a,)] = other_db.execute("SELECT DISTINCT source FROM changes WHERE source LIKE %s AND source <> %s",
+                                         ("%/app", source))
+        commands.uninstall(a.dsn("app"), other_db.dsn, settings, drop_changes=True)
+        assert other_db.execute("SELECT source, count(*) FROM changes GROUP BY 1") == [(source, results[1]["found"])]
+        with psycopg.connect(b.dsn("app"), autocommit=True) as conn:
+            conn.execute("INSERT INTO item (w, n, k) VALUES (99, 1, 1)")
+        assert commands.poll_once(b.dsn("app"), other_db.dsn, settings).changes == 1
+        assert other_db.execute("SELECT count(*) FROM changes WHERE source = %s", (source,)) == [(results[1]["found"] + 1,)]
+        assert other_db.execute("SELECT count(*) FROM changes WHERE source = %s", (source_a,)) == [(0,)]
+        assert other_db.execute("SELECT source FROM bemi.checkpoint") == [(source,)]
 
 
 def test_an_idle_follower_writes_nothing_and_logs_nothing(db):
