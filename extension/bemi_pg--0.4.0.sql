@@ -847,6 +847,37 @@ ALTER TABLE bemi.checkpoint ADD COLUMN IF NOT EXISTS source text;
 ALTER TABLE bemi.checkpoint DROP CONSTRAINT IF EXISTS checkpoint_pkey;
 CREATE UNIQUE INDEX IF NOT EXISTS checkpoint_source_slot_name_key ON bemi.checkpoint (source, slot_name);
 
+-- The baseline: each tracked table's rows as a snapshot of the source saw them, kept apart from
+-- the changes (Bemi's clients read those). A header per source and table; its rows count only
+-- once completed_at is set: a snapshot killed half way leaves a header without it, which time
+-- travel ignores and the next `bemi-pg snapshot` deletes. taken_at and wal_position are the
+-- moment and WAL insert position read inside the snapshot: every change it does not show
+-- committed after it, so once the poller has written past wal_position the trail has them all.
+CREATE TABLE IF NOT EXISTS bemi.snapshot (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  source text NOT NULL,
+  "schema" text NOT NULL,
+  "table" text NOT NULL,
+  taken_at timestamptz NOT NULL,
+  wal_position bigint NOT NULL,
+  row_count bigint NOT NULL DEFAULT 0,
+  started_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  completed_at timestamptz
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS snapshot_complete_key
+  ON bemi.snapshot (source, "schema", "table") WHERE completed_at IS NOT NULL;
+
+-- primary_key as the changes table writes it (the value's text, a JSON array for a composite
+-- key, NULL without a key); row_data as to_jsonb gave it, less the excluded columns.
+CREATE TABLE IF NOT EXISTS bemi.snapshot_row (
+  snapshot_id bigint NOT NULL REFERENCES bemi.snapshot (id) ON DELETE CASCADE,
+  primary_key text,
+  row_data jsonb NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS snapshot_row_snapshot_id_primary_key_idx ON bemi.snapshot_row (snapshot_id, primary_key);
+
 -- Files the rows an earlier version wrote without a source (keyed by database name) under the
 -- source now installing, then makes changes.source NOT NULL once no row lacks one. Called by
 -- `bemi-pg install` for its own source; cheap once the column is NOT NULL.
@@ -992,9 +1023,11 @@ $fn$;
 SELECT bemi.adopt_source(bemi.source_identity(), pg_catalog.current_database());
 
 -- pg_dump keeps the rows of the extension's tables: the settings, the tracked tables' replica
--- identity before bemi-pg, the poller's checkpoints, and the audit trail itself.
+-- identity before bemi-pg, the poller's checkpoints, the baseline, and the audit trail itself.
 -- (DROP EXTENSION drops them all, the changes table included: see extension/README.md.)
 SELECT pg_catalog.pg_extension_config_dump('bemi.installation', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.tracked_table', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.checkpoint', '');
 SELECT pg_catalog.pg_extension_config_dump('public.changes', '');
+SELECT pg_catalog.pg_extension_config_dump('bemi.snapshot', '');
+SELECT pg_catalog.pg_extension_config_dump('bemi.snapshot_row', '');

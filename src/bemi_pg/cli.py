@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="run the checks and print the SQL; change nothing")
     p.add_argument("--capture-mode", choices=("wal", "triggers", "auto"),
                    help="wal (logical decoding and a poller), triggers (written as they commit), or auto (default capture.mode)")
+    p.add_argument("--no-snapshot", action="store_true", help="take no baseline of the tables' current rows (see `snapshot`)")
+
+    p = sub.add_parser("snapshot", parents=[common], help="take or refresh the baseline of tracked tables' current rows")
+    p.add_argument("tables", nargs="*", metavar="TABLE", help="table or schema.table (default: every tracked table)")
 
     p = sub.add_parser("uninstall", parents=[common], help="remove triggers, functions, publication and slot")
     p.add_argument("--drop-changes", action="store_true", help="also drop the changes table (the audit data)")
@@ -227,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
             print(check.line())
         return 1 if any(c.status == "FAIL" for c in checks) else 0
     if args.command == "install":
-        rendered = commands.install(dsn, dest, settings, dry_run=args.dry_run)
+        rendered = commands.install(dsn, dest, settings, dry_run=args.dry_run, snapshot=not args.no_snapshot)
         if args.dry_run:
             sys.stdout.write(rendered.combined() if dest is None else rendered.source + "\n" + rendered.destination)
         else:
@@ -235,6 +239,11 @@ def _run(args: argparse.Namespace) -> int:
                 log.info("bemi-pg: installed; triggers write the changes as they commit, no poller needed")
             else:
                 log.info("bemi-pg: installed; now run `bemi-pg poll --follow` (or `poll --once` from cron)")
+        return 0
+    if args.command == "snapshot":
+        for taken in commands.snapshot(dsn, dest, settings, args.tables):
+            log.info("bemi-pg: baseline of %s: %d rows as of %s (%.1f s)", taken.table, taken.rows,
+                     taken.taken_at.isoformat(), taken.seconds)
         return 0
     if args.command == "uninstall":
         commands.uninstall(dsn, dest, settings, drop_changes=args.drop_changes)

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from .baseline import SnapshotResult, take_snapshot
 from .config import Settings
 from .db import connect, fetch_dict, installation, installed_capture_mode, installed_source, pending_capture_switch, source_identity
 from .errors import BemiError, ConfigError, PreflightError, SlotBusy
@@ -23,7 +24,7 @@ from .queries import query
 from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
 
 __all__ = ["Check", "doctor", "install", "installed_settings", "uninstall", "poll_once", "poll_follow", "prune", "status", "render",
-           "with_installation"]
+           "snapshot", "with_installation"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -179,12 +180,13 @@ def choose_capture_mode(settings: Settings, checks: list[Check]) -> tuple[str, s
 
 
 def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *, dry_run: bool = False,
-            preflight: bool = True) -> Rendered:
+            preflight: bool = True, snapshot: bool = True) -> Rendered:
     """Preflight, apply the install SQL in one transaction per database, create the slot.
 
     Idempotent: a second run changes nothing. With ``dry_run`` nothing is changed. Installing
     with another capture mode than the installed one switches the database over, neither
-    losing nor duplicating a change (see README, "Capture modes")."""
+    losing nor duplicating a change (see README, "Capture modes"). With ``snapshot``, each
+    tracked table without a baseline gets one (see :mod:`bemi_pg.baseline`)."""
     # Every check as wal mode sees it; trigger mode then ignores the ones it does not need.
     checks = (doctor(source_dsn, destination_dsn, replace(settings, capture_mode="wal"))
               if preflight or settings.capture_mode == "auto" else [])
@@ -255,7 +257,14 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
         finally:
             if poller is not None:
                 poller.close()
+    if snapshot:
+        take_snapshot(source_dsn, None if mode == "triggers" else destination_dsn, settings, missing_only=True)
     return rendered
+
+
+def snapshot(source_dsn: str, destination_dsn: str | None, settings: Settings, tables: list[str] | None = None) -> list[SnapshotResult]:
+    """Take or refresh the baseline of the named tracked tables (every one without names)."""
+    return take_snapshot(source_dsn, destination_dsn, settings, tables or ())
 
 
 def uninstall(source_dsn: str, destination_dsn: str | None, settings: Settings, *, drop_changes: bool = False) -> None:
