@@ -125,6 +125,25 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
     return 0
 
 
+def _as_of(conn: psycopg.Connection[Any], args: argparse.Namespace, source: str) -> int:
+    if args.all:
+        if len(args.args) != 1:
+            raise ConfigError("as-of TABLE --all TIMESTAMP takes one TIMESTAMP")
+        for (text,) in conn.execute("SELECT row_data::text FROM bemi.as_of_all(%s, %s, %s::timestamptz)",
+                                 (source, args.table, args.args[0])):
+            print(text)
+        return 0
+    if len(args.args) != 2:
+        raise ConfigError("as-of TABLE PK TIMESTAMP takes a primary key and a timestamp")
+    pk, at = args.args
+    found = conn.execute("SELECT bemi.as_of(%s, %s, %s, %s::timestamptz)::text", (source, args.table, pk, at)).fetchone()
+    if found is None or found[0] is None:
+        print(f"{args.table} {pk} did not exist at {at}", file=sys.stderr)
+        return 3
+    print(found[0])
+    return 0
+
+
 def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any) -> int:
     with connect(dest or dsn, role="destination database") as conn:
         if args.command == "history":
@@ -145,30 +164,23 @@ def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: 
                     print(f"    {column}: {old} → {new}")
             return 0
         if args.command == "as-of":
-            if args.all:
-                if len(args.args) != 1:
-                    raise ConfigError("as-of TABLE --all TIMESTAMP takes one TIMESTAMP")
-                for (text,) in conn.execute("SELECT row_data::text FROM bemi.as_of_all(%s, %s::timestamptz)", (args.table, args.args[0])):
-                    print(text)
-                return 0
-            if len(args.args) != 2:
-                raise ConfigError("as-of TABLE PK TIMESTAMP takes a primary key and a timestamp")
-            pk, at = args.args
-            found = conn.execute("SELECT bemi.as_of(%s, %s, %s::timestamptz)::text", (args.table, pk, at)).fetchone()
-            if found is None or found[0] is None:
-                print(f"{args.table} {pk} did not exist at {at}", file=sys.stderr)
-                return 3
-            print(found[0])
-            return 0
+            with connect(dsn, role="source database") as src:
+                source = commands.with_installation(src, settings)[1]
+            with timetravel.answers():
+                return _as_of(conn, args, source)
         if args.command == "blame":
             rows = timetravel.blame(conn, args.table, args.primary_key)
             if not rows:
-                raise BemiError(f"{args.table} {args.primary_key} does not exist (or has no recorded changes)")
+                raise BemiError(f"{args.table} {args.primary_key} does not exist now (or neither a change nor the "
+                                "baseline records it: `bemi-pg snapshot TABLE` takes one)")
             if args.json:
                 print(json.dumps(rows, default=str, indent=2))
                 return 0
             width = max(len(r["column"]) for r in rows)
             for r in rows:
+                if r["id"] is None:
+                    print(f"{r['column']:<{width}}  {json.dumps(r['value'], default=str):<30} from before tracking began")
+                    continue
                 print(f"{r['column']:<{width}}  {json.dumps(r['value'], default=str):<30} {r['operation']:<8} "
                       f"{r['committed_at'].isoformat()}  {r['id']}  {json.dumps(r['context'], default=str)}")
             return 0
@@ -264,7 +276,7 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2, default=str))
         else:
             for key, value in result.items():
-                if key == "tracked_tables":
+                if key in ("tracked_tables", "baselines"):
                     value = f"{len(value)}: {', '.join(value)}" if value else "none"
                 print(f"{key}: {value}")
         return 0

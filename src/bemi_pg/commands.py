@@ -370,7 +370,7 @@ def installed_settings(source_dsn: str, settings: Settings) -> Settings:
 
 
 def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> dict[str, Any]:
-    """Slot lag and state, last position written, tracked tables, change count."""
+    """Slot lag and state, last position written, tracked tables, change count, baselines."""
     result: dict[str, Any] = {}
     with connect(source_dsn, role="source database") as src:
         settings, source = with_installation(src, settings)
@@ -405,6 +405,8 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result["change_count"] = dst.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
             ).fetchone()[0]  # type: ignore[index]
+            result["baselines"] = [f"{name} ({rows} rows as of {taken_at.isoformat()})"
+                                   for name, rows, taken_at in dst.execute(query("baselines"), {"source": source})]
         except psycopg.errors.UndefinedTable:
             result["last_commit_position"] = None
             result["change_count"] = None

@@ -92,6 +92,8 @@ def test_no_snapshot_then_snapshot_command_refreshes_one_table(db):
     assert heads == [("account", 26), ("entry", 30)]
     assert db.execute("SELECT id FROM bemi.snapshot WHERE \"table\" = 'account'") != first
     assert db.execute("SELECT count(*) FROM bemi.snapshot_row") == [(56,)]
+    result = run_cli("status", "--dsn", db.dsn)
+    assert "baselines: 2: public.account (26 rows as of " in result.stdout, result.stdout
 
 
 def test_snapshot_names_are_checked(db, other_db):

@@ -156,4 +156,4 @@ def test_bemi_pg_install_switches_an_extension_to_wal_mode(installed_extension, 
     with pytest.raises(BemiError, match="DROP EXTENSION bemi_pg CASCADE"):
         commands.uninstall(db.dsn, None, db.settings)
     assert db.execute("SELECT count(*) FROM pg_depend WHERE refobjid = (SELECT oid FROM pg_extension "
-                      "WHERE extname = 'bemi_pg') AND deptype = 'e'") == [(37,)]
+                      "WHERE extname = 'bemi_pg') AND deptype = 'e'") == [(45,)]

@@ -214,3 +214,8 @@ UPDATE bemi.snapshot SET completed_at = pg_catalog.now(), row_count = %(rows)s W
 -- name: snapshot_tables
 -- The tables of a source that have a complete baseline.
 SELECT "schema", "table" FROM bemi.snapshot WHERE source = %(source)s AND completed_at IS NOT NULL
+
+-- name: baselines
+-- A source's complete baselines, for status.
+SELECT "schema" || '.' || "table", row_count, taken_at FROM bemi.snapshot
+ WHERE source = %(source)s AND completed_at IS NOT NULL ORDER BY 1
