@@ -19,11 +19,13 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.bigtrail import KEYS, TABLES, big_trail  # noqa: E402
+from tests.bigtrail import BASELINE_KEYS, KEYS, TABLES, big_trail  # noqa: E402
 
 QUERIES = {
     "history": "SELECT count(*) FROM bemi.history(%s, %s, 100)",
-    "as-of": "SELECT bemi.as_of(%s, %s, '2024-02-15')",
+    "as-of": "SELECT bemi.as_of(%s, %s, '2024-02-15')",  # the last change before it
+    "as-of (next)": "SELECT bemi.as_of(%s, %s, '2024-01-01 00:00:01')",  # no change before: the first after it
+    "as-of (baseline)": "SELECT bemi.as_of(%s, (%s::int + {keys})::text, '2024-02-15')",  # no change at all
     "blame": "SELECT count(*) FROM bemi.blame(%s, %s)",
 }
 
@@ -39,12 +41,12 @@ def main() -> int:
             for name, sql in QUERIES.items():
                 times = []
                 for _ in range(args.samples):
-                    key = (f"t{rng.randrange(TABLES)}", str(rng.randrange(KEYS)))
+                    key = (f"t{rng.randrange(TABLES)}", str(rng.randrange(BASELINE_KEYS)))
                     t0 = time.perf_counter()
-                    conn.execute(sql, key).fetchall()
+                    conn.execute(sql.format(keys=KEYS), key).fetchall()
                     times.append((time.perf_counter() - t0) * 1000)
                 times.sort()
-                print(f"{name:<8} median {statistics.median(times):.2f} ms   p95 {times[int(len(times) * 0.95)]:.2f} ms "
+                print(f"{name:<16} median {statistics.median(times):.2f} ms   p95 {times[int(len(times) * 0.95)]:.2f} ms "
                       f"({args.samples} rows of {args.rows:,} changes)")
         return 0
 

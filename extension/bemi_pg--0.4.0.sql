@@ -1032,6 +1032,37 @@ CREATE UNIQUE INDEX IF NOT EXISTS checkpoint_source_slot_name_key ON bemi.checkp
 -- for `bemi-pg status`; cleared by the next batch written.
 ALTER TABLE bemi.checkpoint ADD COLUMN IF NOT EXISTS refused text;
 
+-- The baseline: each tracked table's rows as a snapshot of the source saw them, kept apart from
+-- the changes (Bemi's clients read those). A header per source and table; its rows count only
+-- once completed_at is set: a snapshot killed half way leaves a header without it, which time
+-- travel ignores and the next `bemi-pg snapshot` deletes. taken_at and wal_position are the
+-- moment and WAL insert position read inside the snapshot: every change it does not show
+-- committed after it, so once the poller has written past wal_position the trail has them all.
+CREATE TABLE IF NOT EXISTS bemi.snapshot (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  source text NOT NULL,
+  "schema" text NOT NULL,
+  "table" text NOT NULL,
+  taken_at timestamptz NOT NULL,
+  wal_position bigint NOT NULL,
+  row_count bigint NOT NULL DEFAULT 0,
+  started_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  completed_at timestamptz
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS snapshot_complete_key
+  ON bemi.snapshot (source, "schema", "table") WHERE completed_at IS NOT NULL;
+
+-- primary_key as the changes table writes it (the value's text, a JSON array for a composite
+-- key, NULL without a key); row_data as to_jsonb gave it, less the excluded columns.
+CREATE TABLE IF NOT EXISTS bemi.snapshot_row (
+  snapshot_id bigint NOT NULL REFERENCES bemi.snapshot (id) ON DELETE CASCADE,
+  primary_key text,
+  row_data jsonb NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS snapshot_row_snapshot_id_primary_key_idx ON bemi.snapshot_row (snapshot_id, primary_key);
+
 -- Files the rows an earlier version wrote without a source (keyed by database name) under the
 -- source now installing, then makes changes.source NOT NULL once no row lacks one. Called by
 -- `bemi-pg install` for its own source; cheap once the column is NOT NULL.
@@ -1082,58 +1113,301 @@ AS $fn$
    LIMIT max_rows
 $fn$;
 
--- The row as to_jsonb gave it at moment `at`; NULL where it did not exist then.
+-- The source a function without one answers for: the installation's, where the trail lives in
+-- the tracked database; else the only source in the destination (several: name one).
+CREATE OR REPLACE FUNCTION bemi.trail_source() RETURNS text
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+  found text;
+  sources text[];
+BEGIN
+  IF pg_catalog.to_regclass('bemi.installation') IS NOT NULL THEN
+    EXECUTE 'SELECT i.source FROM bemi.installation AS i' INTO found;
+    IF found IS NOT NULL THEN
+      RETURN found;
+    END IF;
+  END IF;
+  SELECT pg_catalog.array_agg(DISTINCT k.source) INTO sources FROM bemi.checkpoint AS k WHERE k.source IS NOT NULL;
+  IF pg_catalog.cardinality(sources) > 1 THEN
+    RAISE EXCEPTION 'this destination holds the trails of % sources (%): name the source', pg_catalog.cardinality(sources),
+      pg_catalog.array_to_string(sources, ', ') USING ERRCODE = 'BEM01';
+  END IF;
+  RETURN sources[1];
+END
+$fn$;
+
+-- What the trail of one source knows of one table (issue 14): from when (began: its baseline's
+-- moment, or with none the installation's, where the trail is in the tracked database), up to
+-- when (known_until: now in trigger mode, where changes are written as they commit; else the
+-- commit time of the last transaction the poller wrote), and what answers for a row no change
+-- tells about: the baseline (baseline_ready once the poller has written past its WAL position)
+-- or, in trigger mode in the tracked database, the live row. A bare table name is resolved by the
+-- baselines, then the tracked database's catalog; two schemas make it ambiguous.
+CREATE OR REPLACE FUNCTION bemi.trail_extent(source text, table_name text,
+  OUT schema_name text, OUT relation_name text, OUT began timestamptz, OUT known_until timestamptz,
+  OUT baseline_id bigint, OUT baseline_taken_at timestamptz, OUT baseline_ready boolean, OUT live boolean)
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+  here jsonb;
+  installed timestamptz;
+  mode text;
+  schemas text[];
+  last_commit bigint;
+  last_end bigint;
+BEGIN
+  SELECT t.schema_name, t.relation_name INTO schema_name, relation_name FROM bemi.split_table_name(table_name) AS t;
+  IF pg_catalog.to_regclass('bemi.installation') IS NOT NULL THEN
+    EXECUTE 'SELECT i.settings, i.installed_at FROM bemi.installation AS i WHERE i.source = $1' INTO here, installed USING source;
+  END IF;
+  mode := coalesce(here ->> 'capture_mode', 'wal');
+  live := here IS NOT NULL AND mode = 'triggers';
+  IF schema_name IS NULL THEN
+    SELECT pg_catalog.array_agg(DISTINCT s."schema") INTO schemas FROM bemi.snapshot AS s
+     WHERE s.source = trail_extent.source AND s."table" = relation_name AND s.completed_at IS NOT NULL;
+    IF schemas IS NULL AND here IS NOT NULL THEN
+      SELECT pg_catalog.array_agg(n.nspname::text) INTO schemas
+        FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+       WHERE c.relname = relation_name AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+         AND n.nspname IN (SELECT pg_catalog.jsonb_array_elements_text(here -> 'schemas'));
+    END IF;
+    IF pg_catalog.cardinality(schemas) > 1 THEN
+      RAISE EXCEPTION '% is ambiguous (in schemas %): name it as schema.table', relation_name,
+        pg_catalog.array_to_string(schemas, ', ') USING ERRCODE = 'BEM01';
+    END IF;
+    schema_name := coalesce(schemas[1], (SELECT c."schema" FROM public.changes AS c
+                                          WHERE c.source = trail_extent.source AND c."table" = relation_name LIMIT 1));
+  END IF;
+  SELECT s.id, s.taken_at INTO baseline_id, baseline_taken_at FROM bemi.snapshot AS s
+   WHERE s.source = trail_extent.source AND s."schema" = schema_name AND s."table" = relation_name AND s.completed_at IS NOT NULL;
+  IF live THEN
+    known_until := pg_catalog.clock_timestamp();
+    baseline_ready := baseline_id IS NOT NULL;
+  ELSE
+    SELECT k.commit_position, k.end_position INTO last_commit, last_end FROM bemi.checkpoint AS k
+     WHERE k.source = trail_extent.source ORDER BY k.updated_at DESC LIMIT 1;
+    -- (The checkpoint's own transaction may have written nothing: the last one that did.)
+    known_until := (SELECT c.committed_at FROM public.changes AS c
+                     WHERE c.source = trail_extent.source AND c.commit_position <= last_commit
+                     ORDER BY c.commit_position DESC LIMIT 1);
+    baseline_ready := last_end >= (SELECT s.wal_position FROM bemi.snapshot AS s WHERE s.id = baseline_id);
+  END IF;
+  began := coalesce(baseline_taken_at, installed);
+END
+$fn$;
+
+-- Raise "the trail cannot say" (SQLSTATE BEM05, the CLI's exit 5) with the reason.
+CREATE OR REPLACE FUNCTION bemi.cannot_say(reason text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+BEGIN
+  RAISE EXCEPTION 'the trail cannot say: %', reason USING ERRCODE = 'BEM05';
+END
+$fn$;
+
+-- The bounds every as-of answer checks first.
+CREATE OR REPLACE FUNCTION bemi.check_extent(schema_name text, relation_name text, began timestamptz,
+                                             known_until timestamptz, at timestamptz) RETURNS void
+LANGUAGE plpgsql STABLE
+AS $fn$
+BEGIN
+  IF check_extent.began IS NULL THEN
+    PERFORM bemi.cannot_say(pg_catalog.format('there is no baseline of %s.%s, and the trail is not in its database: '
+                                              'run `bemi-pg snapshot %s.%s`', check_extent.schema_name, check_extent.relation_name,
+                                              check_extent.schema_name, check_extent.relation_name));
+  ELSIF at < check_extent.began THEN
+    PERFORM bemi.cannot_say(pg_catalog.format('%s is before tracking of %s.%s began (%s)', at, check_extent.schema_name,
+                                              check_extent.relation_name, check_extent.began));
+  ELSIF check_extent.known_until IS NULL OR at > check_extent.known_until THEN
+    PERFORM bemi.cannot_say(pg_catalog.format('%s is later than what the poller has written (%s): a change may be on its way; '
+                                              'run `bemi-pg poll`', at, coalesce(check_extent.known_until::text, 'nothing yet')));
+  END IF;
+END
+$fn$;
+
+-- Every row of a tracked table in this database as the trail records it: to_jsonb less the
+-- excluded columns (the capture trigger's own arguments), under its key as changes writes it.
+CREATE OR REPLACE FUNCTION bemi.live_rows(schema_name text, relation_name text)
+RETURNS TABLE (primary_key text, row_data jsonb)
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+  rel regclass := pg_catalog.to_regclass(pg_catalog.format('%I.%I', schema_name, relation_name));
+  keys text[];
+  excluded text[];
+BEGIN
+  IF rel IS NULL THEN
+    RETURN;
+  END IF;
+  SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.n) INTO keys
+    FROM pg_catalog.pg_index AS i
+    CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+    JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+   WHERE i.indrelid = rel AND i.indisprimary;
+  SELECT (pg_catalog.string_to_array(pg_catalog.encode(t.tgargs, 'escape'), '\000'))[2]::text[] INTO excluded
+    FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'bemi_capture_insert';
+  RETURN QUERY EXECUTE pg_catalog.format(
+    'SELECT CASE WHEN pg_catalog.cardinality($1) = 1 THEN r.data ->> $1[1] '
+    '            WHEN pg_catalog.cardinality($1) > 1 THEN (SELECT pg_catalog.jsonb_agg(r.data -> k.name ORDER BY k.n) '
+    '                   FROM pg_catalog.unnest($1) WITH ORDINALITY AS k(name, n))::text END, r.data '
+    '  FROM (SELECT pg_catalog.to_jsonb(t) - $2 AS data FROM %s AS t) AS r', rel)
+    USING coalesce(keys, '{}'), coalesce(excluded, '{}');
+END
+$fn$;
+
+-- The row as to_jsonb gave it at moment `at`; NULL where it did not exist then; SQLSTATE BEM05
+-- where the trail cannot say. In this order: the last change at or before `at` (gone after a
+-- DELETE or TRUNCATE); the first change after it (its before; a CREATE: it did not exist),
+-- unless a TRUNCATE comes first; the baseline (unless a TRUNCATE came between `at` and it); in
+-- trigger mode in the tracked database, the live row.
+CREATE OR REPLACE FUNCTION bemi.as_of(source text, table_name text, primary_key text, at timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+  e record;
+  l record;
+  n record;
+  lt record;
+  nt record;
+BEGIN
+  SELECT * INTO e FROM bemi.trail_extent(source, table_name);
+  PERFORM bemi.check_extent(e.schema_name, e.relation_name, e.began, e.known_until, at);
+  SELECT c.operation, c.after, c.committed_at, c.commit_position, c.seq INTO l
+    FROM public.changes AS c
+   WHERE c."table" = e.relation_name AND c.primary_key = as_of.primary_key AND c.committed_at <= at
+     AND c.source = as_of.source AND c."schema" = e.schema_name
+   ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1;
+  SELECT c.committed_at, c.commit_position, c.seq INTO lt
+    FROM public.changes AS c
+   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at <= at
+     AND c.source = as_of.source AND c."schema" = e.schema_name
+   ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1;
+  IF lt.committed_at IS NOT NULL AND (l.committed_at IS NULL
+      OR (lt.committed_at, lt.commit_position, lt.seq) > (l.committed_at, l.commit_position, l.seq)) THEN
+    RETURN NULL;
+  ELSIF l.committed_at IS NOT NULL THEN
+    RETURN CASE WHEN l.operation = 'DELETE' THEN NULL ELSE l.after END;
+  END IF;
+  SELECT c.committed_at, c.commit_position, c.seq INTO nt
+    FROM public.changes AS c
+   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at > at
+     AND c.source = as_of.source AND c."schema" = e.schema_name
+   ORDER BY c.committed_at, c.commit_position, c.seq LIMIT 1;
+  SELECT c.operation, c.before, c.committed_at, c.commit_position, c.seq INTO n
+    FROM public.changes AS c
+   WHERE c."table" = e.relation_name AND c.primary_key = as_of.primary_key AND c.committed_at > at
+     AND c.source = as_of.source AND c."schema" = e.schema_name
+   ORDER BY c.committed_at, c.commit_position, c.seq LIMIT 1;
+  IF n.committed_at IS NOT NULL AND (nt.committed_at IS NULL
+      OR (n.committed_at, n.commit_position, n.seq) < (nt.committed_at, nt.commit_position, nt.seq)) THEN
+    RETURN CASE WHEN n.operation = 'CREATE' THEN NULL ELSE n.before END;
+  END IF;
+  IF e.baseline_id IS NOT NULL THEN
+    IF NOT e.baseline_ready THEN
+      PERFORM bemi.cannot_say('the poller has not yet written past the baseline of ' || e.schema_name || '.' || e.relation_name);
+    ELSIF nt.committed_at < e.baseline_taken_at THEN
+      PERFORM bemi.cannot_say('a TRUNCATE after that moment and before the baseline removed what it held');
+    END IF;
+    RETURN (SELECT r.row_data FROM bemi.snapshot_row AS r WHERE r.snapshot_id = e.baseline_id AND r.primary_key = as_of.primary_key);
+  END IF;
+  IF e.live AND nt.committed_at IS NULL THEN
+    RETURN (SELECT r.row_data FROM bemi.live_rows(e.schema_name, e.relation_name) AS r WHERE r.primary_key = as_of.primary_key);
+  END IF;
+  PERFORM bemi.cannot_say(pg_catalog.format('no change of this row is recorded, and there is no baseline of %s.%s: '
+                                            'run `bemi-pg snapshot %s.%s`', e.schema_name, e.relation_name,
+                                            e.schema_name, e.relation_name));
+  RETURN NULL;
+END
+$fn$;
+
 CREATE OR REPLACE FUNCTION bemi.as_of(table_name text, primary_key text, at timestamptz)
 RETURNS jsonb
 LANGUAGE sql STABLE
 AS $fn$
-  WITH t AS (SELECT * FROM bemi.split_table_name(as_of.table_name)),
-  last_change AS (
-    SELECT c.operation, c.after, c.committed_at, c.commit_position, c.seq
-      FROM public.changes AS c, t
-     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-       AND c.primary_key = as_of.primary_key AND c.committed_at <= as_of.at
-     ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
-     LIMIT 1),
-  last_truncate AS (
-    SELECT c.committed_at, c.commit_position, c.seq
-      FROM public.changes AS c, t
-     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-       AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at <= as_of.at
-     ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
-     LIMIT 1)
-  SELECT CASE
-           WHEN l.operation = 'DELETE' THEN NULL
-           WHEN (tr.committed_at, tr.commit_position, tr.seq) > (l.committed_at, l.commit_position, l.seq) THEN NULL
-           ELSE l.after
-         END
-    FROM last_change AS l LEFT JOIN last_truncate AS tr ON true
+  SELECT bemi.as_of(bemi.trail_source(), table_name, primary_key, at)
 $fn$;
 
--- Every row of the table at moment `at` (tables with a primary key).
+-- Every row of the table at moment `at` (tables with a primary key), by the rules of as_of.
+CREATE OR REPLACE FUNCTION bemi.as_of_all(source text, table_name text, at timestamptz)
+RETURNS TABLE (primary_key text, row_data jsonb)
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+  e record;
+  lt record;
+  nt record;
+BEGIN
+  SELECT * INTO e FROM bemi.trail_extent(source, table_name);
+  PERFORM bemi.check_extent(e.schema_name, e.relation_name, e.began, e.known_until, at);
+  SELECT c.committed_at, c.commit_position, c.seq INTO lt
+    FROM public.changes AS c
+   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at <= at
+     AND c.source = as_of_all.source AND c."schema" = e.schema_name
+   ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1;
+  SELECT c.committed_at, c.commit_position, c.seq INTO nt
+    FROM public.changes AS c
+   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at > at
+     AND c.source = as_of_all.source AND c."schema" = e.schema_name
+   ORDER BY c.committed_at, c.commit_position, c.seq LIMIT 1;
+  IF lt.committed_at IS NULL THEN  -- rows no change tells about come from the baseline or the table
+    IF e.baseline_id IS NOT NULL THEN
+      IF NOT e.baseline_ready THEN
+        PERFORM bemi.cannot_say('the poller has not yet written past the baseline of ' || e.schema_name || '.' || e.relation_name);
+      ELSIF nt.committed_at < e.baseline_taken_at THEN
+        PERFORM bemi.cannot_say('a TRUNCATE after that moment and before the baseline removed what it held');
+      END IF;
+    ELSIF NOT e.live OR nt.committed_at IS NOT NULL THEN
+      PERFORM bemi.cannot_say(pg_catalog.format('there is no baseline of %s.%s for the rows no change tells about: '
+                                                'run `bemi-pg snapshot %s.%s`', e.schema_name, e.relation_name,
+                                                e.schema_name, e.relation_name));
+    END IF;
+  END IF;
+  RETURN QUERY
+  WITH changed AS (
+    SELECT c.primary_key, c.operation, c.before, c.after, c.committed_at, c.commit_position, c.seq
+      FROM public.changes AS c
+     WHERE c."table" = e.relation_name AND c.primary_key IS NOT NULL
+       AND c.source = as_of_all.source AND c."schema" = e.schema_name),
+  latest AS (
+    SELECT DISTINCT ON (c.primary_key) c.primary_key, c.operation, c.after, c.committed_at, c.commit_position, c.seq
+      FROM changed AS c WHERE c.committed_at <= at
+     ORDER BY c.primary_key, c.committed_at DESC, c.commit_position DESC, c.seq DESC),
+  following AS (
+    SELECT DISTINCT ON (c.primary_key) c.primary_key, c.operation, c.before
+      FROM changed AS c
+     WHERE c.committed_at > at AND lt.committed_at IS NULL
+       AND (nt.committed_at IS NULL OR (c.committed_at, c.commit_position, c.seq) < (nt.committed_at, nt.commit_position, nt.seq))
+       AND NOT EXISTS (SELECT FROM latest AS l WHERE l.primary_key = c.primary_key)
+     ORDER BY c.primary_key, c.committed_at, c.commit_position, c.seq),
+  decided AS (
+    SELECT l.primary_key,
+           CASE WHEN l.operation = 'DELETE' OR (lt.committed_at IS NOT NULL
+                     AND (lt.committed_at, lt.commit_position, lt.seq) > (l.committed_at, l.commit_position, l.seq))
+                THEN NULL ELSE l.after END AS row_data
+      FROM latest AS l
+    UNION ALL
+    SELECT f.primary_key, CASE WHEN f.operation = 'CREATE' THEN NULL ELSE f.before END FROM following AS f),
+  unchanged AS (
+    SELECT r.primary_key, r.row_data FROM bemi.snapshot_row AS r
+     WHERE r.snapshot_id = e.baseline_id AND lt.committed_at IS NULL
+    UNION ALL
+    SELECT r.primary_key, r.row_data FROM bemi.live_rows(e.schema_name, e.relation_name) AS r
+     WHERE e.baseline_id IS NULL AND e.live AND lt.committed_at IS NULL)
+  SELECT d.primary_key, d.row_data FROM decided AS d WHERE d.row_data IS NOT NULL
+  UNION ALL
+  SELECT u.primary_key, u.row_data FROM unchanged AS u
+   WHERE u.primary_key IS NOT NULL AND NOT EXISTS (SELECT FROM decided AS d WHERE d.primary_key = u.primary_key)
+  ORDER BY 1;
+END
+$fn$;
+
 CREATE OR REPLACE FUNCTION bemi.as_of_all(table_name text, at timestamptz)
 RETURNS TABLE (primary_key text, row_data jsonb)
 LANGUAGE sql STABLE
 AS $fn$
-  WITH t AS (SELECT * FROM bemi.split_table_name(as_of_all.table_name)),
-  last_truncate AS (
-    SELECT c.committed_at, c.commit_position, c.seq
-      FROM public.changes AS c, t
-     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-       AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at <= as_of_all.at
-     ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
-     LIMIT 1),
-  latest AS (
-    SELECT DISTINCT ON (c.primary_key) c.primary_key, c.operation, c.after, c.committed_at, c.commit_position, c.seq
-      FROM public.changes AS c, t
-     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-       AND c.primary_key IS NOT NULL AND c.committed_at <= as_of_all.at
-     ORDER BY c.primary_key, c.committed_at DESC, c.commit_position DESC, c.seq DESC)
-  SELECT l.primary_key, l.after
-    FROM latest AS l LEFT JOIN last_truncate AS tr ON true
-   WHERE l.operation <> 'DELETE'
-     AND (tr.committed_at IS NULL OR (l.committed_at, l.commit_position, l.seq) > (tr.committed_at, tr.commit_position, tr.seq))
-   ORDER BY l.primary_key
+  SELECT a.primary_key, a.row_data FROM bemi.as_of_all(bemi.trail_source(), table_name, at) AS a
 $fn$;
 
 -- Typed rows: SELECT * FROM bemi.as_of(NULL::public.todo, '2024-05-01 12:00+00');
@@ -1146,40 +1420,93 @@ AS $fn$
          pg_catalog.jsonb_populate_record(row_type, a.row_data) AS r
 $fn$;
 
--- For each column of the row as it is now, the change that last set its value.
+-- The row as the last change of it left it (NULL after a DELETE or a TRUNCATE): what blame reads.
+CREATE OR REPLACE FUNCTION bemi.last_recorded(table_name text, primary_key text)
+RETURNS jsonb
+LANGUAGE sql STABLE
+AS $fn$
+  WITH t AS (SELECT * FROM bemi.split_table_name(last_recorded.table_name)),
+  last_change AS (
+    SELECT c.operation, c.after, c.committed_at, c.commit_position, c.seq
+      FROM public.changes AS c, t
+     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
+       AND c.primary_key = last_recorded.primary_key
+     ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
+     LIMIT 1),
+  last_truncate AS (
+    SELECT c.committed_at, c.commit_position, c.seq
+      FROM public.changes AS c, t
+     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
+       AND c.primary_key IS NULL AND c.operation = 'TRUNCATE'
+     ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
+     LIMIT 1)
+  SELECT CASE
+           WHEN l.operation = 'DELETE' THEN NULL
+           WHEN (tr.committed_at, tr.commit_position, tr.seq) > (l.committed_at, l.commit_position, l.seq) THEN NULL
+           ELSE l.after
+         END
+    FROM last_change AS l LEFT JOIN last_truncate AS tr ON true
+$fn$;
+
+-- For each column of the row as it is now, the change that last set its value; a column no
+-- change has set since tracking began (a row that predates it) says so: operation 'BEFORE
+-- TRACKING', with no change id, its value from the last change or else the baseline.
 CREATE OR REPLACE FUNCTION bemi.blame(table_name text, primary_key text)
 RETURNS TABLE ("column" text, value jsonb, id uuid, operation text, committed_at timestamptz,
                transaction_id bigint, context jsonb)
 LANGUAGE sql STABLE
 AS $fn$
-  WITH t AS (SELECT * FROM bemi.split_table_name(blame.table_name)),
+  WITH src AS (SELECT bemi.trail_source() AS source),
+  t AS (SELECT * FROM bemi.split_table_name(blame.table_name)),
   row_changes AS (
     SELECT c.*
-      FROM public.changes AS c, t
+      FROM public.changes AS c, t, src
      WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-       AND c.primary_key = blame.primary_key),
+       AND c.primary_key = blame.primary_key AND c.source = src.source),
   born AS (
     SELECT c.committed_at, c.commit_position, c.seq FROM row_changes AS c WHERE c.operation = 'CREATE'
      ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1),
-  now_row AS (SELECT bemi.as_of(blame.table_name, blame.primary_key, 'infinity') AS data)
-  SELECT DISTINCT ON (k.key) k.key, c.after -> k.key, c.id, c.operation, c.committed_at, c.transaction_id, c.context
-    FROM row_changes AS c
-    CROSS JOIN now_row AS n
-    LEFT JOIN born AS b ON true
-    CROSS JOIN LATERAL pg_catalog.jsonb_object_keys(c.after) AS k(key)
-   WHERE n.data IS NOT NULL AND n.data ? k.key
-     AND (b.committed_at IS NULL OR (c.committed_at, c.commit_position, c.seq) >= (b.committed_at, b.commit_position, b.seq))
-     AND (c.operation = 'CREATE' OR (c.before -> k.key) IS DISTINCT FROM (c.after -> k.key))
-   ORDER BY k.key, c.committed_at DESC, c.commit_position DESC, c.seq DESC
+  base AS (
+    SELECT r.row_data, s.taken_at, s."schema", s."table"
+      FROM bemi.snapshot AS s JOIN bemi.snapshot_row AS r ON r.snapshot_id = s.id, t, src
+     WHERE s.source = src.source AND s."table" = t.relation_name AND (t.schema_name IS NULL OR s."schema" = t.schema_name)
+       AND s.completed_at IS NOT NULL AND r.primary_key = blame.primary_key
+     LIMIT 1),
+  now_row AS (
+    SELECT CASE WHEN EXISTS (SELECT FROM row_changes) THEN bemi.last_recorded(blame.table_name, blame.primary_key)
+                ELSE (SELECT b.row_data FROM base AS b
+                       WHERE NOT EXISTS (SELECT FROM public.changes AS c, src
+                                          WHERE c."table" = b."table" AND c."schema" = b."schema" AND c.source = src.source
+                                            AND c.primary_key IS NULL AND c.operation = 'TRUNCATE'))
+           END AS data),
+  changed AS (
+    SELECT DISTINCT ON (k.key) k.key AS "column", c.after -> k.key AS value, c.id, c.operation, c.committed_at,
+           c.transaction_id, c.context
+      FROM row_changes AS c
+      CROSS JOIN now_row AS n
+      LEFT JOIN born AS b ON true
+      CROSS JOIN LATERAL pg_catalog.jsonb_object_keys(c.after) AS k(key)
+     WHERE n.data IS NOT NULL AND n.data ? k.key
+       AND (b.committed_at IS NULL OR (c.committed_at, c.commit_position, c.seq) >= (b.committed_at, b.commit_position, b.seq))
+       AND (c.operation = 'CREATE' OR (c.before -> k.key) IS DISTINCT FROM (c.after -> k.key))
+     ORDER BY k.key, c.committed_at DESC, c.commit_position DESC, c.seq DESC)
+  SELECT * FROM changed
+  UNION ALL
+  SELECT k.key, n.data -> k.key, NULL::uuid, 'BEFORE TRACKING', NULL::timestamptz, NULL::bigint, '{}'::jsonb
+    FROM now_row AS n CROSS JOIN LATERAL pg_catalog.jsonb_object_keys(n.data) AS k(key)
+   WHERE n.data IS NOT NULL AND NOT EXISTS (SELECT FROM born)
+     AND NOT EXISTS (SELECT FROM changed AS ch WHERE ch."column" = k.key)
 $fn$;
 
 -- Rows written before 0.4.0 are this database's own: filed under its source.
 SELECT bemi.adopt_source(bemi.source_identity(), pg_catalog.current_database());
 
 -- pg_dump keeps the rows of the extension's tables: the settings, the tracked tables' replica
--- identity before bemi-pg, the poller's checkpoints, and the audit trail itself.
+-- identity before bemi-pg, the poller's checkpoints, the baseline, and the audit trail itself.
 -- (DROP EXTENSION drops them all, the changes table included: see extension/README.md.)
 SELECT pg_catalog.pg_extension_config_dump('bemi.installation', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.tracked_table', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.checkpoint', '');
 SELECT pg_catalog.pg_extension_config_dump('public.changes', '');
+SELECT pg_catalog.pg_extension_config_dump('bemi.snapshot', '');
+SELECT pg_catalog.pg_extension_config_dump('bemi.snapshot_row', '');

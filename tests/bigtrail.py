@@ -19,6 +19,7 @@ from bemi_pg.config import Settings, load_settings
 
 TABLES = 20  # t0 .. t19
 KEYS = 50_000  # primary keys per table
+BASELINE_KEYS = 10_000  # rows per table in the baseline only
 
 
 def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
@@ -47,7 +48,22 @@ def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
         """)
     commands.install(dsn, None, settings)  # recreates the secondary indexes
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # The trail is dated 2024: tracking began before it, the poller wrote all of it, and each
+        # table has a baseline of BASELINE_KEYS rows (keys from KEYS on) that no change tells about.
+        conn.execute("UPDATE bemi.installation SET installed_at = '2023-12-31'")
+        conn.execute("""
+            INSERT INTO bemi.checkpoint (source, "database", slot_name, commit_position, end_position)
+            SELECT source, "database", 'bemi_bigtrail', max(commit_position), max(commit_position) FROM changes GROUP BY 1, 2
+        """)
+        conn.execute(f"""
+            WITH s AS (INSERT INTO bemi.snapshot (source, "schema", "table", taken_at, wal_position, completed_at)
+                       SELECT bemi.source_identity(), 'public', 't' || t, '2023-12-31', 0, now()
+                         FROM generate_series(0, {TABLES - 1}) t RETURNING id)
+            INSERT INTO bemi.snapshot_row
+            SELECT s.id, k::text, jsonb_build_object('id', k) FROM s, generate_series({KEYS}, {KEYS + BASELINE_KEYS - 1}) k
+        """)
         conn.execute("VACUUM ANALYZE changes")
+        conn.execute("ANALYZE bemi.snapshot_row")
 
 
 def explain_everything(conn: psycopg.Connection[Any]) -> list[str]:

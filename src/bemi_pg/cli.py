@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="run the checks and print the SQL; change nothing")
     p.add_argument("--capture-mode", choices=("wal", "triggers", "auto"),
                    help="wal (logical decoding and a poller), triggers (written as they commit), or auto (default capture.mode)")
+    p.add_argument("--no-snapshot", action="store_true", help="take no baseline of the tables' current rows (see `snapshot`)")
+
+    p = sub.add_parser("snapshot", parents=[common], help="take or refresh the baseline of tracked tables' current rows")
+    p.add_argument("tables", nargs="*", metavar="TABLE", help="table or schema.table (default: every tracked table)")
 
     p = sub.add_parser("uninstall", parents=[common], help="remove triggers, functions, publication and slot")
     p.add_argument("--drop-changes", action="store_true", help="also drop the changes table (the audit data)")
@@ -136,6 +140,25 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
     return 0
 
 
+def _as_of(conn: psycopg.Connection[Any], args: argparse.Namespace, source: str) -> int:
+    if args.all:
+        if len(args.args) != 1:
+            raise ConfigError("as-of TABLE --all TIMESTAMP takes one TIMESTAMP")
+        for (text,) in conn.execute("SELECT row_data::text FROM bemi.as_of_all(%s, %s, %s::timestamptz)",
+                                 (source, args.table, args.args[0])):
+            print(text)
+        return 0
+    if len(args.args) != 2:
+        raise ConfigError("as-of TABLE PK TIMESTAMP takes a primary key and a timestamp")
+    pk, at = args.args
+    found = conn.execute("SELECT bemi.as_of(%s, %s, %s, %s::timestamptz)::text", (source, args.table, pk, at)).fetchone()
+    if found is None or found[0] is None:
+        print(f"{args.table} {pk} did not exist at {at}", file=sys.stderr)
+        return 3
+    print(found[0])
+    return 0
+
+
 def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any) -> int:
     with connect(dest or dsn, role="destination database") as conn:
         if args.command == "history":
@@ -157,30 +180,23 @@ def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: 
                     print(f"    {column}: {old} → {new}")
             return 0
         if args.command == "as-of":
-            if args.all:
-                if len(args.args) != 1:
-                    raise ConfigError("as-of TABLE --all TIMESTAMP takes one TIMESTAMP")
-                for (text,) in conn.execute("SELECT row_data::text FROM bemi.as_of_all(%s, %s::timestamptz)", (args.table, args.args[0])):
-                    print(text)
-                return 0
-            if len(args.args) != 2:
-                raise ConfigError("as-of TABLE PK TIMESTAMP takes a primary key and a timestamp")
-            pk, at = args.args
-            found = conn.execute("SELECT bemi.as_of(%s, %s, %s::timestamptz)::text", (args.table, pk, at)).fetchone()
-            if found is None or found[0] is None:
-                print(f"{args.table} {pk} did not exist at {at}", file=sys.stderr)
-                return 3
-            print(found[0])
-            return 0
+            with connect(dsn, role="source database") as src:
+                source = commands.with_installation(src, settings)[1]
+            with timetravel.answers():
+                return _as_of(conn, args, source)
         if args.command == "blame":
             rows = timetravel.blame(conn, args.table, args.primary_key)
             if not rows:
-                raise BemiError(f"{args.table} {args.primary_key} does not exist (or has no recorded changes)")
+                raise BemiError(f"{args.table} {args.primary_key} does not exist now (or neither a change nor the "
+                                "baseline records it: `bemi-pg snapshot TABLE` takes one)")
             if args.json:
                 print(json.dumps(rows, default=str, indent=2))
                 return 0
             width = max(len(r["column"]) for r in rows)
             for r in rows:
+                if r["id"] is None:
+                    print(f"{r['column']:<{width}}  {json.dumps(r['value'], default=str):<30} from before tracking began")
+                    continue
                 print(f"{r['column']:<{width}}  {json.dumps(r['value'], default=str):<30} {r['operation']:<8} "
                       f"{r['committed_at'].isoformat()}  {r['id']}  {json.dumps(r['context'], default=str)}")
             return 0
@@ -243,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
             print(check.line())
         return 1 if any(c.status == "FAIL" for c in checks) else 0
     if args.command == "install":
-        rendered = commands.install(dsn, dest, settings, dry_run=args.dry_run)
+        rendered = commands.install(dsn, dest, settings, dry_run=args.dry_run, snapshot=not args.no_snapshot)
         if args.dry_run:
             sys.stdout.write(rendered.combined() if dest is None else rendered.source + "\n" + rendered.destination)
         else:
@@ -251,6 +267,11 @@ def _run(args: argparse.Namespace) -> int:
                 log.info("bemi-pg: installed; triggers write the changes as they commit, no poller needed")
             else:
                 log.info("bemi-pg: installed; now run `bemi-pg poll --follow` (or `poll --once` from cron)")
+        return 0
+    if args.command == "snapshot":
+        for taken in commands.snapshot(dsn, dest, settings, args.tables):
+            log.info("bemi-pg: baseline of %s: %d rows as of %s (%.1f s)", taken.table, taken.rows,
+                     taken.taken_at.isoformat(), taken.seconds)
         return 0
     if args.command == "uninstall":
         commands.uninstall(dsn, dest, settings, drop_changes=args.drop_changes)
@@ -279,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2, default=str))
         else:
             for key, value in result.items():
-                if key == "tracked_tables":
+                if key in ("tracked_tables", "baselines"):
                     value = f"{len(value)}: {', '.join(value)}" if value else "none"
                 print(f"{key}: {value}")
         return 0

@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 
 from . import __version__
 from . import metrics as metrics_module
+from .baseline import SnapshotResult, take_snapshot
 from .config import Settings
 from .db import (
     check_destination,
@@ -42,7 +43,7 @@ from .service import Health, Monitor, Notifier
 from .wal2json import format_lsn
 
 __all__ = ["Check", "MetricsEndpoint", "doctor", "install", "installed_settings", "uninstall", "poll_once", "poll_follow",
-           "prune", "status", "render", "with_installation", "serve", "explorer_app", "ui_token"]
+           "prune", "status", "render", "snapshot", "with_installation", "serve", "explorer_app", "ui_token"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -261,12 +262,13 @@ def choose_capture_mode(settings: Settings, checks: list[Check]) -> tuple[str, s
 
 
 def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *, dry_run: bool = False,
-            preflight: bool = True) -> Rendered:
+            preflight: bool = True, snapshot: bool = True) -> Rendered:
     """Preflight, apply the install SQL in one transaction per database, create the slot.
 
     Idempotent: a second run changes nothing. With ``dry_run`` nothing is changed. Installing
     with another capture mode than the installed one switches the database over, neither
-    losing nor duplicating a change (see README, "Capture modes")."""
+    losing nor duplicating a change (see README, "Capture modes"). With ``snapshot``, each
+    tracked table without a baseline gets one (see :mod:`bemi_pg.baseline`)."""
     # Every check as wal mode sees it; trigger mode then ignores the ones it does not need.
     checks = (doctor(source_dsn, destination_dsn, replace(settings, capture_mode="wal"))
               if preflight or settings.capture_mode == "auto" else [])
@@ -332,7 +334,14 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                 raise
             if poller is not None:
                 poller.finish_switch()
+    if snapshot:
+        take_snapshot(source_dsn, None if mode == "triggers" else destination_dsn, settings, missing_only=True)
     return rendered
+
+
+def snapshot(source_dsn: str, destination_dsn: str | None, settings: Settings, tables: list[str] | None = None) -> list[SnapshotResult]:
+    """Take or refresh the baseline of the named tracked tables (every one without names)."""
+    return take_snapshot(source_dsn, destination_dsn, settings, tables or ())
 
 
 @contextmanager
@@ -522,7 +531,7 @@ def installed_settings(source_dsn: str, settings: Settings) -> Settings:
 
 
 def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> dict[str, Any]:
-    """Slot lag and state, last position written, tracked tables, change count."""
+    """Slot lag and state, last position written, tracked tables, change count, baselines."""
     result: dict[str, Any] = {}
     with connect(source_dsn, role="source database") as src:
         settings, source = with_installation(src, settings)
@@ -563,6 +572,8 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result["change_count"] = dst.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
             ).fetchone()[0]  # type: ignore[index]
+            result["baselines"] = [f"{name} ({rows} rows as of {taken_at.isoformat()})"
+                                   for name, rows, taken_at in dst.execute(query("baselines"), {"source": source})]
         except psycopg.errors.UndefinedTable:
             result["last_commit_position"] = None
             result["change_count"] = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BemiError", "ConfigError", "ConnectionError", "PreflightError", "SlotBusy", "SlotLost", "BatchRefused"]
+__all__ = ["BemiError", "BatchRefused", "CannotSay", "ConfigError", "ConnectionError", "PreflightError", "SlotBusy", "SlotLost"]
 
 
 class BemiError(Exception):
@@ -45,3 +45,10 @@ class SlotLost(BemiError):
     """The replication slot is gone or invalidated: changes may have been lost."""
 
     exit_code = 3
+
+
+class CannotSay(BemiError):
+    """The trail cannot answer for that moment: before tracking began, in a gap, past what the
+    poller has written, or for a row no change or baseline tells about."""
+
+    exit_code = 5

@@ -619,8 +619,8 @@ class Poller:
                 })
             self._fault("before_commit")
         self._fault("after_commit")
-        if dedupe and stats.changes == stats.sent:
-            self._dedupe = False  # no duplicates this time: back to writing straight into the table
+        if dedupe and stats.sent and stats.changes == stats.sent:
+            self._dedupe = False  # a batch that wrote rows, none of them duplicates: back to COPY straight into the table
         return stats, last
 
     def _advance(self, lsn: int) -> None:

@@ -59,6 +59,8 @@ def test_as_of_matches_snapshots_of_a_randomized_workload(db):
                 moment = conn.execute("SELECT clock_timestamp()::text").fetchone()[0]
                 moments.append((moment, _snapshot(conn)))
                 time.sleep(0.002)
+        # A last change after the last moment: moments past what the poller has written cannot be answered.
+        conn.execute("INSERT INTO account VALUES (1000, 'last', 0, NULL)")
     db.poll()
     with psycopg.connect(db.dsn) as conn:
         checked = 0
@@ -105,10 +107,12 @@ def test_history_blame_and_the_cli(db):
     assert history.returncode == 0 and "balance: 10.5 → 99.123456789012345678" in history.stdout
     as_of = run_cli("as-of", "account", "1", before_owner_change, env=env)
     assert json.loads(as_of.stdout)["owner"] == "ann" and "99.123456789012345678" in as_of.stdout
-    missing = run_cli("as-of", "account", "1", "2000-01-01", env=env)
-    assert missing.returncode == 3 and "did not exist" in missing.stderr
-    all_rows = run_cli("as-of", "account", "--all", "infinity", env=env)
-    assert [json.loads(line)["owner"] for line in all_rows.stdout.splitlines()] == ["cyril"]
+    before_tracking = run_cli("as-of", "account", "1", "2000-01-01", env=env)
+    assert before_tracking.returncode == 5 and "before tracking of public.account began" in before_tracking.stderr
+    all_rows = run_cli("as-of", "account", "--all", before_owner_change, env=env)
+    assert [json.loads(line)["owner"] for line in all_rows.stdout.splitlines()] == ["ann"]
+    unwritten = run_cli("as-of", "account", "--all", "infinity", env=env)
+    assert unwritten.returncode == 5 and "later than what the poller has written" in unwritten.stderr
     assert "owner" in run_cli("blame", "account", "1", env=env).stdout
 
 
@@ -208,9 +212,11 @@ def test_history_and_as_of_use_an_index_on_5_million_changes(db):
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         plans = explain_everything(conn)
         history = conn.execute("SELECT count(*) FROM bemi.history('t7', '1234', 100)").fetchone()[0]
-        as_of = conn.execute("SELECT bemi.as_of('public.t7', '1234', '2024-03-01')").fetchone()[0]
+        as_of = conn.execute("SELECT bemi.as_of('public.t7', '1234', '2024-02-15')").fetchone()[0]
+        before = conn.execute("SELECT bemi.as_of('t7', '1234', '2024-01-01 00:00:01')").fetchone()[0]  # next: its CREATE
+        from_baseline = conn.execute("SELECT bemi.as_of('t7', '50001', '2024-02-15')").fetchone()[0]
         blame = conn.execute("SELECT count(*) FROM bemi.blame('t7', '1234')").fetchone()[0]
-    assert history == 5 and as_of is not None and blame == 2
+    assert history == 5 and as_of is not None and blame == 2 and before is None and from_baseline == {"id": 50001}
     text = "\n".join(plans)
     assert "changes" in text and "Index" in text
     assert "Seq Scan on changes" not in text, text

@@ -262,3 +262,49 @@ SELECT c.context::text AS context, count(*) AS changes, max(c.committed_at) AS l
  GROUP BY c.context
  ORDER BY count(*) DESC, c.context::text
  LIMIT 10
+
+-- name: baseline_tables
+-- The tables a baseline covers: the tracked ones, a partitioned table once (its partitions are
+-- read through it), each with its primary key's columns in key order.
+SELECT n.nspname, c.relname,
+       coalesce((SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.n)
+                   FROM pg_catalog.pg_index i
+                   CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                  WHERE i.indrelid = c.oid AND i.indisprimary), '{}') AS key_columns,
+       (SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+       greatest(c.reltuples, 0)::bigint AS estimate
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE NOT c.relispartition
+   AND EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname IN ('bemi_capture', 'bemi_capture_insert'))
+ ORDER BY 1, 2
+
+-- name: snapshot_moment
+-- The first statement of the snapshot's transaction: what it stands for.
+SELECT pg_catalog.clock_timestamp(), (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint
+
+-- name: snapshot_discard_incomplete
+DELETE FROM bemi.snapshot WHERE source = %(source)s AND "schema" = %(schema)s AND "table" = %(table)s AND completed_at IS NULL
+
+-- name: snapshot_begin
+INSERT INTO bemi.snapshot (source, "schema", "table", taken_at, wal_position)
+VALUES (%(source)s, %(schema)s, %(table)s, %(taken_at)s, %(wal_position)s)
+RETURNING id
+
+-- name: snapshot_replace
+-- The new baseline replaces the table's previous one, in the transaction of snapshot_complete.
+DELETE FROM bemi.snapshot
+ WHERE source = %(source)s AND "schema" = %(schema)s AND "table" = %(table)s AND completed_at IS NOT NULL
+
+-- name: snapshot_complete
+UPDATE bemi.snapshot SET completed_at = pg_catalog.now(), row_count = %(rows)s WHERE id = %(id)s
+
+-- name: snapshot_tables
+-- The tables of a source that have a complete baseline.
+SELECT "schema", "table" FROM bemi.snapshot WHERE source = %(source)s AND completed_at IS NOT NULL
+
+-- name: baselines
+-- A source's complete baselines, for status.
+SELECT "schema" || '.' || "table", row_count, taken_at FROM bemi.snapshot
+ WHERE source = %(source)s AND completed_at IS NOT NULL ORDER BY 1
