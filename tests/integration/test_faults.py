@@ -116,6 +116,10 @@ def test_destination_unreachable_then_back(db, other_db):
         [sys.executable, "-m", "bemi_pg", "poll", "--follow", "--interval", "0.05", "--destination-dsn", other_db.dsn],
         env=poller_env(db.dsn, config=str(config)), stderr=subprocess.PIPE, text=True)
     try:
+        deadline = time.monotonic() + 60  # the outage is of a running poller: wait until it is connected
+        while time.monotonic() < deadline and not db.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND application_name = 'bemi-pg'", (other_db.name,)):
+            time.sleep(0.1)
         time.sleep(1.0)
         db.execute(f'ALTER DATABASE "{other_db.name}" ALLOW_CONNECTIONS false')
         db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (other_db.name,))
