@@ -1464,6 +1464,15 @@ BEGIN
     lo := '-infinity';
     hi := 'infinity';
   END IF;
+  -- A table without a primary key: its rows have no key to answer under (changes and baseline
+  -- file them under NULL).
+  IF EXISTS (SELECT FROM public.changes AS c
+              WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation <> 'TRUNCATE'
+                AND c.source = answer_window.source AND c."schema" = e.schema_name)
+     OR EXISTS (SELECT FROM bemi.snapshot_row AS r WHERE r.snapshot_id = e.baseline_id AND r.primary_key IS NULL) THEN
+    PERFORM bemi.cannot_say(pg_catalog.format('%s.%s has no primary key: as-of answers for tables with one',
+                                              e.schema_name, e.relation_name));
+  END IF;
   began_empty := coalesce(p.began_reason = 'created', false);
   IF e.baseline_taken_at BETWEEN lo AND hi THEN
     baseline_id := e.baseline_id;
