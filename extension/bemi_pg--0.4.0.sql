@@ -1321,8 +1321,11 @@ BEGIN
       RAISE EXCEPTION '% is ambiguous (in schemas %): name it as schema.table', relation_name,
         pg_catalog.array_to_string(schemas, ', ') USING ERRCODE = 'BEM01';
     END IF;
-    schema_name := coalesce(schemas[1], (SELECT c."schema" FROM public.changes AS c
-                                          WHERE c.source = trail_extent.source AND c."table" = relation_name LIMIT 1));
+    schema_name := schemas[1];
+    IF schema_name IS NULL THEN  -- (a trail from before 0.4.0: its changes; in the order of the (table, primary_key) index)
+      schema_name := (SELECT c."schema" FROM public.changes AS c
+                       WHERE c.source = trail_extent.source AND c."table" = relation_name ORDER BY c.primary_key LIMIT 1);
+    END IF;
   END IF;
   SELECT s.id, s.taken_at INTO baseline_id, baseline_taken_at FROM bemi.snapshot AS s
    WHERE s.source = trail_extent.source AND s."schema" = schema_name AND s."table" = relation_name AND s.completed_at IS NOT NULL;
@@ -1899,7 +1902,8 @@ $fn$;
 SELECT bemi.adopt_source(bemi.source_identity(), pg_catalog.current_database());
 
 -- pg_dump keeps the rows of the extension's tables: the settings, the tracked tables' replica
--- identity before bemi-pg, the poller's checkpoints, the baseline, and the audit trail itself.
+-- identity before bemi-pg, the poller's checkpoints, the baseline, the tracking periods, the key moves
+-- and the audit trail itself.
 -- (DROP EXTENSION drops them all, the changes table included: see extension/README.md.)
 SELECT pg_catalog.pg_extension_config_dump('bemi.installation', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.tracked_table', '');
@@ -1908,3 +1912,4 @@ SELECT pg_catalog.pg_extension_config_dump('public.changes', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.snapshot', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.snapshot_row', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.trail_event', '');
+SELECT pg_catalog.pg_extension_config_dump('bemi.key_move', '');

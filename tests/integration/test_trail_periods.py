@@ -11,7 +11,7 @@ import pytest
 
 from bemi_pg import commands, timetravel
 from bemi_pg.config import load_settings
-from bemi_pg.errors import CannotSay
+from bemi_pg.errors import BemiError, CannotSay
 
 from ..conftest import Database, create_database, drop_database, run_cli
 
@@ -48,6 +48,7 @@ def test_periods_and_gaps(db, mode):
     db.execute("UPDATE side.a SET v = 'unseen' WHERE id = 2")
     db.execute("ALTER TABLE side.a SET SCHEMA public")  # back: a new period, after a gap
     m_back = _now(db)
+    db.execute("UPDATE a SET v = 'y' WHERE id = 1")
     db.execute("INSERT INTO c VALUES (2, 'c2')")  # a last change, after every moment
     if mode == "wal":
         db.poll()
@@ -87,6 +88,11 @@ def test_periods_and_gaps(db, mode):
     assert len(status["tracking"]) == 3 and status["tracking"][2].startswith("public.c since ")
     result = run_cli("as-of", "a", "2", m_gap, env={"BEMI_DSN": db.dsn})
     assert result.returncode == 5 and "falls in a gap" in result.stderr, result.stderr
+    result = run_cli("history", "a", "1", env={"BEMI_DSN": db.dsn})  # its changes: one before the gap, one after
+    lines = result.stdout.splitlines()
+    gap = [i for i, line in enumerate(lines) if line.startswith("-- gap in the trail: tracking ended")]
+    assert result.returncode == 0 and len(gap) == 1 and "(moved, renamed or detached out)" in lines[gap[0]], result.stdout
+    assert "UPDATE" in lines[gap[0] - 2] and "UPDATE" in lines[gap[0] + 1]  # (each change's line, then its column)
     result = run_cli("status", env={"BEMI_DSN": db.dsn})
     assert result.returncode == 0 and "gaps: 1: public.a from " in result.stdout, result.stdout
 
@@ -134,3 +140,48 @@ def test_uninstall_ends_the_periods_of_the_leaving_source_only(db, other_db, ser
             assert _periods(conn, second.source) == [("public.a", "install", None)]
     finally:
         drop_database(server_dsn, second.name)
+
+
+def test_answers_are_scoped_to_one_source_and_one_schema(db, other_db, server_dsn):
+    both = "CREATE SCHEMA sales; CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE sales.a (id int PRIMARY KEY, v text);"
+    db.execute(both)
+    second = Database(server_dsn, create_database(server_dsn))
+    try:
+        second.execute(both)
+        settings = load_settings(None, schemas=["public", "sales"])
+        for source in (db, second):
+            commands.install(source.dsn, other_db.dsn, settings)
+            source.execute("INSERT INTO a VALUES (1, %s)", (source.name,))
+            source.execute("INSERT INTO sales.a VALUES (1, 'sales')")
+            source.execute("UPDATE a SET v = v || '!' WHERE id = 1")
+            commands.poll_once(source.dsn, other_db.dsn, settings)
+        with psycopg.connect(other_db.dsn, autocommit=True) as conn:
+            for call in (lambda: timetravel.history(conn, "a", "1", source=db.source),
+                         lambda: timetravel.blame(conn, "a", "1", source=db.source),
+                         lambda: timetravel.as_of(conn, "a", "1", "infinity", source=db.source)):
+                with pytest.raises(BemiError, match="a is ambiguous .in schemas public, sales.: name it as schema.table"):
+                    call()
+            mine = timetravel.history(conn, "public.a", "1", source=db.source)
+            assert [h["after"]["v"] for h in mine] == [f"{db.name}!", db.name]  # never the other database's
+            assert [h["after"]["v"] for h in timetravel.history(conn, "sales.a", "1", source=second.source)] == ["sales"]
+            with pytest.raises(BemiError, match="holds the trails of 2 sources"):
+                timetravel.history(conn, "public.a", "1")  # which source: the destination cannot guess
+        env = {"BEMI_DSN": second.dsn, "BEMI_DESTINATION_DSN": other_db.dsn}
+        result = run_cli("history", "public.a", "1", "--json", env=env)
+        assert result.returncode == 0 and db.name not in result.stdout and second.name in result.stdout, result.stderr
+        result = run_cli("blame", "a", "1", env=env)
+        assert result.returncode == 1 and "name it as schema.table" in result.stderr, result.stderr
+    finally:
+        drop_database(server_dsn, second.name)
+
+
+def test_excluding_and_including_again_by_settings(db):
+    db.execute(TABLES)
+    db.install(capture_mode="triggers")
+    db.install(capture_mode="triggers", exclude_tables=["public.a"])
+    m_out = _now(db)
+    db.install(capture_mode="triggers")
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        assert _periods(conn, db.source) == [("public.a", "install", "excluded"), ("public.a", "track_tables", None)]
+        with pytest.raises(CannotSay, match="gap"):
+            timetravel.as_of(conn, "a", "1", m_out)
