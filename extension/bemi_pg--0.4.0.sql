@@ -1335,10 +1335,13 @@ BEGIN
   ELSE
     SELECT k.commit_position, k.end_position INTO last_commit, last_end FROM bemi.checkpoint AS k
      WHERE k.source = trail_extent.source ORDER BY k.updated_at DESC LIMIT 1;
-    -- (The checkpoint's own transaction may have written nothing: the last one that did.)
-    known_until := (SELECT c.committed_at FROM public.changes AS c
-                     WHERE c.source = trail_extent.source AND c.commit_position <= last_commit
-                     ORDER BY c.commit_position DESC LIMIT 1);
+    -- (The checkpoint's own transaction may have written nothing: the last one that did. A
+    -- source registered at install and not polled yet has positions -1: nothing is known.)
+    IF last_commit >= 0 THEN
+      known_until := (SELECT c.committed_at FROM public.changes AS c
+                       WHERE c.source = trail_extent.source AND c.commit_position <= last_commit
+                       ORDER BY c.commit_position DESC LIMIT 1);
+    END IF;
     baseline_ready := last_end >= (SELECT s.wal_position FROM bemi.snapshot AS s WHERE s.id = baseline_id);
   END IF;
   began := coalesce(baseline_taken_at, installed);
