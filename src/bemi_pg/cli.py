@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="slot lag, last position written, tracked tables")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("doctor", parents=[common], help="check the database is ready; one line per check")
+    p = sub.add_parser("doctor", parents=[common], help="check the database is ready; one line per check")
+    p.add_argument("--standby-dsn", action="append", default=[], metavar="DSN",
+                   help="with slot.failover: a standby to check too (repeatable; a multi-host --dsn's other hosts are checked anyway)")
 
     p = sub.add_parser("history", parents=[common], help="a row's changes, newest first, with what each changed")
     p.add_argument("table", help="table or schema.table")
@@ -254,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(args.dsn)
     dest = resolve_destination_dsn(args.destination_dsn, dsn)
     if args.command == "doctor":
-        checks = commands.doctor(dsn, dest, settings)
+        checks = commands.doctor(dsn, dest, settings, standby_dsns=tuple(args.standby_dsn))
         for check in checks:
             print(check.line())
         return 1 if any(c.status == "FAIL" for c in checks) else 0

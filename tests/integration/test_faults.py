@@ -6,7 +6,6 @@ duplicated, nothing misattributed. `make soak` runs the same with bigger numbers
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from bemi_pg.config import load_settings
 from bemi_pg.render import render_roles
 
 from ..conftest import run_cli
-from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers, poller_env, scaled
+from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers, poller_env, scaled, stop_workload
 
 CLEAN = {"lost": 0, "duplicated": 0, "misattributed": 0, "phantom": 0}
 
@@ -106,11 +105,7 @@ def test_postgres_crash_under_load(own_cluster):
             cluster.start()
         time.sleep(1.0)
     finally:
-        stop.set()
-        for writer in writers:
-            writer.join()
-        poller.send_signal(signal.SIGTERM)
-        _, err = poller.communicate(timeout=120)
+        err = stop_workload(stop, writers, poller)
     assert "unreachable" in err and "retrying" in err  # the poller said what happened, and kept going
     commands.poll_once(dsn, None, settings)
     result = compare(dsn, dsn, ledger)
@@ -137,12 +132,7 @@ def test_destination_unreachable_then_back(db, other_db):
         db.execute(f'ALTER DATABASE "{during}" ALLOW_CONNECTIONS true')
         time.sleep(4.0)  # backoff is at most a few seconds here; it catches up
     finally:
-        stop.set()
-        for writer in writers:
-            writer.join()
-        time.sleep(1.0)
-        poller.send_signal(signal.SIGTERM)
-        _, err = poller.communicate(timeout=120)
+        err = stop_workload(stop, writers, poller, settle=1.0)
     assert poller.returncode == 0, err
     assert "the destination database is unreachable" in err and "retrying in" in err and "reconnected" in err
     commands.poll_once(db.dsn, other_db.dsn, db.settings)
