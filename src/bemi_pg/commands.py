@@ -291,15 +291,15 @@ def _standby_checks(dsn: str, slot: str, standby_slots: list[str]) -> list[Check
     where = f"standby {params.get('host') or 'localhost'}:{params.get('port') or 5432}"
     try:
         with connect(dsn, role=where) as conn:
-            info = fetch_dict(conn, query("failover_standby"), {"slot": slot})
+            version = conn.info.server_version
+            info = fetch_dict(conn, query("failover_standby"), {"slot": slot}) if version >= FAILOVER_VERSION else None
     except BemiError as exc:
         return [Check("WARN", where, f"unreachable ({str(exc)[:200]})", "start it, or check the DSN; its settings are not checked")]
-    assert info is not None
+    if info is None:
+        return [Check("FAIL", where, f"is PostgreSQL {version // 10000}: slot synchronization needs 17 or later",
+                      "upgrade the standby")]
     if not info["in_recovery"]:
         return [Check("WARN", where, "is not a standby (not in recovery)", "point --standby-dsn at the standby")]
-    if info["version_num"] < FAILOVER_VERSION:
-        return [Check("FAIL", where, f"is PostgreSQL {info['version_num'] // 10000}: slot synchronization needs 17",
-                      "upgrade the standby")]
     conninfo_text = info["primary_conninfo"]
     has_dbname = None if conninfo_text is None else bool(conninfo.conninfo_to_dict(conninfo_text).get("dbname"))
     primary_slot = info["primary_slot_name"]

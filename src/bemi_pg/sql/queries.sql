@@ -57,7 +57,6 @@ SELECT pg_catalog.current_setting('synchronized_standby_slots') AS standby_slots
 -- What slot synchronization needs of a standby (PostgreSQL 17+). primary_conninfo is visible
 -- only to superusers and pg_read_all_settings: null for the others.
 SELECT pg_catalog.pg_is_in_recovery() AS in_recovery,
-       pg_catalog.current_setting('server_version_num')::int AS version_num,
        pg_catalog.current_setting('wal_level') AS wal_level,
        pg_catalog.current_setting('sync_replication_slots') AS sync_replication_slots,
        pg_catalog.current_setting('hot_standby_feedback') AS hot_standby_feedback,
