@@ -685,6 +685,8 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result.update(slot_exists=True, wal_status=info["wal_status"], lag_bytes=info["lag_bytes"],
                           confirmed_flush_lsn=info["confirmed_flush_lsn"], current_lsn=info["current_lsn"],
                           active_pid=info["active_pid"])
+            if src.info.server_version >= FAILOVER_VERSION:  # whether standbys keep a copy (README: Failover)
+                result["slot_failover"] = bool(src.execute(query("slot_failover"), {"slot": slot}).fetchone()[0])  # type: ignore[index]
         # Logical decoding cannot move past the start of a transaction still open anywhere
         # in the cluster: the oldest one is what holds the slot back.
         result["oldest_open_transaction"] = fetch_dict(src, query("oldest_transaction"))

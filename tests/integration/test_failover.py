@@ -125,6 +125,8 @@ def test_the_trail_survives_a_failover(pair, other_db):
     assert "the source database is unreachable" in err and "reconnected" in err, err
     drained = run_cli("poll", "--once", env=env)
     assert drained.returncode == 0, drained.stderr
+    status = json.loads(run_cli("status", "--json", env=env).stdout)  # on the promoted standby, through the DSN
+    assert status["slot_exists"] and status["slot_failover"] is True and status["lag_bytes"] < 1024 * 1024, status
     result = compare(standby.dsn("app"), other_db.dsn, ledger)
     print("\nsynchronized at", synced_at, json.dumps({"confirmed": len(ledger.confirmed)}))
     assert result["expected"] > scaled(5_000)
