@@ -233,7 +233,9 @@ def _step(source: psycopg.Connection[Any], change: dict[str, Any], columns_cache
     def same(alias: str, other: str) -> str:
         """The row ``alias`` as ``other`` (a record of the change's values), on the columns the trail holds."""
         less = f" {MINUS} ARRAY[{', '.join(quote_literal(n) for n in unheld)}]::pg_catalog.text[]" if unheld else ""
-        return f"pg_catalog.to_jsonb({alias}){less} {EQ} pg_catalog.to_jsonb({other}){less}"
+        if not less:
+            return f"pg_catalog.to_jsonb({alias}) {EQ} pg_catalog.to_jsonb({other})"
+        return f"(pg_catalog.to_jsonb({alias}){less}) {EQ} (pg_catalog.to_jsonb({other}){less})"
 
     def key_match(alias: str, other: str) -> str:
         return " AND ".join(f"{alias}.{quote_ident(k['attname'])} {EQ if k['builtin'] else '='} {other}.{quote_ident(k['attname'])}"
