@@ -57,6 +57,7 @@ class RevertStep:
     conflict: str  # what it means when the guard matches no row, or why the change cannot be undone
     refused: bool = False
     outcome: str = "pending"  # applied, conflict, refused, nothing (nothing to undo)
+    row: tuple[str, str | None] = ("", None)  # the table and key it touches
 
     @property
     def ok(self) -> bool:
@@ -337,27 +338,66 @@ def plan_revert(source: psycopg.Connection[Any], dest: psycopg.Connection[Any], 
         _check_covered(dest, source_id, since, {(c["schema"], c["table"]) for c in changes} | set(resolved or ()),
                        changes_table)
     cache: dict[str, list[dict[str, Any]]] = {}
-    return RevertPlan(what, [_step(source, change, cache) for change in changes])
+    steps = []
+    for change in changes:
+        steps.append(_step(source, change, cache))
+        steps[-1].row = (quote_ident(change["schema"], change["table"]), change["primary_key"])
+    return RevertPlan(what, steps)
 
 
 def apply_revert(source: psycopg.Connection[Any], plan: RevertPlan, *, commit: bool, skip_conflicts: bool = False) -> RevertPlan:
     """Run the plan in one transaction; each step is applied, a conflict (its row changed since,
     or its key taken again), refused, or had nothing to undo. All or nothing: rolled back if any
     step was not applied, unless ``skip_conflicts`` (then the rest is committed). Rolled back too
-    unless ``commit``, so a dry run finds the conflicts without changing anything."""
+    unless ``commit``, so a dry run finds the conflicts without changing anything.
+
+    A step that breaks a foreign key (a child row put back before the parent that a cascade
+    deleted with it) waits until the steps after it have run, or until one of them touches its
+    row, and is tried again; ``plan.steps`` is left in the order that ran, which the script follows."""
+    ran: list[RevertStep] = []
+    waiting: list[RevertStep] = []
+
+    def run(step: RevertStep, *, last_try: bool) -> bool:
+        try:
+            with source.transaction():
+                step.outcome = "applied" if source.execute(step.sql).rowcount == 1 else "conflict"  # type: ignore[arg-type]
+        except psycopg.errors.ForeignKeyViolation as exc:
+            if not last_try:
+                return False
+            step.outcome, step.conflict = "conflict", f"it cannot be applied now: {' '.join(str(exc).split())}"
+        except psycopg.errors.IntegrityConstraintViolation as exc:  # a key taken again
+            step.outcome, step.conflict = "conflict", f"it cannot be applied now: {' '.join(str(exc).split())}"
+        ran.append(step)
+        return True
+
+    def retry(*, last_try: bool) -> None:
+        progress = True
+        while waiting and progress:
+            progress = False
+            for step in list(waiting):
+                if run(step, last_try=last_try):
+                    waiting.remove(step)
+                    progress = True
+
     with source.transaction(force_rollback=not commit) as tx:
         source.execute("SET CONSTRAINTS ALL DEFERRED")
         source.execute("SELECT bemi.set_context(%s::jsonb)", (plan.context,))
         for step in plan.steps:
             if step.sql is None:
                 step.outcome = "refused" if step.refused else "nothing"
+                ran.append(step)
                 continue
-            try:
-                with source.transaction():
-                    step.outcome = "applied" if source.execute(step.sql).rowcount == 1 else "conflict"
-            except psycopg.errors.IntegrityConstraintViolation as exc:  # a key taken again, a foreign key
-                step.outcome = "conflict"
-                step.conflict = f"it cannot be applied now: {' '.join(str(exc).split())}"
+            if any(w.row == step.row for w in waiting):  # an older change of a waiting row: that row's turn is now
+                retry(last_try=False)
+                for late in [w for w in waiting if w.row == step.row]:
+                    run(late, last_try=True)
+                    waiting.remove(late)
+            if not run(step, last_try=False):
+                waiting.append(step)
+            elif step.outcome == "applied":
+                retry(last_try=False)
+        retry(last_try=True)
+        plan.steps = ran
         if commit and not skip_conflicts and plan.problems:
             raise psycopg.Rollback(tx)
     plan.committed = commit and (skip_conflicts or not plan.problems)

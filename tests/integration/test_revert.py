@@ -296,3 +296,23 @@ def test_as_of_all_agrees_with_the_snapshots_revert_since_restores(db, mode):
                 if rows != snap[table]:
                     disagree.append((table, moment))
     assert not disagree, f"as-of --all disagrees with the snapshots at {disagree}"
+
+
+@pytest.mark.parametrize("mode", ["wal", "triggers"])
+def test_a_cascade_is_undone_parents_first(db, mode):
+    db.execute("CREATE TABLE parent (id int PRIMARY KEY, name text);"
+               "CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent ON DELETE CASCADE,"
+               "                    other_id int REFERENCES parent ON DELETE SET NULL);"
+               "INSERT INTO parent VALUES (1, 'a'), (2, 'b'); INSERT INTO child VALUES (10, 1, 2), (11, 1, NULL), (12, 2, 1)")
+    db.install(capture_mode=mode)
+    before = {t: _rows(db.dsn, t) for t in ("parent", "child")}
+    moment = db.execute("SELECT clock_timestamp()::text")[0][0]
+    db.execute("DELETE FROM parent WHERE id = 1")  # deletes children 10 and 11, sets 12's other_id NULL
+    db.execute("UPDATE child SET other_id = 2 WHERE id = 12")
+    _poll_if_wal(db, mode)
+    env = {"BEMI_DSN": db.dsn}
+    plan = run_cli("revert", "--since", moment, env=env)
+    assert plan.returncode == 0, plan.stderr
+    ran = _psql(db.dsn, plan.stdout, KOLKATA)  # the printed order is one that works
+    assert ran.returncode == 0, ran.stderr
+    assert {t: _rows(db.dsn, t) for t in ("parent", "child")} == before
