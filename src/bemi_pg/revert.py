@@ -164,11 +164,16 @@ def _resolve_tables(dest: psycopg.Connection[Any], source: str, names: list[str]
             continue
         if len(parts) != 1:
             raise ConfigError(f"--table {name!r} is not a table name: give table or schema.table")
-        schemas = [s for (s,) in dest.execute(
-            f'SELECT DISTINCT "schema" FROM {changes_table} WHERE source = %s AND "table" = %s ORDER BY 1',
-            (source, parts[0])).fetchall()]
+        schemas: list[str] = []
+        for _ in range(2):  # two index probes, not a DISTINCT over every change of the table
+            row = dest.execute(f'SELECT "schema" FROM {changes_table} WHERE source = %s AND "table" = %s'
+                               ' AND NOT "schema" = ANY (%s) LIMIT 1', (source, parts[0], schemas)).fetchone()
+            if row is None:
+                break
+            schemas.append(row[0])
+        schemas.sort()
         if len(schemas) > 1:
-            raise ConfigError(f"{parts[0]} is ambiguous (in schemas {', '.join(schemas)}): name it as schema.table")
+            raise BemiError(f"{parts[0]} is ambiguous (in schemas {', '.join(schemas)}): name it as schema.table")
         if not schemas:
             raise ConfigError(f"--table {name}: the trail of this database records no change of a table {parts[0]}")
         resolved.append((schemas[0], parts[0]))
