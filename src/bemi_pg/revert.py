@@ -113,12 +113,13 @@ def _guarded(step: RevertStep, skip: bool) -> str:
     message = quote_literal(f"bemi-pg revert: {what}: {step.description}: {step.conflict}")
     fail = f"RAISE NOTICE '%', {message};" if skip else f"RAISE EXCEPTION USING ERRCODE = 'BEM04', MESSAGE = {message};"
     if step.sql is None:
-        body = f"  {fail}"
+        lines = [fail]
     else:
-        body = f"  {step.sql};\n  IF NOT FOUND THEN\n    {fail}\n  END IF;"
+        lines = [f"{step.sql};", "IF NOT FOUND THEN", f"  {fail}", "END IF;"]
         if skip:  # a key taken again, a foreign key: skipped like a guard that matched nothing
-            body = (f"  BEGIN\n  {step.sql};\n  IF NOT FOUND THEN\n    {fail}\n  END IF;\n"
-                    f"  EXCEPTION WHEN integrity_constraint_violation THEN\n    RAISE NOTICE '%: %', {message}, SQLERRM;\n  END;")
+            lines = ["BEGIN", *("  " + line for line in lines), "EXCEPTION WHEN integrity_constraint_violation THEN",
+                     f"  RAISE NOTICE '%: %', {message}, SQLERRM;", "END;"]
+    body = "\n".join("  " + line for line in lines)
     tag, n = "$bemi$", 0
     while tag in body:
         n += 1
