@@ -229,11 +229,11 @@ def _step(conn: psycopg.Connection, rng: random.Random) -> None:
         conn.execute("DELETE FROM line WHERE order_id = %s AND n > %s", (i % 3, rng.randint(1, 8)))
 
 
-def _workload(db: Any, mode: str) -> tuple[Any, list[tuple[str, dict[str, list[str]]]]]:
+def _workload(db: Any, mode: str, destination: str | None = None) -> tuple[Any, list[tuple[str, dict[str, list[str]]]]]:
     """Tables that held rows before install, 160 random transactions, a snapshot every 20."""
     db.execute(TABLES)
     settings = load_settings(None, capture_mode=mode)
-    commands.install(db.dsn, None, settings)
+    commands.install(db.dsn, destination, settings)
     rng = random.Random(7)
     moments: list[tuple[str, dict[str, list[str]]]] = []
     with psycopg.connect(db.dsn, autocommit=True) as conn, psycopg.connect(db.dsn, autocommit=True) as watch:
@@ -248,16 +248,17 @@ def _workload(db: Any, mode: str) -> tuple[Any, list[tuple[str, dict[str, list[s
                 moments.append((watch.execute("SELECT clock_timestamp()::text").fetchone()[0], _snapshot(watch)))
                 time.sleep(0.002)
     if mode == "wal":
-        commands.poll_once(db.dsn, None, settings)
+        commands.poll_once(db.dsn, destination, settings)
     return settings, moments
 
 
-@pytest.mark.parametrize("mode", ["wal", "triggers"])
-def test_revert_since_brings_every_table_back_to_its_snapshot(db, mode):
-    settings, moments = _workload(db, mode)
+@pytest.mark.parametrize("mode,separate", [("wal", False), ("wal", True), ("triggers", False)])
+def test_revert_since_brings_every_table_back_to_its_snapshot(db, other_db, mode, separate):
+    destination = other_db.dsn if separate else None
+    settings, moments = _workload(db, mode, destination)
     # Back to each moment, latest first; each revert is itself in the trail, so an earlier moment undoes it too.
     # Even rounds: `revert --since --apply` run with PGTZ=Asia/Kolkata; odd: the printed plan through psql there.
-    env = {"BEMI_DSN": db.dsn, "PGTZ": "Asia/Kolkata"}
+    env = {"BEMI_DSN": db.dsn, "PGTZ": "Asia/Kolkata", **({"BEMI_DESTINATION_DSN": destination} if destination else {})}
     for n, (moment, snap) in enumerate(reversed(moments[1:])):
         if n % 2 == 0:
             result = run_cli("revert", "--since", moment, "--apply", env=env)
@@ -271,13 +272,13 @@ def test_revert_since_brings_every_table_back_to_its_snapshot(db, mode):
             conn.execute("SET TimeZone = 'UTC'")
             assert _snapshot(conn) == snap, (n, moment)
         if mode == "wal":
-            commands.poll_once(db.dsn, None, settings)
+            commands.poll_once(db.dsn, destination, settings)
     # One table only, back to the first moment: the other stays as it is.
     first, snap = moments[0]
-    with psycopg.connect(db.dsn, autocommit=True) as conn:
+    with psycopg.connect(db.dsn, autocommit=True) as conn, psycopg.connect(destination or db.dsn, autocommit=True) as dest:
         conn.execute("SET TimeZone = 'UTC'")
         lines_now = _snapshot(conn)["line"]
-        plan = revert.plan_revert(conn, conn, "public.changes", since=first, tables=["item"])
+        plan = revert.plan_revert(conn, dest, "public.changes", since=first, tables=["item"])
         revert.apply_revert(conn, plan, commit=True)
         assert plan.committed and _snapshot(conn) == {"item": snap["item"], "line": lines_now}
 
