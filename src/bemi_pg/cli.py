@@ -95,7 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--change", metavar="ID", help="one change, by its id")
     which.add_argument("--transaction", metavar="XID", type=int, help="every change of a transaction")
     which.add_argument("--context", metavar="JSON", help="every change whose context contains this JSON")
+    which.add_argument("--since", metavar="TIMESTAMP", help="every change after this moment: the tables as they were then")
+    p.add_argument("--table", action="append", metavar="TABLE", dest="tables",
+                   help="with --since: only this table (table or schema.table; repeat for more)")
     p.add_argument("--apply", action="store_true", help="run it, in one transaction, instead of printing it")
+    p.add_argument("--skip-conflicts", action="store_true",
+                   help="apply what can be applied and list the rest (default: any conflict, nothing applied)")
 
     p = sub.add_parser("serve", parents=[common], help="the audit-trail explorer in the browser (needs bemi-pg[ui])")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
@@ -214,16 +219,20 @@ def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: 
         raise ConfigError(f"--context {args.context!r} is not JSON: pass an object, e.g. '{{\"user_id\": 42}}'") from None
     with connect(dsn, role="source database") as src, connect(dest or dsn, role="destination database") as dconn:
         plan = revert.plan_revert(src, dconn, quote_ident(*settings.destination), change_id=args.change,
-                                  transaction_id=args.transaction, context=context)
-        revert.apply_revert(src, plan, commit=args.apply)
+                                  transaction_id=args.transaction, context=context, since=args.since, tables=args.tables)
+        revert.apply_revert(src, plan, commit=args.apply, skip_conflicts=args.skip_conflicts)
     if not args.apply:
-        sys.stdout.write(plan.script())
-    for step in plan.steps:
-        if step.outcome in ("conflict", "impossible"):
-            print(f"conflict: {step.description}: {step.conflict}", file=sys.stderr)
-    applied = sum(s.outcome == "applied" for s in plan.steps)
+        sys.stdout.write(plan.script(skip_conflicts=args.skip_conflicts))
+    for step in plan.problems:
+        label = "skipped" if args.skip_conflicts else "refused" if step.outcome == "refused" else "conflict"
+        print(f"{label}: {step.description}: {step.conflict}", file=sys.stderr)
+    applied = sum(s.ok for s in plan.steps)
+    if plan.problems and not args.skip_conflicts:
+        log.info("bemi-pg: %d of %d change(s) cannot be reverted as they are now: %s (--skip-conflicts applies the rest)",
+                 len(plan.problems), len(plan.steps), "nothing was applied" if args.apply else "the revert would apply nothing")
+        return 4
     log.info("bemi-pg: %s %d of %d change(s)", "reverted" if args.apply else "would revert", applied, len(plan.steps))
-    return 0 if applied == len(plan.steps) else 4
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
