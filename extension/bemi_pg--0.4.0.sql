@@ -1106,6 +1106,11 @@ CREATE TABLE IF NOT EXISTS bemi.seal (
   PRIMARY KEY (source, seal_no)
 );
 
+-- Where the next seal of each capture mode starts (bemi.seal), and which seal covers a position
+-- (verify, prune): a probe each, however long the chain.
+CREATE INDEX IF NOT EXISTS seal_source_to_position_idx ON bemi.seal (source, to_position);
+CREATE INDEX IF NOT EXISTS seal_source_from_position_idx ON bemi.seal (source, from_position);
+
 -- One change's hash: SHA-256 of the binary form PostgreSQL gives a row of these columns, in
 -- this order (record_send, the binary COPY format of a composite value): the column count, then
 -- for each its type's OID, its length (-1 for NULL) and its bytes (uuid: 16 bytes; text: UTF-8;
