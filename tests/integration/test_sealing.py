@@ -217,3 +217,30 @@ def test_an_installation_without_seals_upgrades_and_seals_its_changes(db: Databa
     db.install(capture_mode=mode)
     verdict = commands.verify(db.dsn, None, db.settings)
     assert verdict.intact and verdict.changes == 30 and not verdict.unsealed, verdict.lines()
+
+
+def test_a_partitioned_trail_seals_refuses_and_prunes_alike(db: Database):
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    db.install(partition_by_month=True)
+    db.execute("INSERT INTO t SELECT generate_series(1, 20)")
+    db.poll()
+    verdict = commands.verify(db.dsn, None, db.settings)
+    assert verdict.intact and verdict.changes == 20, verdict.lines()
+    [(id_,)] = db.execute("SELECT id::text FROM changes ORDER BY commit_position, seq LIMIT 1 OFFSET 7")
+    db.execute("UPDATE changes SET after = '{\"id\": 0}' WHERE id = %s", (id_,))  # the owner may; verify sees it
+    _only(commands.verify(db.dsn, None, db.settings), id_, "altered")
+    db.execute("UPDATE changes SET after = '{\"id\": 8}' WHERE id = %s", (id_,))
+    db.execute("CREATE ROLE sealing_reader LOGIN; GRANT SELECT, UPDATE, DELETE ON changes TO sealing_reader")
+    try:
+        with psycopg.connect(db.dsn.replace("user=postgres", "user=sealing_reader"), autocommit=True) as conn:
+            for statement in ("UPDATE changes SET context = '{}'", "DELETE FROM changes"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                    conn.execute(statement)
+    finally:
+        db.execute("DROP OWNED BY sealing_reader; DROP ROLE sealing_reader")
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        assert commands.prune(conn, db.settings, "0s")["deleted"] == 20
+    db.execute("INSERT INTO t VALUES (21)")
+    db.poll()
+    verdict = commands.verify(db.dsn, None, db.settings)
+    assert verdict.intact and verdict.changes == 1 and verdict.pruned, verdict.lines()
