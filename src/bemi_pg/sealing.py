@@ -20,6 +20,7 @@ from .queries import query
 __all__ = ["Verdict", "seal", "verify"]
 
 FETCH_ROWS = 10_000
+SHOWN = 50  # problems listed; the rest are counted
 
 
 @dataclass
@@ -49,7 +50,9 @@ class Verdict:
         else:
             out.append(f"trail of {self.source} NOT intact: {len(self.problems)} problem{'s' * (len(self.problems) != 1)}"
                        f" (head {self.head or 'none'})")
-            out += [f"  {p}" for p in self.problems]
+            out += [f"  {p}" for p in self.problems[:SHOWN]]
+            if len(self.problems) > SHOWN:
+                out.append(f"  ... and {len(self.problems) - SHOWN} more")
         out += [f"  {p}" for p in self.pruned]
         out += [f"  {u}" for u in self.unsealed]
         return out
@@ -107,6 +110,10 @@ def verify(dest: psycopg.Connection[Any], changes: sql.Composable, source: str, 
     trigger_bottom = min((c[0] for c in covering if c[0] < 0), default=None)
     verdict.last_position = wal_top if wal_top is not None else (covering[0][1] if covering else None)
     pending = [x for x in stray if x[1] < 0 and (trigger_bottom is None or x[1] < trigger_bottom)]
+    if not seals and len(stray) > len(pending):
+        verdict.problems.append(f"none of this source's {len(stray) - len(pending)} wal-mode changes is sealed: its poller "
+                                "is older than 0.4.0, or its destination was not upgraded (run `bemi-pg install` again)")
+        stray = pending
     for id_, position, seq in stray:
         if position < 0 and (trigger_bottom is None or position < trigger_bottom):
             continue
