@@ -1106,6 +1106,10 @@ CREATE TABLE IF NOT EXISTS bemi.seal (
   PRIMARY KEY (source, seal_no)
 );
 
+-- Ids and hashes do not compress: stored out of line without trying (a seal holds up to about
+-- 10000 of each).
+ALTER TABLE bemi.seal ALTER COLUMN change_ids SET STORAGE EXTERNAL, ALTER COLUMN change_hashes SET STORAGE EXTERNAL;
+
 -- Where the next seal of each capture mode starts (bemi.seal), and which seal covers a position
 -- (verify, prune): a probe each, however long the chain.
 CREATE INDEX IF NOT EXISTS seal_source_to_position_idx ON bemi.seal (source, to_position);
@@ -1165,7 +1169,8 @@ END
 $fn$;
 
 -- Seals a source's changes with commit_position in [lo, hi] that no seal covers, in runs of
--- about 10000 changes (whole transactions), upwards (wal mode) or downwards (trigger mode).
+-- about 10000 changes (whole transactions), upwards (wal mode) or downwards (trigger mode); a
+-- closed wal-mode interval (the poller's batch, about batch_size changes) in one seal.
 CREATE OR REPLACE FUNCTION bemi.seal_interval(source text, lo bigint, hi bigint, upwards boolean) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -1180,7 +1185,8 @@ BEGIN
   WHILE lo <= hi LOOP
     a := lo;
     b := hi;
-    IF (SELECT pg_catalog.count(*) FROM (SELECT FROM public.changes AS c
+    IF NOT (upwards AND hi < 9223372036854775807)  -- the poller's batch: sealed whole, however long
+       AND (SELECT pg_catalog.count(*) FROM (SELECT FROM public.changes AS c
          WHERE c.source = seal_interval.source AND c.commit_position BETWEEN lo AND hi LIMIT run + 1) AS x) > run THEN
       -- A long stretch (sealing at upgrade): cut it after the transaction holding the run's edge.
       IF upwards THEN
