@@ -366,7 +366,7 @@ class Poller:
         self.finish_switch()
         if installed_capture_mode(self.source) == "triggers":
             raise BemiError("this database captures with triggers (capture mode \"triggers\"): its changes are "
-                            "written as they commit, so there is nothing to poll")
+                            "written as they commit, so there is nothing to poll (`bemi-pg seal`, from cron, seals them)")
         self.check_slot()
 
     def finish_switch(self) -> PollStats:
