@@ -22,6 +22,8 @@ from .wal2json import format_lsn
 
 log = logging.getLogger("bemi_pg")
 
+TAMPERED = 6  # `verify`: the trail is not what its seals say
+
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -111,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="trust this header from a reverse proxy as the user (e.g. X-Forwarded-User); off by default")
     p = sub.add_parser("prune", parents=[common], help="delete changes older than a duration (drops whole partitions)")
     p.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 90d, 12w, 36h")
+    p = sub.add_parser("verify", parents=[common], help="recompute the sealed trail's hashes; exit 6 if anything was altered")
+    p.add_argument("--since", metavar="WHEN", help="compare only the changes sealed since then (a duration, 7d, or an ISO time)")
+    p.add_argument("--head", metavar="HASH", help="a head hash kept elsewhere (from `status` or `poll`): the chain must hold it")
+    sub.add_parser("seal", parents=[common], help="seal the changes no seal covers yet (trigger mode; run it from cron)")
 
     p = sub.add_parser("migration", parents=[common], help="write a migration for your framework that installs bemi-pg")
     msub = p.add_subparsers(dest="migration_command", required=True, metavar="new")
@@ -137,8 +143,9 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
 
     def on_batch(stats: Any) -> None:
         position = format_lsn(stats.end_lsn) if stats.end_lsn else None
-        log.info("bemi-pg: wrote %d changes from %d transactions (slot at %s)", stats.changes, stats.transactions, position or "-",
-                 extra={"changes": stats.changes, "transactions": stats.transactions, "position": position})
+        log.info("bemi-pg: wrote %d changes from %d transactions (slot at %s; trail head %s)", stats.changes, stats.transactions,
+                 position or "-", stats.head or "-",
+                 extra={"changes": stats.changes, "transactions": stats.transactions, "position": position, "head": stats.head})
 
     metrics = None if args.metrics_port is None else commands.MetricsEndpoint(args.metrics_host, args.metrics_port)
     total = commands.poll_follow(dsn, dest, settings, interval=args.interval, stop=stop,
@@ -305,6 +312,14 @@ def _run(args: argparse.Namespace) -> int:
         commands.serve(dsn, dest, settings, host=args.host, port=args.port, token=commands.ui_token(args.token_file),
                        allow_revert=args.allow_revert, trusted_user_header=args.trusted_user_header)
         return 0
+    if args.command == "seal":
+        head = commands.seal(dsn, dest, settings)
+        log.info("bemi-pg: sealed; trail head %s", head or "none (nothing to seal yet)", extra={"head": head})
+        return 0
+    if args.command == "verify":
+        verdict = commands.verify(dsn, dest, settings, since=args.since, head=args.head)
+        print("\n".join(verdict.lines()))
+        return 0 if verdict.intact else TAMPERED
     if args.command == "status":
         result = commands.status(dsn, dest, settings)
         if args.json:

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,14 @@ from .poller import Poller, PollStats
 from .progress import Progress
 from .queries import query
 from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
+from .sealing import Verdict
+from .sealing import seal as seal_trail
+from .sealing import verify as verify_trail
 from .service import Health, Monitor, Notifier
 from .wal2json import format_lsn
 
 __all__ = ["Check", "MetricsEndpoint", "doctor", "install", "installed_settings", "uninstall", "poll_once", "poll_follow",
-           "prune", "status", "render", "snapshot", "with_installation", "serve", "explorer_app", "ui_token"]
+           "prune", "seal", "status", "render", "snapshot", "verify", "with_installation", "serve", "explorer_app", "ui_token"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -442,12 +445,14 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                         with dst.transaction():
                             dst.execute(rendered.destination)
                             dst.execute(query("adopt_source"), adopt)
+                            dst.execute(query("seal"), {"source": source, "wal_upto": None})  # an upgrade seals the earlier changes
                 with src.transaction():
                     if mode == "wal" and destination_dsn is not None:
                         src.execute(rendered.source)
                     else:
                         src.execute(rendered.combined())
                         src.execute(query("adopt_source"), adopt)
+                        src.execute(query("seal"), {"source": source, "wal_upto": None})
                     src.execute(query("record_destination"), {"destination": trail_in})
                     if switching:  # recorded with the switch itself, so that a poller finishes it if we cannot
                         src.execute(query("record_capture_switch"), {"from_mode": previous, "to_mode": mode})
@@ -542,7 +547,7 @@ def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, 
 def _stats_fields(poller: Poller, stats: PollStats) -> dict[str, Any]:
     """The fields of a JSON log line about what a poll wrote."""
     return {"source": poller.source_id, "slot": poller.slot, "changes": stats.changes, "transactions": stats.transactions,
-            "batches": stats.batches, "position": format_lsn(stats.end_lsn) if stats.end_lsn else None}
+            "batches": stats.batches, "position": format_lsn(stats.end_lsn) if stats.end_lsn else None, "head": stats.head}
 
 
 @dataclass(frozen=True)
@@ -613,9 +618,12 @@ def parse_duration(text: str) -> timedelta:
 
 
 def prune(dest: psycopg.Connection[Any], settings: Settings, older_than: str, *, batch: int = 10_000) -> dict[str, Any]:
-    """Delete the changes committed before now - ``older_than``. With monthly partitions, whole
-    partitions before the cutoff are dropped; the rest is deleted in batches of ``batch`` rows,
-    each its own transaction."""
+    """Delete the changes committed before now - ``older_than``. A sealed source's changes go a
+    seal at a time, oldest seal first, while all of a seal's changes are older than the cutoff,
+    and each transaction of about ``batch`` changes appends a prune seal recording what it removed
+    (README, "A sealed trail"); a source without seals (an older poller's) loses its old changes in
+    batches of ``batch`` rows. With monthly partitions, the months before the cutoff left empty
+    are then dropped."""
     age = parse_duration(older_than)
     schema, name = settings.destination
     table = sql.Identifier(schema, name)
@@ -625,30 +633,84 @@ def prune(dest: psycopg.Connection[Any], settings: Settings, older_than: str, *,
     except (psycopg.errors.DatetimeFieldOverflow, psycopg.errors.IntervalFieldOverflow):
         raise ConfigError(f"duration {older_than!r} reaches before the earliest timestamp PostgreSQL has: "
                           "write a shorter one") from None
+    deleted = 0
+    sealed = [str(r[0]) for r in dest.execute(query("sealed_sources"))]
+    for source in sealed:
+        while True:
+            with dest.transaction():
+                count = dest.execute(query("prune_sealed"), {"source": source, "cutoff": cutoff, "batch": batch}).fetchone()[0]  # type: ignore[index]
+            deleted += count
+            if not count:
+                break
+    delete = sql.SQL(
+        "DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE committed_at < %s "
+        "AND NOT source = ANY (%s) LIMIT %s))"
+    ).format(t=table)
+    if settings.partition_by_month:  # ctid is per partition: delete by key instead
+        delete = sql.SQL(
+            "DELETE FROM {t} WHERE (id, committed_at) IN (SELECT id, committed_at FROM {t} WHERE committed_at < %s "
+            "AND NOT source = ANY (%s) LIMIT %s)"
+        ).format(t=table)
+    while True:
+        with dest.transaction():
+            count = dest.execute(delete, (cutoff, sealed, batch)).rowcount
+        deleted += count
+        if count < batch:
+            break
     dropped = 0
     if settings.partition_by_month:
         parts = dest.execute(query("changes_partitions"), {"table": f"{quote_ident(schema, name)}"}).fetchall()
         for part_schema, part_name, upper in parts:
+            part = sql.Identifier(part_schema, part_name)
             if upper is not None and upper <= cutoff:
                 with dest.transaction():
-                    dest.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(table, sql.Identifier(part_schema, part_name)))
-                    dest.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(part_schema, part_name)))
+                    if dest.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(part)).fetchone()[0]:  # type: ignore[index]
+                        continue  # sealed changes whose seal holds newer ones: a later prune takes them
+                    dest.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(table, part))
+                    dest.execute(sql.SQL("DROP TABLE {}").format(part))
                 dropped += 1
-    deleted = 0
-    delete = sql.SQL(
-        "DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE committed_at < %s LIMIT %s))"
-    ).format(t=table)
-    if settings.partition_by_month:  # ctid is per partition: delete by key instead
-        delete = sql.SQL(
-            "DELETE FROM {t} WHERE (id, committed_at) IN (SELECT id, committed_at FROM {t} WHERE committed_at < %s LIMIT %s)"
-        ).format(t=table)
-    while True:
-        with dest.transaction():
-            count = dest.execute(delete, (cutoff, batch)).rowcount
-        deleted += count
-        if count < batch:
-            break
     return {"cutoff": cutoff.isoformat(), "deleted": deleted, "partitions_dropped": dropped}
+
+
+def seal(source_dsn: str, destination_dsn: str | None, settings: Settings) -> str | None:
+    """Seal the changes of this source that no seal covers (trigger mode's, for cron; wal mode's
+    poller seals each batch itself); return the head hash, hex (None: nothing sealed yet)."""
+    with connect(source_dsn, role="source database") as src:
+        inst = installation(src)
+        _, source = with_installation(src, settings)
+    with connect(destination_dsn or source_dsn, role="destination database") as dst:
+        check_destination(inst, dst)
+        return seal_trail(dst, source)
+
+
+def verify(source_dsn: str, destination_dsn: str | None, settings: Settings, *, since: str | None = None,
+           head: str | None = None) -> Verdict:
+    """Recompute this source's sealed trail (README, "A sealed trail"): ``since`` (a duration,
+    e.g. 7d, or an ISO time) limits the changes compared to the seals made since; ``head`` is a
+    head hash kept elsewhere, which the chain must hold."""
+    moment = None
+    if since is not None:
+        try:
+            moment = datetime.now(UTC) - parse_duration(since)
+        except ConfigError:
+            try:
+                moment = datetime.fromisoformat(since)
+            except ValueError:
+                raise ConfigError(f"--since {since!r} is neither a duration (7d, 36h) nor an ISO time "
+                                  "(2026-01-31T00:00:00+00:00)") from None
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+    if head is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", head.strip()):
+        raise ConfigError(f"--head {head!r} is not a head hash: give the 64 hex digits `status` or `poll` printed")
+    with connect(source_dsn, role="source database") as src:
+        inst = installation(src)
+        settings, source = with_installation(src, settings)
+    with connect(destination_dsn or source_dsn, role="destination database") as dst:
+        check_destination(inst, dst)
+        if dst.execute("SELECT pg_catalog.to_regclass('bemi.seal') IS NULL").fetchone()[0]:  # type: ignore[index]
+            raise BemiError("the destination has no seals (installed before bemi-pg 0.4.0): run `bemi-pg install` "
+                            "again to upgrade it, which seals the changes it holds")
+        return verify_trail(dst, sql.Identifier(*settings.destination), source, since=moment, head=head)
 
 
 def with_installation(src: psycopg.Connection[Any], settings: Settings) -> tuple[Settings, str]:
@@ -710,6 +772,9 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result["change_count"] = dst.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
             ).fetchone()[0]  # type: ignore[index]
+            head = (dst.execute(query("seal_head"), {"source": source}).fetchone()
+                    if dst.execute("SELECT pg_catalog.to_regclass('bemi.seal') IS NOT NULL").fetchone()[0] else None)  # type: ignore[index]
+            result["trail_head"] = head[1] if head else None
             result["baselines"] = [f"{name} ({rows} rows as of {taken_at.isoformat()})"
                                    for name, rows, taken_at in dst.execute(query("baselines"), {"source": source})]
         except psycopg.errors.UndefinedTable:

@@ -336,3 +336,25 @@ SELECT "schema", "table" FROM bemi.snapshot WHERE source = %(source)s AND comple
 -- A source's complete baselines, for status.
 SELECT "schema" || '.' || "table", row_count, taken_at FROM bemi.snapshot
  WHERE source = %(source)s AND completed_at IS NOT NULL ORDER BY 1
+
+-- name: seal
+-- Seals what no seal covers of the source's changes (README, "A sealed trail"); the head hash.
+SELECT pg_catalog.encode(bemi.seal(%(source)s, %(wal_upto)s), 'hex')
+
+-- name: seal_head
+SELECT s.seal_no, pg_catalog.encode(s.hash, 'hex') FROM bemi.seal AS s
+ WHERE s.source = %(source)s ORDER BY s.seal_no DESC LIMIT 1
+
+-- name: seals
+-- Every seal of a source in chain order, with the hash recomputed from what it holds.
+SELECT s.seal_no, s.kind, s.sealed_at, s.from_position, s.to_position, s.change_count, s.change_ids,
+       s.change_hashes, s.pruned, s.prev_hash, s.hash,
+       bemi.seal_hash(s.prev_hash, s.change_hashes, s.source, s.seal_no, s.kind, s.sealed_at, s.from_position,
+                      s.to_position, s.change_count, s.pruned) AS recomputed
+  FROM bemi.seal AS s WHERE s.source = %(source)s ORDER BY s.seal_no
+
+-- name: sealed_sources
+SELECT DISTINCT s.source FROM bemi.seal AS s
+
+-- name: prune_sealed
+SELECT bemi.prune_sealed(%(source)s, %(cutoff)s, %(batch)s)
