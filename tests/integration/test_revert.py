@@ -283,8 +283,6 @@ def test_revert_since_brings_every_table_back_to_its_snapshot(db, other_db, mode
         assert plan.committed and _snapshot(conn) == {"item": snap["item"], "line": lines_now}
 
 
-@pytest.mark.xfail(reason="as-of after UPDATEs of the primary key (the old key still answers): being fixed in as-of",
-                   strict=False)
 @pytest.mark.parametrize("mode", ["wal", "triggers"])
 def test_as_of_all_agrees_with_the_snapshots_revert_since_restores(db, mode):
     _, moments = _workload(db, mode)
