@@ -9,6 +9,7 @@
 --   slot_name = None
 --   destination_table = public.changes
 --   row_gin_indexes = False
+--   context_indexes = []
 --   partition_by_month = False
 --   ignore_columns = []
 --   exclude_columns = []
@@ -922,7 +923,7 @@ $do$;
 
 -- The settings, capture mode included, then every table tracked with them.
 INSERT INTO bemi.installation (version, settings, source)
-VALUES ('0.4.0', '{"capture_mode": "triggers", "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_name": null, "sqlcommenter": true}'::jsonb, bemi.source_identity())
+VALUES ('0.4.0', '{"capture_mode": "triggers", "context_indexes": [], "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_name": null, "sqlcommenter": true}'::jsonb, bemi.source_identity())
 -- CREATE EXTENSION starts in trigger mode, which needs no slot; ALTER EXTENSION UPDATE keeps the
 -- mode (wal in 0.1.0, which had no other), and `bemi-pg install --capture-mode` switches it.
 ON CONFLICT (singleton) DO UPDATE
@@ -942,6 +943,7 @@ CALL bemi.track_tables();
 --   slot_name = None
 --   destination_table = public.changes
 --   row_gin_indexes = False
+--   context_indexes = []
 --   partition_by_month = False
 --   ignore_columns = []
 --   exclude_columns = []

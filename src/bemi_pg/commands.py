@@ -530,8 +530,10 @@ def installed_settings(source_dsn: str, settings: Settings) -> Settings:
         return with_installation(src, settings)[0]
 
 
-def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> dict[str, Any]:
-    """Slot lag and state, last position written, tracked tables, change count, baselines."""
+def status(source_dsn: str, destination_dsn: str | None, settings: Settings, *, exact_count: bool = True) -> dict[str, Any]:
+    """Slot lag and state, last position written, tracked tables, change count, baselines.
+    Without ``exact_count`` (the explorer's overview), ``change_estimate`` from the planner's
+    statistics of the whole table replaces ``change_count``, which reads every change."""
     result: dict[str, Any] = {}
     with connect(source_dsn, role="source database") as src:
         settings, source = with_installation(src, settings)
@@ -569,9 +571,13 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result["last_commit_position"] = written[0] if written else None
             result["last_written_at"] = written[3].isoformat() if written else None
             result["refused_batch"] = row[4] if row else None
-            result["change_count"] = dst.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
-            ).fetchone()[0]  # type: ignore[index]
+            if exact_count:
+                result["change_count"] = dst.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
+                ).fetchone()[0]  # type: ignore[index]
+            else:
+                result["change_estimate"] = dst.execute(query("changes_estimate"),
+                                                        {"table": quote_ident(schema, table)}).fetchone()[0]  # type: ignore[index]
             result["baselines"] = [f"{name} ({rows} rows as of {taken_at.isoformat()})"
                                    for name, rows, taken_at in dst.execute(query("baselines"), {"source": source})]
         except psycopg.errors.UndefinedTable:

@@ -270,3 +270,25 @@ def test_serve_answers_the_api_until_stopped(shop):
         server.send_signal(signal.SIGINT)
         _, stderr = server.communicate(timeout=20)
     assert TOKEN not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_a_context_key_with_a_btree_of_its_own_answers_as_containment_does(db):
+    db.execute("CREATE TABLE item (id int PRIMARY KEY, n int)")
+    db.install(capture_mode="triggers", context_indexes=("user_id",))
+    [(definition,)] = db.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'changes_context_user_id_idx'")
+    assert "(((context -> 'user_id'::text)), committed_at)" in definition and "IS NOT NULL" in definition
+    contexts = [{"user_id": 42}, {"user_id": 42.0}, {"user_id": "42"}, {"user_id": None}, {"user_id": [42, 7]},
+                {"user_id": {"id": 42, "name": "x"}}, {"user_id": 42, "tenant": "a"}, {"tenant": "a"}, {}]
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        for n, context in enumerate(contexts):
+            with conn.transaction():
+                conn.execute("SELECT bemi.set_context(%s::jsonb)", (json.dumps(context),))
+                conn.execute("INSERT INTO item VALUES (%s, 0)", (n,))
+    client = _client(db)
+    for wanted in [{"user_id": 42}, {"user_id": "42"}, {"user_id": None}, {"user_id": [42]}, {"user_id": {"id": 42}},
+                   {"user_id": 42, "tenant": "a"}, {"tenant": "a"}, {"user_id": 7}]:
+        got = [c["primary_key"] for c in _api(client, "/api/changes", context=json.dumps(wanted))["changes"]]
+        expected = [str(n) for n in reversed(range(len(contexts)))
+                    if db.execute("SELECT %s::jsonb @> %s::jsonb", (json.dumps(contexts[n]), json.dumps(wanted)))[0][0]]
+        assert got == expected, wanted
+    assert [c["primary_key"] for c in _api(client, "/api/changes", context="user_id=42")["changes"]] == ["6", "1", "0"]

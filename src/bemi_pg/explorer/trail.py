@@ -149,11 +149,12 @@ class Trail:
     """Reads of one source's trail in a destination database."""
 
     def __init__(self, destination_dsn: str, source: str, changes_table: tuple[str, str], *,
-                 statement_timeout_ms: int = 5000) -> None:
+                 statement_timeout_ms: int = 5000, context_keys: tuple[str, ...] = ()) -> None:
         self.destination_dsn = destination_dsn
         self.source = source
         self.changes_table = changes_table
         self.statement_timeout_ms = statement_timeout_ms
+        self.context_keys = context_keys  # destination.context_indexes: keys with a btree of their own
         self._changes = sql.Identifier(*changes_table)
 
     @contextmanager
@@ -199,8 +200,16 @@ class Trail:
             params["xid"], params["xid_position"] = f.transaction_id, position[0] if position else None
             parts.append(sql.SQL("c.transaction_id = %(xid)s AND c.commit_position = %(xid_position)s"))
         if f.context:
-            params["context"] = json.dumps(f.context)
-            parts.append(sql.SQL("c.context @> %(context)s::jsonb"))
+            rest = dict(f.context)
+            key = next((k for k in self.context_keys if _scalar(rest.get(k, {}))), None)
+            if key is not None:
+                # For a scalar, containment is jsonb equality of the key's value (1.0 = 1 too), and
+                # in that form the key's btree gives the newest matches first; the GIN cannot.
+                params["context_value"] = json.dumps(rest.pop(key))
+                parts.append(sql.SQL("c.context -> {} = %(context_value)s::jsonb").format(sql.Literal(key)))
+            if rest or key is None:
+                params["context"] = json.dumps(rest)
+                parts.append(sql.SQL("c.context @> %(context)s::jsonb"))
         if f.since:
             params["since"] = f.since
             parts.append(sql.SQL("c.committed_at >= %(since)s"))
@@ -251,6 +260,10 @@ class Trail:
             contexts = cur.execute(self._sql("explorer_busiest_contexts"),
                                    {"source": self.source, "since": now - timedelta(days=1)}).fetchall()
         return {"now": now, "since": since, "days": days, "volume": volume, "contexts": contexts}
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float)
 
 
 def _change(text: str) -> dict[str, Any]:
