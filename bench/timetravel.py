@@ -28,6 +28,13 @@ QUERIES = {
     "as-of (baseline)": "SELECT bemi.as_of(%s, (%s::int + {keys})::text, '2024-02-15')",  # no change at all
     "blame": "SELECT count(*) FROM bemi.blame(%s, %s)",
 }
+# A row an UPDATE moved from another key (bemi.key_move, table t7 of the synthetic trail): as-of
+# of the old key after and before the move, history of the new key followed back through it.
+MOVED = {
+    "as-of (moved away)": "SELECT bemi.as_of('t7', %s, %s + interval '1 second')",
+    "as-of (before move)": "SELECT bemi.as_of('t7', %s, %s - interval '1 second')",
+    "history (moved)": "SELECT count(*) FROM bemi.history('t7', %s, 100)",
+}
 
 
 def main() -> int:
@@ -45,10 +52,23 @@ def main() -> int:
                     t0 = time.perf_counter()
                     conn.execute(sql.format(keys=KEYS), key).fetchall()
                     times.append((time.perf_counter() - t0) * 1000)
-                times.sort()
-                print(f"{name:<16} median {statistics.median(times):.2f} ms   p95 {times[int(len(times) * 0.95)]:.2f} ms "
-                      f"({args.samples} rows of {args.rows:,} changes)")
+                _report(name, times, args)
+            moves = conn.execute("SELECT old_key, new_key, committed_at FROM bemi.key_move").fetchall()
+            for name, sql in MOVED.items():
+                times = []
+                for _ in range(args.samples):
+                    old_key, new_key, moved_at = rng.choice(moves)
+                    t0 = time.perf_counter()
+                    conn.execute(sql, (new_key,) if name.startswith("history") else (old_key, moved_at)).fetchall()
+                    times.append((time.perf_counter() - t0) * 1000)
+                _report(name, times, args)
         return 0
+
+
+def _report(name: str, times: list[float], args: argparse.Namespace) -> None:
+    times.sort()
+    print(f"{name:<20} median {statistics.median(times):.2f} ms   p95 {times[int(len(times) * 0.95)]:.2f} ms "
+          f"({args.samples} rows of {args.rows:,} changes)")
 
 
 if __name__ == "__main__":

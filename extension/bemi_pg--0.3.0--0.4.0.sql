@@ -62,6 +62,16 @@ BEGIN
                   WHERE attrelid = 'bemi.tracked_table'::regclass AND attname = 'prior_replica_index' AND NOT attisdropped) THEN
     ALTER TABLE bemi.tracked_table ADD COLUMN prior_replica_index oid;
   END IF;
+  -- The name its tracking period is recorded under (NULL for a partition, which has none of its
+  -- own): a table moved or renamed out of tracking ends the period of the name it had.
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'bemi.tracked_table'::regclass AND attname = 'period_schema' AND NOT attisdropped) THEN
+    ALTER TABLE bemi.tracked_table ADD COLUMN period_schema text, ADD COLUMN period_table text;
+    -- (Tables tracked by an earlier version keep their trail as it was: no period begins now.)
+    UPDATE bemi.tracked_table AS tt SET period_schema = n.nspname, period_table = c.relname
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = tt.relid AND NOT c.relispartition;
+  END IF;
 END
 $do$;
 
@@ -87,6 +97,47 @@ CREATE TABLE IF NOT EXISTS bemi.capture_switch (
   to_mode text NOT NULL,
   switched_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Trigger mode writes the trail in this database, its tracking periods included.
+-- When the trail's knowledge of each table starts and stops (issue 14): a row each time a table
+-- began or ended being tracked. Trigger mode writes it in the tracked database as it happens;
+-- wal mode sends it through the slot (a '_bemi_period' message), and the poller writes it here
+-- with the transaction that sent it: `at` is that transaction's commit time, ordered with its
+-- changes. `position` is the transaction's commit position (minus its xid in trigger mode; the
+-- last written commit's for what `bemi-pg` writes itself: an uninstall, a lost slot).
+-- bemi.trail_periods() pairs them into periods; the time between two periods is a gap.
+CREATE TABLE IF NOT EXISTS bemi.trail_event (
+  source text NOT NULL,
+  "schema" text NOT NULL,
+  "table" text NOT NULL,
+  event text NOT NULL CHECK (event IN ('began', 'ended')),
+  reason text NOT NULL,
+  at timestamptz NOT NULL,
+  "position" bigint NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- (The poller may read a transaction twice after a crash: the second copy is skipped.)
+CREATE UNIQUE INDEX IF NOT EXISTS trail_event_key ON bemi.trail_event (source, "schema", "table", event, "position");
+
+-- An UPDATE that changed a row's primary key moved the row: its change is filed under the new key
+-- (its before holds the old one), and a row here tells which key it left, so that as-of of the
+-- old key knows the row left it, and history and blame of the new key follow the row back.
+-- Written with the change (by the capture trigger, or the poller), under the change's unique key.
+CREATE TABLE IF NOT EXISTS bemi.key_move (
+  source text NOT NULL,
+  "schema" text NOT NULL,
+  "table" text NOT NULL,
+  old_key text NOT NULL,
+  new_key text NOT NULL,
+  committed_at timestamptz NOT NULL,
+  commit_position bigint NOT NULL,
+  seq integer NOT NULL,
+  PRIMARY KEY (source, commit_position, seq)
+);
+
+CREATE INDEX IF NOT EXISTS key_move_old_key_idx ON bemi.key_move ("table", old_key, committed_at);
+CREATE INDEX IF NOT EXISTS key_move_new_key_idx ON bemi.key_move ("table", new_key, committed_at);
 
 -- A source is a server and a database: a promoted standby keeps its primary's system
 -- identifier (the trail goes on), a server restored from a dump gets a new one (a new trail).
@@ -555,6 +606,8 @@ BEGIN
   ELSIF TG_OP = 'UPDATE' THEN
     -- The transition tables hold the old and the new version of each row in the same order.
     -- An UPDATE that changed ignored columns only leaves no change, but keeps its place in seq.
+    -- An UPDATE of the key moved the row: bemi.key_move records the key it left.
+    WITH inserted AS (
     INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
     SELECT source_id, pg_catalog.current_database(), recorded_schema, recorded_table,
            CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.after ->> key_columns[1]
@@ -572,7 +625,17 @@ BEGIN
                 OR NOT EXISTS (SELECT FROM pg_catalog.jsonb_each(o.before) AS b FULL JOIN pg_catalog.jsonb_each(w.after) AS a USING (key)
                                 WHERE b.value IS DISTINCT FROM a.value)
                 OR EXISTS (SELECT FROM pg_catalog.jsonb_each(o.before) AS b FULL JOIN pg_catalog.jsonb_each(w.after) AS a USING (key)
-                            WHERE b.value IS DISTINCT FROM a.value AND NOT key = ANY (ignored))) AS r;
+                            WHERE b.value IS DISTINCT FROM a.value AND NOT key = ANY (ignored))) AS r
+    RETURNING primary_key, before, committed_at, commit_position, seq)
+    INSERT INTO bemi.key_move (source, "schema", "table", old_key, new_key, committed_at, commit_position, seq)
+    SELECT source_id, recorded_schema, recorded_table, m.old_key, i.primary_key, i.committed_at, i.commit_position, i.seq
+      FROM inserted AS i,
+           LATERAL (SELECT CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN i.before ->> key_columns[1]
+                                WHEN pg_catalog.cardinality(key_columns) > 1 AND i.before ?& key_columns
+                                THEN (SELECT pg_catalog.jsonb_agg(i.before -> k.name ORDER BY k.n)
+                                        FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
+                           END AS old_key) AS m
+     WHERE m.old_key <> i.primary_key;
     written := (SELECT pg_catalog.count(*) FROM bemi_new);
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
@@ -604,6 +667,45 @@ AS $fn$
   SELECT coalesce((SELECT i.settings ->> 'capture_mode' FROM bemi.installation AS i), 'wal')
 $fn$;
 
+-- A table began or ended being tracked (issue 14: where the trail's knowledge starts and stops).
+-- Why is told by the setting bemi.period_cause, which the callers set: 'install' (the first
+-- install), 'track_tables' (a later install or CALL bemi.track_tables()), the event trigger's
+-- command tag ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE'), 'uninstall',
+-- 'new slot'. A partition has no period of its own: its partitioned table's covers it. Trigger
+-- mode writes the event into bemi.trail_event; wal mode sends it through the slot as a
+-- transactional message, which the poller writes in the destination with the transaction's
+-- commit time, exactly ordered with its changes (nothing is sent by a transaction rolled back).
+CREATE OR REPLACE FUNCTION bemi.record_period(schema_name text, table_name text, event text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+DECLARE
+  cause text := coalesce(nullif(pg_catalog.current_setting('bemi.period_cause', true), ''), 'track_tables');
+  reason text;
+BEGIN
+  IF table_name IS NULL THEN
+    RETURN;
+  END IF;
+  -- 'created' means the table began empty: every row it ever held is in the trail.
+  reason := CASE WHEN event = 'began' THEN
+                   CASE cause WHEN 'CREATE TABLE' THEN 'created' WHEN 'CREATE TABLE AS' THEN 'created with rows'
+                              WHEN 'SELECT INTO' THEN 'created with rows' WHEN 'ALTER TABLE' THEN 'moved, renamed or attached in'
+                              ELSE cause END
+                 ELSE
+                   CASE cause WHEN 'ALTER TABLE' THEN 'moved, renamed or detached out' WHEN 'track_tables' THEN 'excluded'
+                              WHEN 'install' THEN 'excluded' ELSE cause END
+            END;
+  IF bemi.capture_mode() = 'triggers' THEN
+    INSERT INTO bemi.trail_event (source, "schema", "table", event, reason, at, "position")
+    VALUES ((SELECT i.source FROM bemi.installation AS i), schema_name, table_name, event, reason,
+            pg_catalog.clock_timestamp(), -pg_catalog.pg_current_xact_id()::text::bigint)
+    ON CONFLICT DO NOTHING;
+  ELSE
+    PERFORM pg_catalog.pg_logical_emit_message(true, '_bemi_period', pg_catalog.json_build_object(
+      'schema', schema_name, 'table', table_name, 'event', event, 'reason', reason)::text);
+  END IF;
+END
+$fn$;
+
 -- Track one table with the database's capture mode, replacing the other mode's triggers.
 -- Wal mode: replica identity, the context trigger, membership of the publication.
 -- Trigger mode: the four capture triggers, whose arguments follow the table's key and columns
@@ -619,6 +721,7 @@ DECLARE
   ignored text[];
   in_publication boolean;
   other_trigger name;
+  old_name record;
   mode text := bemi.capture_mode();
 BEGIN
   SELECT c.oid, n.nspname, c.relname, c.relreplident, c.relispartition, r.schema_name AS root_schema, r.table_name AS root_name,
@@ -643,10 +746,22 @@ BEGIN
         typdelim = excluded.typdelim, typbasetype = excluded.typbasetype
     WHERE (ct.typtype, ct.typcategory, ct.typelem, ct.typdelim, ct.typbasetype)
           IS DISTINCT FROM (excluded.typtype, excluded.typcategory, excluded.typelem, excluded.typdelim, excluded.typbasetype);
-  INSERT INTO bemi.tracked_table (relid, prior_replica_identity, prior_replica_index)
+  -- Newly tracked, or tracked under another name (a rename within the tracked set): its period
+  -- under the old name ends, one under the new name begins.
+  SELECT tt.period_schema, tt.period_table INTO old_name FROM bemi.tracked_table tt WHERE tt.relid = rel.oid;
+  IF NOT FOUND OR (NOT rel.relispartition AND (old_name.period_schema, old_name.period_table) IS DISTINCT FROM (rel.nspname::text, rel.relname::text)) THEN
+    PERFORM bemi.record_period(old_name.period_schema, old_name.period_table, 'ended');
+    IF NOT rel.relispartition THEN
+      PERFORM bemi.record_period(rel.nspname, rel.relname, 'began');
+    END IF;
+  END IF;
+  INSERT INTO bemi.tracked_table (relid, prior_replica_identity, prior_replica_index, period_schema, period_table)
   VALUES (rel.oid, rel.relreplident,
-          (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = rel.oid AND i.indisreplident))
-  ON CONFLICT (relid) DO NOTHING;
+          (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = rel.oid AND i.indisreplident),
+          CASE WHEN NOT rel.relispartition THEN rel.nspname END, CASE WHEN NOT rel.relispartition THEN rel.relname END)
+  ON CONFLICT (relid) DO UPDATE SET period_schema = excluded.period_schema, period_table = excluded.period_table
+    WHERE (bemi.tracked_table.period_schema, bemi.tracked_table.period_table)
+          IS DISTINCT FROM (excluded.period_schema, excluded.period_table);
   in_publication := EXISTS (
     SELECT FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
      WHERE p.pubname = 'bemi' AND pr.prrelid = rel.oid);
@@ -760,6 +875,7 @@ AS $fn$
 DECLARE
   rel record;
   trigger_name name;
+  old_name record;
 BEGIN
   SELECT c.oid, n.nspname, c.relname, c.relreplident, tt.prior_replica_identity, ix.oid AS prior_index_oid, ix.relname AS prior_index,
          (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) AS replica_index
@@ -792,7 +908,8 @@ BEGIN
       rel.nspname, rel.relname, CASE rel.relreplident WHEN 'f' THEN 'FULL' WHEN 'd' THEN 'DEFAULT' WHEN 'n' THEN 'NOTHING' ELSE 'USING INDEX' END
       USING HINT = 'Set it with ALTER TABLE ... REPLICA IDENTITY.';
   END IF;
-  DELETE FROM bemi.tracked_table WHERE relid = rel.oid;
+  DELETE FROM bemi.tracked_table WHERE relid = rel.oid RETURNING period_schema, period_table INTO old_name;
+  PERFORM bemi.record_period(old_name.period_schema, old_name.period_table, 'ended');  -- its tracking period ends
 END
 $fn$;
 
@@ -855,14 +972,16 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
   obj record;
+  outer_cause text := pg_catalog.current_setting('bemi.period_cause', true);
 BEGIN
   IF pg_catalog.current_setting('bemi.syncing', true) = 'on' THEN
     RETURN;  -- bemi.sync_table's own DDL
   END IF;
   -- Every table the command touched, with its partitions (an ATTACH is reported on the parent),
   -- and every tracked table that no longer should be (a DETACH, a move, a rename).
+  -- (A table met twice is synced first under its CREATE, which tells its period's reason.)
   FOR obj IN
-    SELECT DISTINCT c.oid, n.nspname, c.relname
+    SELECT DISTINCT c.oid, n.nspname, c.relname, d.command_tag AS tag
       FROM pg_catalog.pg_event_trigger_ddl_commands() d
       CROSS JOIN LATERAL (SELECT t.relid FROM pg_catalog.pg_partition_tree(d.objid) AS t
                           UNION SELECT d.objid) AS tree(relid)
@@ -870,15 +989,17 @@ BEGIN
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE d.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
     UNION
-    SELECT c.oid, n.nspname, c.relname
+    SELECT c.oid, n.nspname, c.relname, 'ALTER TABLE'
       FROM bemi.tracked_table tt
       JOIN pg_catalog.pg_class c ON c.oid = tt.relid
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE NOT bemi.should_track(c.oid)
-     ORDER BY 2, 3
+     ORDER BY 2, 3, 4 DESC
   LOOP
     BEGIN
+      PERFORM pg_catalog.set_config('bemi.period_cause', obj.tag, true);
       PERFORM bemi.sync_table(obj.oid);
+      PERFORM pg_catalog.set_config('bemi.period_cause', coalesce(outer_cause, ''), true);
     EXCEPTION WHEN OTHERS THEN
       RAISE WARNING 'bemi: could not track table %.%: %', obj.nspname, obj.relname, SQLERRM
         USING HINT = 'Run CALL bemi.track_tables() as its owner.';
@@ -921,7 +1042,11 @@ EXCEPTION WHEN insufficient_privilege THEN
 END
 $do$;
 
--- The settings, capture mode included, then every table tracked with them.
+-- The settings, capture mode included, then every table tracked with them (their tracking periods
+-- begin with reason 'install' at the first install, 'track_tables' at a later one).
+SELECT pg_catalog.set_config('bemi.period_cause', CASE WHEN EXISTS (SELECT FROM bemi.installation) THEN 'track_tables'
+                                                       ELSE 'install' END, true);
+
 INSERT INTO bemi.installation (version, settings, source)
 VALUES ('0.4.0', '{"capture_mode": "triggers", "context_indexes": [], "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_name": null, "sqlcommenter": true}'::jsonb, bemi.source_identity())
 -- CREATE EXTENSION starts in trigger mode, which needs no slot; ALTER EXTENSION UPDATE keeps the
@@ -932,6 +1057,8 @@ ON CONFLICT (singleton) DO UPDATE
                    coalesce(bemi.installation.settings ->> 'capture_mode', 'wal'));
 
 CALL bemi.track_tables();
+
+SELECT pg_catalog.set_config('bemi.period_cause', '', true);
 
 -- bemi-pg 0.4.0: extension bemi_pg 0.4.0
 -- Generated by `bemi-pg render --extension` from the templates of `bemi-pg install`: do not edit.
@@ -1065,6 +1192,37 @@ CREATE TABLE IF NOT EXISTS bemi.snapshot_row (
 
 CREATE INDEX IF NOT EXISTS snapshot_row_snapshot_id_primary_key_idx ON bemi.snapshot_row (snapshot_id, primary_key);
 
+-- (bemi.trail_event and bemi.key_move: made by the capture side, in this same database.)
+
+-- End every open tracking period of a source where bemi-pg itself knows that its trail stops (an
+-- uninstall, a lost slot): at the commit time of the last transaction the poller wrote (else
+-- now), so that every change the trail holds falls inside. Returns how many periods it ended.
+CREATE OR REPLACE FUNCTION bemi.end_periods(source text, reason text) RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+DECLARE
+  last_commit bigint;
+  stop timestamptz;
+  ended integer;
+BEGIN
+  SELECT k.commit_position INTO last_commit FROM bemi.checkpoint AS k
+   WHERE k.source = end_periods.source ORDER BY k.updated_at DESC LIMIT 1;
+  IF last_commit >= 0 THEN
+    stop := (SELECT c.committed_at FROM public.changes AS c
+              WHERE c.source = end_periods.source AND c.commit_position BETWEEN 0 AND last_commit
+              ORDER BY c.commit_position DESC LIMIT 1);
+  END IF;
+  INSERT INTO bemi.trail_event (source, "schema", "table", event, reason, at, "position")
+  SELECT end_periods.source, p."schema", p."table", 'ended', end_periods.reason,
+         GREATEST(coalesce(stop, pg_catalog.now()), p.began_at), coalesce(last_commit, 0)
+    FROM bemi.trail_periods(end_periods.source) AS p
+   WHERE p.ended_at IS NULL
+  ON CONFLICT DO NOTHING;
+  GET DIAGNOSTICS ended = ROW_COUNT;
+  RETURN ended;
+END
+$fn$;
+
 -- Files the rows an earlier version wrote without a source (keyed by database name) under the
 -- source now installing, then makes changes.source NOT NULL once no row lacks one. Called by
 -- `bemi-pg install` for its own source; cheap once the column is NOT NULL.
@@ -1095,24 +1253,6 @@ AS $fn$
   SELECT CASE WHEN pg_catalog.array_length(p, 1) > 1 THEN p[pg_catalog.array_length(p, 1) - 1] END,
          p[pg_catalog.array_length(p, 1)]
     FROM pg_catalog.parse_ident(table_name) AS p
-$fn$;
-
--- A row's changes, newest first, with what each changed: {"column": [old, new]}.
-CREATE OR REPLACE FUNCTION bemi.history(table_name text, primary_key text, max_rows integer DEFAULT 100)
-RETURNS TABLE (id uuid, operation text, committed_at timestamptz, transaction_id bigint, context jsonb,
-               changed jsonb, before jsonb, after jsonb)
-LANGUAGE sql STABLE
-AS $fn$
-  SELECT c.id, c.operation, c.committed_at, c.transaction_id, c.context,
-         (SELECT coalesce(pg_catalog.jsonb_object_agg(k.key, pg_catalog.jsonb_build_array(c.before -> k.key, c.after -> k.key)), '{}')
-            FROM (SELECT pg_catalog.jsonb_object_keys(c.before) UNION SELECT pg_catalog.jsonb_object_keys(c.after)) AS k(key)
-           WHERE (c.before -> k.key) IS DISTINCT FROM (c.after -> k.key)),
-         c.before, c.after
-    FROM public.changes AS c, bemi.split_table_name(history.table_name) AS t
-   WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-     AND c.primary_key = history.primary_key
-   ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
-   LIMIT max_rows
 $fn$;
 
 -- The source a function without one answers for: the installation's, where the trail lives in
@@ -1166,14 +1306,19 @@ BEGIN
   mode := coalesce(here ->> 'capture_mode', 'wal');
   live := here IS NOT NULL AND mode = 'triggers';
   IF schema_name IS NULL THEN
-    SELECT pg_catalog.array_agg(DISTINCT s."schema") INTO schemas FROM bemi.snapshot AS s
-     WHERE s.source = trail_extent.source AND s."table" = relation_name AND s.completed_at IS NOT NULL;
-    IF schemas IS NULL AND here IS NOT NULL THEN
-      SELECT pg_catalog.array_agg(n.nspname::text) INTO schemas
-        FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-       WHERE c.relname = relation_name AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-         AND n.nspname IN (SELECT pg_catalog.jsonb_array_elements_text(here -> 'schemas'));
-    END IF;
+    -- Every schema the source's trail knows the name in: its baselines, its tracking periods and,
+    -- in the tracked database, the tracked schemas' tables.
+    SELECT pg_catalog.array_agg(DISTINCT k.schema_name ORDER BY k.schema_name) INTO schemas
+      FROM (SELECT s."schema" FROM bemi.snapshot AS s
+             WHERE s.source = trail_extent.source AND s."table" = relation_name AND s.completed_at IS NOT NULL
+            UNION
+            SELECT te."schema" FROM bemi.trail_event AS te
+             WHERE te.source = trail_extent.source AND te."table" = relation_name
+            UNION
+            SELECT n.nspname::text
+              FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+             WHERE here IS NOT NULL AND c.relname = relation_name AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+               AND n.nspname IN (SELECT pg_catalog.jsonb_array_elements_text(here -> 'schemas'))) AS k(schema_name);
     IF pg_catalog.cardinality(schemas) > 1 THEN
       RAISE EXCEPTION '% is ambiguous (in schemas %): name it as schema.table', relation_name,
         pg_catalog.array_to_string(schemas, ', ') USING ERRCODE = 'BEM01';
@@ -1228,6 +1373,200 @@ BEGIN
 END
 $fn$;
 
+-- The tracking periods of a source's tables (issue 14): one row per period, from when the table
+-- began being tracked (and why) to when it ended (NULL: tracked still) and why. The time between
+-- two periods of a table is a gap, where the trail does not know its rows. A 'began' while
+-- tracked, or an 'ended' while not, changes nothing.
+CREATE OR REPLACE FUNCTION bemi.trail_periods(source text)
+RETURNS TABLE ("schema" text, "table" text, began_at timestamptz, began_reason text, ended_at timestamptz, ended_reason text)
+LANGUAGE sql STABLE
+AS $fn$
+  WITH events AS (
+    SELECT e."schema", e."table", e.event, e.reason, e.at, e."position",
+           pg_catalog.lag(e.event) OVER w AS previous
+      FROM bemi.trail_event AS e
+     WHERE e.source = trail_periods.source
+    WINDOW w AS (PARTITION BY e."schema", e."table" ORDER BY e.at, e."position", e.event DESC)),
+  turns AS (
+    SELECT v."schema", v."table", v.event, v.reason, v.at,
+           pg_catalog.lead(v.at) OVER w AS next_at, pg_catalog.lead(v.reason) OVER w AS next_reason
+      FROM events AS v
+     WHERE v.previous IS DISTINCT FROM v.event
+    WINDOW w AS (PARTITION BY v."schema", v."table" ORDER BY v.at, v."position", v.event DESC))
+  SELECT t."schema", t."table", t.at, t.reason, t.next_at, t.next_reason
+    FROM turns AS t
+   WHERE t.event = 'began'
+   ORDER BY 1, 2, 3
+$fn$;
+
+-- The tracking period of a table that holds moment `at`; SQLSTATE BEM05 where `at` is before
+-- the first, in a gap between two, or after the last ended. recorded is false where no period of
+-- the table is recorded (a trail from before 0.4.0): the installation's moment stands for its start.
+CREATE OR REPLACE FUNCTION bemi.period_at(source text, schema_name text, relation_name text, at timestamptz,
+  OUT began_at timestamptz, OUT began_reason text, OUT ended_at timestamptz, OUT recorded boolean)
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+  earlier record;
+  later record;
+BEGIN
+  recorded := EXISTS (SELECT FROM bemi.trail_periods(source) AS p WHERE p."schema" = schema_name AND p."table" = relation_name);
+  IF NOT recorded THEN
+    RETURN;
+  END IF;
+  SELECT p.began_at, p.began_reason, p.ended_at INTO began_at, began_reason, ended_at
+    FROM bemi.trail_periods(source) AS p
+   WHERE p."schema" = schema_name AND p."table" = relation_name AND p.began_at <= at AND (p.ended_at IS NULL OR at <= p.ended_at)
+   ORDER BY p.began_at DESC LIMIT 1;
+  IF began_at IS NOT NULL THEN
+    RETURN;
+  END IF;
+  SELECT p.ended_at, p.ended_reason INTO earlier FROM bemi.trail_periods(source) AS p
+   WHERE p."schema" = schema_name AND p."table" = relation_name AND p.ended_at < at ORDER BY p.ended_at DESC LIMIT 1;
+  SELECT p.began_at, p.began_reason INTO later FROM bemi.trail_periods(source) AS p
+   WHERE p."schema" = schema_name AND p."table" = relation_name AND p.began_at > at ORDER BY p.began_at LIMIT 1;
+  IF earlier.ended_at IS NULL THEN
+    PERFORM bemi.cannot_say(pg_catalog.format('%s is before tracking of %s.%s began (%s, %s)', at, schema_name,
+                                              relation_name, later.began_at, later.began_reason));
+  ELSIF later.began_at IS NULL THEN
+    PERFORM bemi.cannot_say(pg_catalog.format('%s is after tracking of %s.%s ended (%s, %s)', at, schema_name,
+                                              relation_name, earlier.ended_at, earlier.ended_reason));
+  ELSE
+    PERFORM bemi.cannot_say(pg_catalog.format('%s falls in a gap in the trail of %s.%s: tracking ended at %s (%s) '
+                                              'and began again at %s (%s)', at, schema_name, relation_name,
+                                              earlier.ended_at, earlier.ended_reason, later.began_at, later.began_reason));
+  END IF;
+END
+$fn$;
+
+-- What may answer for moment `at`, once the checks of bemi.check_extent and bemi.period_at pass:
+-- the changes committed from lo to hi (the tracking period that holds `at`), the baseline where it
+-- was taken in that period (baseline_id NULL otherwise), no row at all where the period began with
+-- the table's creation (began_empty), the live row where the period lasts still (live).
+CREATE OR REPLACE FUNCTION bemi.answer_window(source text, table_name text, at timestamptz,
+  OUT schema_name text, OUT relation_name text, OUT lo timestamptz, OUT hi timestamptz, OUT began_empty boolean,
+  OUT baseline_id bigint, OUT baseline_taken_at timestamptz, OUT baseline_ready boolean, OUT live boolean)
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+  e record;
+  p record;
+BEGIN
+  SELECT * INTO e FROM bemi.trail_extent(source, table_name);
+  schema_name := e.schema_name;
+  relation_name := e.relation_name;
+  SELECT * INTO p FROM bemi.period_at(source, e.schema_name, e.relation_name, at);
+  IF p.recorded THEN
+    PERFORM bemi.check_extent(e.schema_name, e.relation_name, p.began_at,
+                              CASE WHEN p.ended_at IS NULL THEN e.known_until ELSE 'infinity' END, at);
+    lo := p.began_at;
+    hi := coalesce(p.ended_at, 'infinity');
+  ELSE
+    PERFORM bemi.check_extent(e.schema_name, e.relation_name, e.began, e.known_until, at);
+    lo := '-infinity';
+    hi := 'infinity';
+  END IF;
+  -- A table without a primary key: its rows have no key to answer under (changes and baseline
+  -- file them under NULL).
+  IF EXISTS (SELECT FROM public.changes AS c
+              WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation <> 'TRUNCATE'
+                AND c.source = answer_window.source AND c."schema" = e.schema_name)
+     OR EXISTS (SELECT FROM bemi.snapshot_row AS r WHERE r.snapshot_id = e.baseline_id AND r.primary_key IS NULL) THEN
+    PERFORM bemi.cannot_say(pg_catalog.format('%s.%s has no primary key: as-of answers for tables with one',
+                                              e.schema_name, e.relation_name));
+  END IF;
+  began_empty := coalesce(p.began_reason = 'created', false);
+  IF e.baseline_taken_at BETWEEN lo AND hi THEN
+    baseline_id := e.baseline_id;
+    baseline_taken_at := e.baseline_taken_at;
+    baseline_ready := e.baseline_ready;
+  END IF;
+  live := e.live AND hi = 'infinity';
+END
+$fn$;
+
+-- The keys a row had, newest first, following it back through the UPDATEs that moved it from
+-- one key to another (bemi.key_move): each with the change before which its changes are this
+-- row's (until_position NULL: all of them), and how many moves back it is.
+CREATE OR REPLACE FUNCTION bemi.key_chain(source text, schema_name text, relation_name text, primary_key text)
+RETURNS TABLE (key text, until_at timestamptz, until_position bigint, until_seq integer, depth integer)
+LANGUAGE sql STABLE
+AS $fn$
+  WITH RECURSIVE chain AS (
+    SELECT key_chain.primary_key AS key, 'infinity'::timestamptz AS until_at, NULL::bigint AS until_position,
+           NULL::integer AS until_seq, 0 AS depth
+    UNION ALL
+    SELECT mv.old_key, mv.committed_at, mv.commit_position, mv.seq, ch.depth + 1
+      FROM chain AS ch
+      CROSS JOIN LATERAL (
+        SELECT m.old_key, m.committed_at, m.commit_position, m.seq
+          FROM bemi.key_move AS m
+         WHERE m."table" = key_chain.relation_name AND m.new_key = ch.key AND m.committed_at <= ch.until_at
+           AND m.source = key_chain.source AND m."schema" = key_chain.schema_name
+           AND (ch.until_position IS NULL OR (m.committed_at, m.commit_position, m.seq) < (ch.until_at, ch.until_position, ch.until_seq))
+         ORDER BY m.committed_at DESC, m.commit_position DESC, m.seq DESC LIMIT 1) AS mv
+     WHERE ch.depth < 1000
+       -- (The row under the key came by that move, unless one was created under the key since.)
+       AND NOT EXISTS (SELECT FROM public.changes AS c
+                        WHERE c."table" = key_chain.relation_name AND c.primary_key = ch.key AND c.committed_at >= mv.committed_at
+                          AND c.committed_at <= ch.until_at AND c.operation = 'CREATE'
+                          AND c.source = key_chain.source AND c."schema" = key_chain.schema_name
+                          AND (c.committed_at, c.commit_position, c.seq) > (mv.committed_at, mv.commit_position, mv.seq)
+                          AND (ch.until_position IS NULL
+                               OR (c.committed_at, c.commit_position, c.seq) < (ch.until_at, ch.until_position, ch.until_seq))))
+  SELECT * FROM chain
+$fn$;
+
+-- A row's changes in the trail of one source, newest first, with what each changed:
+-- {"column": [old, new]}. A bare table name is resolved as bemi.trail_extent does (in two schemas:
+-- an error asking for schema.table), so that two schemas or two databases never interleave. A
+-- row whose key an UPDATE changed is followed back through that move: row_key is the key each
+-- change is filed under (another than primary_key: before the move).
+CREATE OR REPLACE FUNCTION bemi.history(source text, table_name text, primary_key text, max_rows integer)
+RETURNS TABLE (id uuid, operation text, committed_at timestamptz, transaction_id bigint, context jsonb,
+               changed jsonb, before jsonb, after jsonb, row_key text)
+LANGUAGE sql STABLE
+AS $fn$
+  SELECT c.id, c.operation, c.committed_at, c.transaction_id, c.context,
+         (SELECT coalesce(pg_catalog.jsonb_object_agg(k.key, pg_catalog.jsonb_build_array(c.before -> k.key, c.after -> k.key)), '{}')
+            FROM (SELECT pg_catalog.jsonb_object_keys(c.before) UNION SELECT pg_catalog.jsonb_object_keys(c.after)) AS k(key)
+           WHERE (c.before -> k.key) IS DISTINCT FROM (c.after -> k.key)),
+         c.before, c.after, c.primary_key
+    FROM bemi.trail_extent(history.source, history.table_name) AS t
+   CROSS JOIN LATERAL bemi.key_chain(history.source, t.schema_name, t.relation_name, history.primary_key) AS k
+    JOIN public.changes AS c
+      ON c."table" = t.relation_name AND c.primary_key = k.key AND c.committed_at <= k.until_at
+     AND c.source = history.source AND c."schema" = t.schema_name
+     AND (k.until_position IS NULL OR (c.committed_at, c.commit_position, c.seq) < (k.until_at, k.until_position, k.until_seq))
+   ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
+   LIMIT max_rows
+$fn$;
+
+-- The same for the source the destination answers for without one (see bemi.trail_source).
+CREATE OR REPLACE FUNCTION bemi.history(table_name text, primary_key text, max_rows integer DEFAULT 100)
+RETURNS TABLE (id uuid, operation text, committed_at timestamptz, transaction_id bigint, context jsonb,
+               changed jsonb, before jsonb, after jsonb)
+LANGUAGE sql STABLE
+AS $fn$
+  SELECT h.id, h.operation, h.committed_at, h.transaction_id, h.context, h.changed, h.before, h.after
+    FROM bemi.history(bemi.trail_source(), table_name, primary_key, max_rows) AS h
+$fn$;
+
+-- The gaps in the trail of one table: where a tracking period ended, and the next began.
+CREATE OR REPLACE FUNCTION bemi.trail_gaps(source text, table_name text)
+RETURNS TABLE (ended_at timestamptz, ended_reason text, began_at timestamptz, began_reason text)
+LANGUAGE sql STABLE
+AS $fn$
+  SELECT g.ended_at, g.ended_reason, g.next_began, g.next_reason
+    FROM (SELECT p.ended_at, p.ended_reason, pg_catalog.lead(p.began_at) OVER w AS next_began,
+                 pg_catalog.lead(p.began_reason) OVER w AS next_reason
+            FROM bemi.trail_extent(trail_gaps.source, trail_gaps.table_name) AS t, bemi.trail_periods(trail_gaps.source) AS p
+           WHERE p."schema" = t.schema_name AND p."table" = t.relation_name
+          WINDOW w AS (ORDER BY p.began_at)) AS g
+   WHERE g.next_began IS NOT NULL
+   ORDER BY g.ended_at
+$fn$;
+
 -- Every row of a tracked table in this database as the trail records it: to_jsonb less the
 -- excluded columns (the capture trigger's own arguments), under its key as changes writes it.
 CREATE OR REPLACE FUNCTION bemi.live_rows(schema_name text, relation_name text)
@@ -1274,39 +1613,63 @@ DECLARE
   lt record;
   nt record;
 BEGIN
-  SELECT * INTO e FROM bemi.trail_extent(source, table_name);
-  PERFORM bemi.check_extent(e.schema_name, e.relation_name, e.began, e.known_until, at);
-  SELECT c.operation, c.after, c.committed_at, c.commit_position, c.seq INTO l
-    FROM public.changes AS c
-   WHERE c."table" = e.relation_name AND c.primary_key = as_of.primary_key AND c.committed_at <= at
-     AND c.source = as_of.source AND c."schema" = e.schema_name
-   ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1;
+  SELECT * INTO e FROM bemi.answer_window(source, table_name, at);
+  -- The last change of the key, or the UPDATE that moved the row away from it (bemi.key_move).
+  SELECT x.* INTO l
+    FROM ((SELECT c.operation, c.after, c.committed_at, c.commit_position, c.seq
+             FROM public.changes AS c
+            WHERE c."table" = e.relation_name AND c.primary_key = as_of.primary_key AND c.committed_at <= at AND c.committed_at >= e.lo
+              AND c.source = as_of.source AND c."schema" = e.schema_name
+            ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1)
+          UNION ALL
+          (SELECT 'MOVED', '{}'::jsonb, m.committed_at, m.commit_position, m.seq
+             FROM bemi.key_move AS m
+            WHERE m."table" = e.relation_name AND m.old_key = as_of.primary_key AND m.committed_at <= at AND m.committed_at >= e.lo
+              AND m.source = as_of.source AND m."schema" = e.schema_name
+            ORDER BY m.committed_at DESC, m.commit_position DESC, m.seq DESC LIMIT 1)) AS x
+   ORDER BY x.committed_at DESC, x.commit_position DESC, x.seq DESC LIMIT 1;
   SELECT c.committed_at, c.commit_position, c.seq INTO lt
     FROM public.changes AS c
-   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at <= at
+   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at <= at AND c.committed_at >= e.lo
      AND c.source = as_of.source AND c."schema" = e.schema_name
    ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1;
   IF lt.committed_at IS NOT NULL AND (l.committed_at IS NULL
       OR (lt.committed_at, lt.commit_position, lt.seq) > (l.committed_at, l.commit_position, l.seq)) THEN
     RETURN NULL;
   ELSIF l.committed_at IS NOT NULL THEN
-    RETURN CASE WHEN l.operation = 'DELETE' THEN NULL ELSE l.after END;
+    RETURN CASE WHEN l.operation IN ('DELETE', 'MOVED') THEN NULL ELSE l.after END;
   END IF;
   SELECT c.committed_at, c.commit_position, c.seq INTO nt
     FROM public.changes AS c
-   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at > at
+   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at > at AND c.committed_at <= e.hi
      AND c.source = as_of.source AND c."schema" = e.schema_name
    ORDER BY c.committed_at, c.commit_position, c.seq LIMIT 1;
-  SELECT c.operation, c.before, c.committed_at, c.commit_position, c.seq INTO n
-    FROM public.changes AS c
-   WHERE c."table" = e.relation_name AND c.primary_key = as_of.primary_key AND c.committed_at > at
-     AND c.source = as_of.source AND c."schema" = e.schema_name
-   ORDER BY c.committed_at, c.commit_position, c.seq LIMIT 1;
+  -- The first change of the key (an UPDATE that moved the row to it counts as its CREATE), or the
+  -- UPDATE that moved the row away from it (its before).
+  SELECT x.* INTO n
+    FROM ((SELECT CASE WHEN EXISTS (SELECT FROM bemi.key_move AS m WHERE m.source = c.source AND m.commit_position = c.commit_position
+                                                                    AND m.seq = c.seq) THEN 'CREATE' ELSE c.operation END AS operation,
+                  c.before, c.committed_at, c.commit_position, c.seq
+             FROM public.changes AS c
+            WHERE c."table" = e.relation_name AND c.primary_key = as_of.primary_key AND c.committed_at > at AND c.committed_at <= e.hi
+              AND c.source = as_of.source AND c."schema" = e.schema_name
+            ORDER BY c.committed_at, c.commit_position, c.seq LIMIT 1)
+          UNION ALL
+          (SELECT 'MOVED', c.before, m.committed_at, m.commit_position, m.seq
+             FROM bemi.key_move AS m
+             JOIN public.changes AS c ON c.source = m.source AND c.commit_position = m.commit_position AND c.seq = m.seq
+                                          AND c.committed_at = m.committed_at
+            WHERE m."table" = e.relation_name AND m.old_key = as_of.primary_key AND m.committed_at > at AND m.committed_at <= e.hi
+              AND m.source = as_of.source AND m."schema" = e.schema_name
+            ORDER BY m.committed_at, m.commit_position, m.seq LIMIT 1)) AS x
+   ORDER BY x.committed_at, x.commit_position, x.seq LIMIT 1;
   IF n.committed_at IS NOT NULL AND (nt.committed_at IS NULL
       OR (n.committed_at, n.commit_position, n.seq) < (nt.committed_at, nt.commit_position, nt.seq)) THEN
     RETURN CASE WHEN n.operation = 'CREATE' THEN NULL ELSE n.before END;
   END IF;
-  IF e.baseline_id IS NOT NULL THEN
+  IF e.began_empty THEN
+    RETURN NULL;  -- the table began empty: no change of this row, no row
+  ELSIF e.baseline_id IS NOT NULL THEN
     IF NOT e.baseline_ready THEN
       PERFORM bemi.cannot_say('the poller has not yet written past the baseline of ' || e.schema_name || '.' || e.relation_name);
     ELSIF nt.committed_at < e.baseline_taken_at THEN
@@ -1341,19 +1704,18 @@ DECLARE
   lt record;
   nt record;
 BEGIN
-  SELECT * INTO e FROM bemi.trail_extent(source, table_name);
-  PERFORM bemi.check_extent(e.schema_name, e.relation_name, e.began, e.known_until, at);
+  SELECT * INTO e FROM bemi.answer_window(source, table_name, at);
   SELECT c.committed_at, c.commit_position, c.seq INTO lt
     FROM public.changes AS c
-   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at <= at
+   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at <= at AND c.committed_at >= e.lo
      AND c.source = as_of_all.source AND c."schema" = e.schema_name
    ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1;
   SELECT c.committed_at, c.commit_position, c.seq INTO nt
     FROM public.changes AS c
-   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at > at
+   WHERE c."table" = e.relation_name AND c.primary_key IS NULL AND c.operation = 'TRUNCATE' AND c.committed_at > at AND c.committed_at <= e.hi
      AND c.source = as_of_all.source AND c."schema" = e.schema_name
    ORDER BY c.committed_at, c.commit_position, c.seq LIMIT 1;
-  IF lt.committed_at IS NULL THEN  -- rows no change tells about come from the baseline or the table
+  IF lt.committed_at IS NULL AND NOT e.began_empty THEN  -- rows no change tells about: the baseline or the table
     IF e.baseline_id IS NOT NULL THEN
       IF NOT e.baseline_ready THEN
         PERFORM bemi.cannot_say('the poller has not yet written past the baseline of ' || e.schema_name || '.' || e.relation_name);
@@ -1367,11 +1729,23 @@ BEGIN
     END IF;
   END IF;
   RETURN QUERY
+  -- Each key's changes (an UPDATE that moved the row to it counts as its CREATE where it comes
+  -- first), and for the key a row left, a MOVED change that ends it as a DELETE would.
   WITH changed AS (
-    SELECT c.primary_key, c.operation, c.before, c.after, c.committed_at, c.commit_position, c.seq
+    SELECT c.primary_key,
+           CASE WHEN m.seq IS NOT NULL THEN 'MOVED IN' ELSE c.operation END AS operation,
+           c.before, c.after, c.committed_at, c.commit_position, c.seq
       FROM public.changes AS c
+      LEFT JOIN bemi.key_move AS m ON m.source = c.source AND m.commit_position = c.commit_position AND m.seq = c.seq
      WHERE c."table" = e.relation_name AND c.primary_key IS NOT NULL
-       AND c.source = as_of_all.source AND c."schema" = e.schema_name),
+       AND c.source = as_of_all.source AND c."schema" = e.schema_name AND c.committed_at BETWEEN e.lo AND e.hi
+    UNION ALL
+    SELECT m.old_key, 'MOVED', c.before, '{}'::jsonb, m.committed_at, m.commit_position, m.seq
+      FROM bemi.key_move AS m
+      JOIN public.changes AS c ON c.source = m.source AND c.commit_position = m.commit_position AND c.seq = m.seq
+                                   AND c.committed_at = m.committed_at
+     WHERE m."table" = e.relation_name AND m.source = as_of_all.source AND m."schema" = e.schema_name
+       AND m.committed_at BETWEEN e.lo AND e.hi),
   latest AS (
     SELECT DISTINCT ON (c.primary_key) c.primary_key, c.operation, c.after, c.committed_at, c.commit_position, c.seq
       FROM changed AS c WHERE c.committed_at <= at
@@ -1385,18 +1759,18 @@ BEGIN
      ORDER BY c.primary_key, c.committed_at, c.commit_position, c.seq),
   decided AS (
     SELECT l.primary_key,
-           CASE WHEN l.operation = 'DELETE' OR (lt.committed_at IS NOT NULL
+           CASE WHEN l.operation IN ('DELETE', 'MOVED') OR (lt.committed_at IS NOT NULL
                      AND (lt.committed_at, lt.commit_position, lt.seq) > (l.committed_at, l.commit_position, l.seq))
                 THEN NULL ELSE l.after END AS row_data
       FROM latest AS l
     UNION ALL
-    SELECT f.primary_key, CASE WHEN f.operation = 'CREATE' THEN NULL ELSE f.before END FROM following AS f),
+    SELECT f.primary_key, CASE WHEN f.operation IN ('CREATE', 'MOVED IN') THEN NULL ELSE f.before END FROM following AS f),
   unchanged AS (
     SELECT r.primary_key, r.row_data FROM bemi.snapshot_row AS r
-     WHERE r.snapshot_id = e.baseline_id AND lt.committed_at IS NULL
+     WHERE r.snapshot_id = e.baseline_id AND lt.committed_at IS NULL AND NOT e.began_empty
     UNION ALL
     SELECT r.primary_key, r.row_data FROM bemi.live_rows(e.schema_name, e.relation_name) AS r
-     WHERE e.baseline_id IS NULL AND e.live AND lt.committed_at IS NULL)
+     WHERE e.baseline_id IS NULL AND e.live AND lt.committed_at IS NULL AND NOT e.began_empty)
   SELECT d.primary_key, d.row_data FROM decided AS d WHERE d.row_data IS NOT NULL
   UNION ALL
   SELECT u.primary_key, u.row_data FROM unchanged AS u
@@ -1422,63 +1796,77 @@ AS $fn$
          pg_catalog.jsonb_populate_record(row_type, a.row_data) AS r
 $fn$;
 
--- The row as the last change of it left it (NULL after a DELETE or a TRUNCATE): what blame reads.
-CREATE OR REPLACE FUNCTION bemi.last_recorded(table_name text, primary_key text)
+-- (0.4.0's first last_recorded matched every source and schema.)
+DROP FUNCTION IF EXISTS bemi.last_recorded(text, text);
+
+-- The row as the last change of it in the trail of one source left it (NULL after a DELETE or a
+-- TRUNCATE): what blame reads.
+CREATE OR REPLACE FUNCTION bemi.last_recorded(source text, schema_name text, relation_name text, primary_key text)
 RETURNS jsonb
 LANGUAGE sql STABLE
 AS $fn$
-  WITH t AS (SELECT * FROM bemi.split_table_name(last_recorded.table_name)),
-  last_change AS (
+  WITH last_change AS (
     SELECT c.operation, c.after, c.committed_at, c.commit_position, c.seq
-      FROM public.changes AS c, t
-     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-       AND c.primary_key = last_recorded.primary_key
+      FROM public.changes AS c
+     WHERE c."table" = last_recorded.relation_name AND c."schema" = last_recorded.schema_name
+       AND c.source = last_recorded.source AND c.primary_key = last_recorded.primary_key
      ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
      LIMIT 1),
   last_truncate AS (
     SELECT c.committed_at, c.commit_position, c.seq
-      FROM public.changes AS c, t
-     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-       AND c.primary_key IS NULL AND c.operation = 'TRUNCATE'
+      FROM public.changes AS c
+     WHERE c."table" = last_recorded.relation_name AND c."schema" = last_recorded.schema_name
+       AND c.source = last_recorded.source AND c.primary_key IS NULL AND c.operation = 'TRUNCATE'
      ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
+     LIMIT 1),
+  last_move AS (  -- an UPDATE that moved the row away from this key
+    SELECT m.committed_at, m.commit_position, m.seq
+      FROM bemi.key_move AS m
+     WHERE m."table" = last_recorded.relation_name AND m.old_key = last_recorded.primary_key
+       AND m.source = last_recorded.source AND m."schema" = last_recorded.schema_name
+     ORDER BY m.committed_at DESC, m.commit_position DESC, m.seq DESC
      LIMIT 1)
   SELECT CASE
            WHEN l.operation = 'DELETE' THEN NULL
            WHEN (tr.committed_at, tr.commit_position, tr.seq) > (l.committed_at, l.commit_position, l.seq) THEN NULL
+           WHEN (mv.committed_at, mv.commit_position, mv.seq) > (l.committed_at, l.commit_position, l.seq) THEN NULL
            ELSE l.after
          END
-    FROM last_change AS l LEFT JOIN last_truncate AS tr ON true
+    FROM last_change AS l LEFT JOIN last_truncate AS tr ON true LEFT JOIN last_move AS mv ON true
 $fn$;
 
 -- For each column of the row as it is now, the change that last set its value; a column no
 -- change has set since tracking began (a row that predates it) says so: operation 'BEFORE
--- TRACKING', with no change id, its value from the last change or else the baseline.
-CREATE OR REPLACE FUNCTION bemi.blame(table_name text, primary_key text)
+-- TRACKING', with no change id, its value from the last change or else the baseline. In the trail
+-- of one source; a bare table name is resolved as bemi.trail_extent does.
+CREATE OR REPLACE FUNCTION bemi.blame(source text, table_name text, primary_key text)
 RETURNS TABLE ("column" text, value jsonb, id uuid, operation text, committed_at timestamptz,
                transaction_id bigint, context jsonb)
 LANGUAGE sql STABLE
 AS $fn$
-  WITH src AS (SELECT bemi.trail_source() AS source),
-  t AS (SELECT * FROM bemi.split_table_name(blame.table_name)),
-  row_changes AS (
+  WITH t AS (SELECT e.schema_name, e.relation_name FROM bemi.trail_extent(blame.source, blame.table_name) AS e),
+  keys AS (SELECT k.* FROM t, bemi.key_chain(blame.source, t.schema_name, t.relation_name, blame.primary_key) AS k),
+  row_changes AS (  -- the row's, through any UPDATE that moved it from another key
     SELECT c.*
-      FROM public.changes AS c, t, src
-     WHERE c."table" = t.relation_name AND (t.schema_name IS NULL OR c."schema" = t.schema_name)
-       AND c.primary_key = blame.primary_key AND c.source = src.source),
+      FROM public.changes AS c, t, keys AS k
+     WHERE c."table" = t.relation_name AND c."schema" = t.schema_name
+       AND c.primary_key = k.key AND c.source = blame.source AND c.committed_at <= k.until_at
+       AND (k.until_position IS NULL OR (c.committed_at, c.commit_position, c.seq) < (k.until_at, k.until_position, k.until_seq))),
   born AS (
     SELECT c.committed_at, c.commit_position, c.seq FROM row_changes AS c WHERE c.operation = 'CREATE'
      ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC LIMIT 1),
   base AS (
     SELECT r.row_data, s.taken_at, s."schema", s."table"
-      FROM bemi.snapshot AS s JOIN bemi.snapshot_row AS r ON r.snapshot_id = s.id, t, src
-     WHERE s.source = src.source AND s."table" = t.relation_name AND (t.schema_name IS NULL OR s."schema" = t.schema_name)
-       AND s.completed_at IS NOT NULL AND r.primary_key = blame.primary_key
+      FROM bemi.snapshot AS s JOIN bemi.snapshot_row AS r ON r.snapshot_id = s.id, t
+     WHERE s.source = blame.source AND s."table" = t.relation_name AND s."schema" = t.schema_name
+       AND s.completed_at IS NOT NULL AND r.primary_key = (SELECT k.key FROM keys AS k ORDER BY k.depth DESC LIMIT 1)
      LIMIT 1),
   now_row AS (
-    SELECT CASE WHEN EXISTS (SELECT FROM row_changes) THEN bemi.last_recorded(blame.table_name, blame.primary_key)
+    SELECT CASE WHEN EXISTS (SELECT FROM row_changes)
+                THEN (SELECT bemi.last_recorded(blame.source, t.schema_name, t.relation_name, blame.primary_key) FROM t)
                 ELSE (SELECT b.row_data FROM base AS b
-                       WHERE NOT EXISTS (SELECT FROM public.changes AS c, src
-                                          WHERE c."table" = b."table" AND c."schema" = b."schema" AND c.source = src.source
+                       WHERE NOT EXISTS (SELECT FROM public.changes AS c
+                                          WHERE c."table" = b."table" AND c."schema" = b."schema" AND c.source = blame.source
                                             AND c.primary_key IS NULL AND c.operation = 'TRUNCATE'))
            END AS data),
   changed AS (
@@ -1500,6 +1888,15 @@ AS $fn$
      AND NOT EXISTS (SELECT FROM changed AS ch WHERE ch."column" = k.key)
 $fn$;
 
+-- The same for the source the destination answers for without one (see bemi.trail_source).
+CREATE OR REPLACE FUNCTION bemi.blame(table_name text, primary_key text)
+RETURNS TABLE ("column" text, value jsonb, id uuid, operation text, committed_at timestamptz,
+               transaction_id bigint, context jsonb)
+LANGUAGE sql STABLE
+AS $fn$
+  SELECT * FROM bemi.blame(bemi.trail_source(), table_name, primary_key)
+$fn$;
+
 -- Rows written before 0.4.0 are this database's own: filed under its source.
 SELECT bemi.adopt_source(bemi.source_identity(), pg_catalog.current_database());
 
@@ -1512,3 +1909,4 @@ SELECT pg_catalog.pg_extension_config_dump('bemi.checkpoint', '');
 SELECT pg_catalog.pg_extension_config_dump('public.changes', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.snapshot', '');
 SELECT pg_catalog.pg_extension_config_dump('bemi.snapshot_row', '');
+SELECT pg_catalog.pg_extension_config_dump('bemi.trail_event', '');

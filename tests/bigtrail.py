@@ -66,6 +66,20 @@ def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
             INSERT INTO bemi.snapshot_row
             SELECT s.id, k::text, jsonb_build_object('id', k) FROM s, generate_series({KEYS}, {KEYS + BASELINE_KEYS - 1}) k
         """)
+        # Each table's tracking period began then, and some UPDATEs of t7 moved a row from another
+        # key (KEYS + BASELINE_KEYS on: keys no change or baseline otherwise knows).
+        conn.execute(f"""
+            INSERT INTO bemi.trail_event (source, "schema", "table", event, reason, at, "position")
+            SELECT bemi.source_identity(), 'public', 't' || t, 'began', 'install', '2023-12-31', 0
+              FROM generate_series(0, {TABLES - 1}) t
+        """)
+        conn.execute(f"""
+            INSERT INTO bemi.key_move (source, "schema", "table", old_key, new_key, committed_at, commit_position, seq)
+            SELECT source, "schema", "table", (primary_key::int + {KEYS + BASELINE_KEYS})::text, primary_key, committed_at,
+                   commit_position, seq
+              FROM changes WHERE operation = 'UPDATE' AND commit_position % 100000 = 700
+        """)
+        conn.execute("ANALYZE bemi.key_move")
         conn.execute("VACUUM ANALYZE changes")
         conn.execute("ANALYZE bemi.snapshot_row")
 

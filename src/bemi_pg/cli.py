@@ -159,33 +159,48 @@ def _as_of(conn: psycopg.Connection[Any], args: argparse.Namespace, source: str)
     return 0
 
 
+def _history(conn: psycopg.Connection[Any], args: argparse.Namespace, source: str) -> int:
+    # Straight from the database as JSON text, so numbers print with every digit.
+    rows = conn.execute(
+        "SELECT h.committed_at, h.operation, h.transaction_id, h.context::text, h.changed::text, "
+        "(to_jsonb(h) - 'ordinality')::text, h.row_key "
+        "FROM bemi.history(%s, %s, %s, %s) WITH ORDINALITY AS h ORDER BY h.ordinality",
+        (source, args.table, args.primary_key, args.limit)).fetchall()
+    if not rows:
+        raise BemiError(f"no changes recorded for {args.table} {args.primary_key}")
+    if args.json:
+        print("[" + ",\n ".join(r[5] for r in rows) + "]")
+        return 0
+    gaps = conn.execute("SELECT * FROM bemi.trail_gaps(%s, %s)", (source, args.table)).fetchall()
+    newer = None
+    for committed_at, operation, xid, context, changed, _, row_key in rows:
+        for ended, ended_why, began, began_why in gaps:  # a gap between this change and the newer one
+            if committed_at <= ended and (newer is None or began <= newer):
+                print(f"-- gap in the trail: tracking ended {ended.isoformat()} ({ended_why}), began again "
+                      f"{began.isoformat()} ({began_why}); changes in between are not known")
+        newer = committed_at
+        # A change filed under another key: before an UPDATE of the key moved the row.
+        moved = f"  (as {args.table} {row_key}, before the row's key changed)" if row_key != args.primary_key else ""
+        print(f"{committed_at.isoformat()}  {operation:<8} xid {xid}  context {context}{moved}")
+        for column, old, new in conn.execute(
+                "SELECT key, (value->0)::text, (value->1)::text FROM jsonb_each(%s::jsonb) ORDER BY key", (changed,)):
+            print(f"    {column}: {old} → {new}")
+    return 0
+
+
 def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any) -> int:
     with connect(dest or dsn, role="destination database") as conn:
-        if args.command == "history":
-            # Straight from the database as JSON text, so numbers print with every digit.
-            rows = conn.execute(
-                "SELECT h.committed_at, h.operation, h.transaction_id, h.context::text, h.changed::text, "
-                "(to_jsonb(h) - 'ordinality')::text "
-                "FROM bemi.history(%s, %s, %s) WITH ORDINALITY AS h ORDER BY h.ordinality",
-                (args.table, args.primary_key, args.limit)).fetchall()
-            if not rows:
-                raise BemiError(f"no changes recorded for {args.table} {args.primary_key}")
-            if args.json:
-                print("[" + ",\n ".join(r[5] for r in rows) + "]")
-                return 0
-            for committed_at, operation, xid, context, changed, _ in rows:
-                print(f"{committed_at.isoformat()}  {operation:<8} xid {xid}  context {context}")
-                for column, old, new in conn.execute(
-                        "SELECT key, (value->0)::text, (value->1)::text FROM jsonb_each(%s::jsonb) ORDER BY key", (changed,)):
-                    print(f"    {column}: {old} → {new}")
-            return 0
-        if args.command == "as-of":
+        if args.command in ("history", "as-of", "blame"):  # the trail of the source connected to, only
             with connect(dsn, role="source database") as src:
                 source = commands.with_installation(src, settings)[1]
+        if args.command == "history":
+            with timetravel.answers():
+                return _history(conn, args, source)
+        if args.command == "as-of":
             with timetravel.answers():
                 return _as_of(conn, args, source)
         if args.command == "blame":
-            rows = timetravel.blame(conn, args.table, args.primary_key)
+            rows = timetravel.blame(conn, args.table, args.primary_key, source=source)
             if not rows:
                 raise BemiError(f"{args.table} {args.primary_key} does not exist now (or neither a change nor the "
                                 "baseline records it: `bemi-pg snapshot TABLE` takes one)")
@@ -300,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2, default=str))
         else:
             for key, value in result.items():
-                if key in ("tracked_tables", "baselines"):
+                if key in ("tracked_tables", "baselines", "tracking", "gaps"):
                     value = f"{len(value)}: {', '.join(value)}" if value else "none"
                 print(f"{key}: {value}")
         return 0

@@ -298,6 +298,9 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                             "then switch to trigger mode")
         log.info("bemi-pg: capture mode %s (%s)", mode, why)
         pending = pending_capture_switch(src) is not None
+        # Installed in wal mode and the slot is gone: the changes made meanwhile are lost, so the
+        # trail has a gap. Its tracking periods end where it stops, and new ones begin here.
+        gap = previous == "wal" and slot_row is None
         switching = previous is not None and previous != mode and (mode == "wal" or draining)
         # A switch holds the poller's lock from before its transaction until the slot work is
         # done: a poller running now exits (75) instead of reading past the switch.
@@ -319,12 +322,16 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                         with dst.transaction():
                             dst.execute(rendered.destination)
                             dst.execute(query("adopt_source"), adopt)
+                            _register(dst, source, database, slot, gap)
                 with src.transaction():
                     if mode == "wal" and destination_dsn is not None:
                         src.execute(rendered.source)
                     else:
                         src.execute(rendered.combined())
                         src.execute(query("adopt_source"), adopt)
+                        _register(src, source, database, slot, gap)
+                    if gap:
+                        src.execute(query("begin_periods"), {"reason": "new slot"})
                     src.execute(query("record_destination"), {"destination": trail_in})
                     if switching:  # recorded with the switch itself, so that a poller finishes it if we cannot
                         src.execute(query("record_capture_switch"), {"from_mode": previous, "to_mode": mode})
@@ -334,9 +341,19 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                 raise
             if poller is not None:
                 poller.finish_switch()
-    if snapshot:
-        take_snapshot(source_dsn, None if mode == "triggers" else destination_dsn, settings, missing_only=True)
+    if snapshot:  # (after a gap, every baseline is taken again: the old ones are from before it)
+        take_snapshot(source_dsn, None if mode == "triggers" else destination_dsn, settings, missing_only=not gap)
     return rendered
+
+
+def _register(dst: psycopg.Connection[Any], source: str, database: str, slot: str, gap: bool) -> None:
+    """Make the source known to its destination at once (a checkpoint that skips nothing); after a
+    lost slot, end its tracking periods where its trail stops."""
+    dst.execute(query("register_source"), {"source": source, "database": database, "slot": slot})
+    if gap:
+        ended = dst.execute(query("end_periods"), {"source": source, "reason": "slot lost"}).fetchone()[0]  # type: ignore[index]
+        log.warning("bemi-pg: replication slot %s was missing: the changes made meanwhile are lost, so the trail of "
+                    "%d table%s has a gap, and their baselines are taken again", slot, ended, "s" * (ended != 1))
 
 
 def snapshot(source_dsn: str, destination_dsn: str | None, settings: Settings, tables: list[str] | None = None) -> list[SnapshotResult]:
@@ -580,10 +597,26 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings, *, 
                                                         {"table": quote_ident(schema, table)}).fetchone()[0]  # type: ignore[index]
             result["baselines"] = [f"{name} ({rows} rows as of {taken_at.isoformat()})"
                                    for name, rows, taken_at in dst.execute(query("baselines"), {"source": source})]
+            result["tracking"], result["gaps"] = tracking_periods(dst, source)
         except psycopg.errors.UndefinedTable:
             result["last_commit_position"] = None
             result["change_count"] = None
     return result
+
+
+def tracking_periods(dst: psycopg.Connection[Any], source: str) -> tuple[list[str], list[str]]:
+    """Per table, when its tracking began (and ended), and the gaps between its periods, as
+    status shows them (the destination's bemi.trail_periods)."""
+    periods: list[str] = []
+    gaps: list[str] = []
+    previous: tuple[str, Any, str] | None = None
+    for name, began, why, ended, end_why in dst.execute(query("trail_periods"), {"source": source}):
+        since = f"{began.isoformat()} ({why})"
+        periods.append(f"{name} {since} to {ended.isoformat()} ({end_why})" if ended else f"{name} since {since}")
+        if previous is not None and previous[0] == name and previous[1] is not None:
+            gaps.append(f"{name} from {previous[1].isoformat()} ({previous[2]}) to {since}")
+        previous = (name, ended, end_why)
+    return periods, gaps
 
 
 def _loopback(host: str) -> bool:

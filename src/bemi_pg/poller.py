@@ -49,6 +49,17 @@ log = logging.getLogger("bemi_pg")
 READ_BATCHES = 50  # batches per peek (see Poller.poll)
 LOCK_WAIT = 5  # seconds a poller waits for the slot's lock before it says another one is running
 SEND_ROWS = 1_000  # rows per COPY message
+# bemi.record_period's messages: a table began or ended being tracked (written to bemi.trail_event).
+PERIOD_PREFIX = "_bemi_period"
+SAVE_PERIOD = sql.SQL(
+    'INSERT INTO bemi.trail_event (source, "schema", "table", event, reason, at, "position") '
+    "VALUES (%s, %s, %s, %s, %s, %s::timestamptz, %s) ON CONFLICT DO NOTHING"
+)
+# An UPDATE of the key: the key the row left (bemi.key_move), under the change's unique key.
+SAVE_KEY_MOVE = sql.SQL(
+    'INSERT INTO bemi.key_move (source, "schema", "table", old_key, new_key, committed_at, commit_position, seq) '
+    "VALUES (%s, %s, %s, %s, %s, %s::timestamptz, %s, %s) ON CONFLICT DO NOTHING"
+)
 SEND_BYTES = 4 * 1024 * 1024
 FETCH_ROWS = 2_000
 
@@ -80,7 +91,7 @@ def wal2json_options(settings: Settings) -> list[str]:
         "include-type-oids", "1",
         "include-pk", "1",
         "include-typmod", "0",
-        "add-msg-prefixes", CONTEXT_PREFIX,
+        "add-msg-prefixes", f"{CONTEXT_PREFIX},{PERIOD_PREFIX}",
         "filter-tables", ",".join(filtered),
     ]
 
@@ -562,6 +573,8 @@ class Poller:
             committed_at: str | None = None
             state: TransactionState | None = None
             truncated: tuple[tuple[str, str], str] | None = None  # (table, position) of a TRUNCATE just recorded
+            periods: list[tuple[str, str, str, str, str, str, int]] = []  # tracking periods' events, written with the batch
+            moves: list[tuple[str, str, str, str, str | None, str, int, int]] = []  # UPDATEs of the key
             for event in events:
                 stats.rows += 1
                 if isinstance(event, Change):
@@ -581,10 +594,17 @@ class Poller:
                             continue
                         if change.ambiguous:
                             ambiguous[state.xid] = state.commit_lsn
+                        if change.moved_from is not None:
+                            moves.append((self.source_id, change.schema, change.table, change.moved_from, change.primary_key,
+                                          state.committed_at, state.commit_lsn, change.seq))
                         writer.add(change, state.copy_tail(queued_at))
                 elif isinstance(event, Message):
                     if state is not None and event.prefix == CONTEXT_PREFIX:
                         state.on_message(event.content)
+                    elif state is not None and event.prefix == PERIOD_PREFIX:
+                        period = json.loads(event.content)
+                        periods.append((self.source_id, period["schema"], period["table"], period["event"], period["reason"],
+                                        state.committed_at, state.commit_lsn))
                 elif isinstance(event, Begin):
                     truncated = None
                     if event.end_lsn <= done_until:
@@ -608,6 +628,11 @@ class Poller:
                 return stats, None
             stats.changes = writer.finish()
             stats.sent = writer.sent
+            with self.destination.cursor() as cur:
+                if periods:
+                    cur.executemany(SAVE_PERIOD, periods)
+                if moves:
+                    cur.executemany(SAVE_KEY_MOVE, moves)
             if ambiguous:
                 self._resolve_ambiguous(ambiguous, format_lsn(last.end_lsn))
             stats.batches = 1

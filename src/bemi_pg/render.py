@@ -148,6 +148,7 @@ def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_ch
         "exclude_column_patterns": [glob_regex(p) for p in settings.exclude_columns],
         "ignore_column_patterns": [glob_regex(p) for p in settings.ignore_columns],
         "partitioned": settings.partition_by_month,
+        "capture_mode": settings.capture_mode,
     }
 
 

@@ -94,6 +94,7 @@ class ChangeRow:
     seq: int
     id: int  # change_id(source, commit_position, seq)
     ambiguous: bool = False  # a float/numeric null that may really be NaN or ±Infinity
+    moved_from: str | None = None  # an UPDATE of the key: the key the row left (bemi.key_move)
 
     def copy_line(self, tail: bytes) -> bytes:
         """The row as a line of COPY text for :data:`COLUMNS`; ``tail`` is its transaction's
@@ -522,28 +523,37 @@ class TransactionState:
                 after.pop(name, None)
 
         primary_key: str | None = None
+        moved_from: str | None = None
         if change.pk:
-            source = before if action == "D" else after
-            if len(change.pk) == 1:
-                name = change.pk[0].name
-                if name in source:
-                    lists = (change.identity, change.columns) if action == "D" else (change.columns, change.identity)
-                    primary_key = _pk_text(_raw_value(name, *lists))
+            if action == "D":
+                primary_key = self._key(change, before, (change.identity, change.columns))
             else:
-                key = [column.name for column in change.pk]
-                if all(name in source for name in key):
-                    # wal2json lists key columns in table order; the key's own order is in the catalog.
-                    names = self.key_order(change.schema, change.table, key) if self.key_order else key
-                    primary_key = "[" + ", ".join(bytes(source[name]).decode() for name in names) + "]"
+                primary_key = self._key(change, after, (change.columns, change.identity))
+            if action == "U" and primary_key is not None and before:
+                old_key = self._key(change, before, (change.identity, change.columns))
+                moved_from = old_key if old_key != primary_key else None
 
         row = ChangeRow(
             self.database, change.schema, change.table, primary_key, OPERATIONS[action],
             _object_json(before), _object_json(after), self.context, self.committed_at, self.xid,
             parse_lsn(change.lsn), self.commit_lsn, self.seq, self._id_base | self.seq << _ID_SEQ_SHIFT,
-            ambiguous_before or ambiguous_after,
+            ambiguous_before or ambiguous_after, moved_from,
         )
         self.seq += 1
         return row
+
+    def _key(self, change: Change, source: Fields, lists: tuple[list[Column] | None, list[Column] | None]) -> str | None:
+        """The primary key's text (a JSON array for a composite key) from ``source``'s values."""
+        assert change.pk
+        if len(change.pk) == 1:
+            name = change.pk[0].name
+            return _pk_text(_raw_value(name, *lists)) if name in source else None
+        key = [column.name for column in change.pk]
+        if not all(name in source for name in key):
+            return None
+        # wal2json lists key columns in table order; the key's own order is in the catalog.
+        names = self.key_order(change.schema, change.table, key) if self.key_order else key
+        return "[" + ", ".join(bytes(source[name]).decode() for name in names) + "]"
 
 
 def tracked_filter(schemas: tuple[str, ...], untracked: set[tuple[str, str]]) -> Callable[[str, str], bool]:

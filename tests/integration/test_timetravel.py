@@ -216,7 +216,16 @@ def test_history_and_as_of_use_an_index_on_5_million_changes(db):
         before = conn.execute("SELECT bemi.as_of('t7', '1234', '2024-01-01 00:00:01')").fetchone()[0]  # next: its CREATE
         from_baseline = conn.execute("SELECT bemi.as_of('t7', '50001', '2024-02-15')").fetchone()[0]
         blame = conn.execute("SELECT count(*) FROM bemi.blame('t7', '1234')").fetchone()[0]
+        # A row moved from another key (bemi.key_move): the old key after and before the move,
+        # history and blame of the new key through it.
+        old_key, new_key, moved_at = conn.execute(
+            "SELECT old_key, new_key, committed_at FROM bemi.key_move ORDER BY committed_at LIMIT 1 OFFSET 100").fetchone()
+        gone = conn.execute("SELECT bemi.as_of('t7', %s, %s + interval '1 second')", (old_key, moved_at)).fetchone()[0]
+        there = conn.execute("SELECT bemi.as_of('t7', %s, %s - interval '1 second')", (old_key, moved_at)).fetchone()[0]
+        followed = conn.execute("SELECT count(*) FROM bemi.history('t7', %s, 100)", (new_key,)).fetchone()[0]
+        conn.execute("SELECT count(*) FROM bemi.blame('t7', %s)", (new_key,)).fetchone()
     assert history == 5 and as_of is not None and blame == 2 and before is None and from_baseline == {"id": 50001}
+    assert gone is None and there is not None and followed >= 2
     text = "\n".join(plans)
     assert "changes" in text and "Index" in text
     assert "Seq Scan on changes" not in text, text

@@ -162,12 +162,12 @@ def create_app(explorer: Explorer) -> ASGIApp:
         with trail.read() as conn:
             extent = trail.row_extent(conn, table, pk)
             result: dict[str, Any] = {"table": table, "pk": pk, "extent": extent,
-                                      "history": timetravel.history(conn, table, pk, limit=500),
-                                      "blame": timetravel.blame(conn, table, pk), "at": at}
+                                      "history": timetravel.history(conn, table, pk, limit=500, source=explorer.source),
+                                      "blame": timetravel.blame(conn, table, pk, source=explorer.source), "at": at}
             if at:
                 try:
                     with conn.transaction():
-                        result["as_of"] = timetravel.as_of(conn, table, pk, at)
+                        result["as_of"] = timetravel.as_of(conn, table, pk, at, source=explorer.source)
                 except psycopg.errors.DataError:
                     raise BadRequest(f"at {at!r} is not a timestamp: use ISO 8601, e.g. 2024-05-01T12:00:00Z") from None
                 result["as_of_note"] = _as_of_note(conn, extent, at, result["as_of"])

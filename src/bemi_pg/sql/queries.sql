@@ -118,6 +118,27 @@ INSERT INTO bemi.checkpoint (source, "database", slot_name, commit_position, end
 VALUES (%(source)s, %(database)s, %(slot)s, -1, -1, %(refused)s)
 ON CONFLICT (source, slot_name) DO UPDATE SET refused = excluded.refused
 
+-- name: register_source
+-- At install: the destination knows the source at once (positions -1: nothing written, nothing skipped).
+INSERT INTO bemi.checkpoint (source, "database", slot_name, commit_position, end_position)
+VALUES (%(source)s, %(database)s, %(slot)s, -1, -1)
+ON CONFLICT (source, slot_name) DO NOTHING
+
+-- name: end_periods
+-- The trail of a source stops (a lost slot): its open tracking periods end where it does.
+SELECT bemi.end_periods(%(source)s, %(reason)s)
+
+-- name: begin_periods
+-- A new trail of every tracked table starts in this transaction (after a lost slot).
+SELECT pg_catalog.set_config('bemi.period_cause', %(reason)s, true),
+       (SELECT pg_catalog.count(bemi.record_period(tt.period_schema, tt.period_table, 'began')) FROM bemi.tracked_table AS tt),
+       pg_catalog.set_config('bemi.period_cause', '', true)
+
+-- name: trail_periods
+-- A source's tracking periods, for status.
+SELECT "schema" || '.' || "table", began_at, began_reason, ended_at, ended_reason
+  FROM bemi.trail_periods(%(source)s) ORDER BY 1, 2
+
 -- name: installed_version
 SELECT version, settings FROM bemi.installation
 
