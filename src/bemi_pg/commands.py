@@ -550,7 +550,8 @@ def installed_settings(source_dsn: str, settings: Settings) -> Settings:
 def status(source_dsn: str, destination_dsn: str | None, settings: Settings, *, exact_count: bool = True) -> dict[str, Any]:
     """Slot lag and state, last position written, tracked tables, change count, baselines.
     Without ``exact_count`` (the explorer's overview), ``change_estimate`` from the planner's
-    statistics of the whole table replaces ``change_count``, which reads every change."""
+    statistics of the whole table replaces ``change_count``, which reads every change (unless
+    the table was never analyzed, so far small)."""
     result: dict[str, Any] = {}
     with connect(source_dsn, role="source database") as src:
         settings, source = with_installation(src, settings)
@@ -588,13 +589,14 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings, *, 
             result["last_commit_position"] = written[0] if written else None
             result["last_written_at"] = written[3].isoformat() if written else None
             result["refused_batch"] = row[4] if row else None
-            if exact_count:
+            estimate = None if exact_count else dst.execute(
+                query("changes_estimate"), {"table": quote_ident(schema, table)}).fetchone()[0]  # type: ignore[index]
+            if estimate is None:
                 result["change_count"] = dst.execute(
                     sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
                 ).fetchone()[0]  # type: ignore[index]
             else:
-                result["change_estimate"] = dst.execute(query("changes_estimate"),
-                                                        {"table": quote_ident(schema, table)}).fetchone()[0]  # type: ignore[index]
+                result["change_estimate"] = estimate
             result["baselines"] = [f"{name} ({rows} rows as of {taken_at.isoformat()})"
                                    for name, rows, taken_at in dst.execute(query("baselines"), {"source": source})]
             result["tracking"], result["gaps"] = tracking_periods(dst, source)

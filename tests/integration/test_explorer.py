@@ -292,3 +292,24 @@ def test_a_context_key_with_a_btree_of_its_own_answers_as_containment_does(db):
                     if db.execute("SELECT %s::jsonb @> %s::jsonb", (json.dumps(contexts[n]), json.dumps(wanted)))[0][0]]
         assert got == expected, wanted
     assert [c["primary_key"] for c in _api(client, "/api/changes", context="user_id=42")["changes"]] == ["6", "1", "0"]
+
+
+def test_the_overview_shows_each_tables_tracking_periods_and_a_real_gap(db):
+    db.execute("CREATE SCHEMA side; CREATE TABLE todo (id int PRIMARY KEY, task text); CREATE TABLE note (id int PRIMARY KEY)")
+    db.install(capture_mode="triggers")
+    db.execute("INSERT INTO todo VALUES (1, 'write')")
+    db.execute("ALTER TABLE todo SET SCHEMA side")  # leaves tracking: what happens now is not in the trail
+    db.execute("UPDATE side.todo SET task = 'unseen'")
+    db.execute("ALTER TABLE side.todo SET SCHEMA public")  # back: a new period, after a gap
+    client = _client(db)
+    tracking = {t["table"]: t for t in _api(client, "/api/overview")["tracking"]}
+    todo, note = tracking["public.todo"], tracking["public.note"]
+    assert [(p["began_reason"], p["ended_reason"]) for p in todo["periods"]] == [
+        ("install", "moved, renamed or detached out"), ("moved, renamed or attached in", None)]
+    [gap] = todo["gaps"]
+    assert (gap["from"], gap["to"]) == (todo["periods"][0]["ended_at"], todo["periods"][1]["began_at"]) and gap["from"] < gap["to"]
+    assert note["gaps"] == [] and note["periods"][0]["ended_at"] is None
+    _login(client)
+    html = client.get("/overview").text
+    assert "<dt>Gaps in the trail</dt><dd>1 (per table under Tracking below)</dd>" in html
+    assert f'<li class="gap">gap from {gap["from"]} (moved, renamed or detached out) to {gap["to"]}' in html

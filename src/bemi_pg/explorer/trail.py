@@ -259,7 +259,27 @@ class Trail:
         with conn.cursor(row_factory=dict_row) as cur:
             contexts = cur.execute(self._sql("explorer_busiest_contexts"),
                                    {"source": self.source, "since": now - timedelta(days=1)}).fetchall()
-        return {"now": now, "since": since, "days": days, "volume": volume, "contexts": contexts}
+        return {"now": now, "since": since, "days": days, "volume": volume, "contexts": contexts,
+                "tracking": self.tracking(conn)}
+
+    def tracking(self, conn: psycopg.Connection[Any]) -> list[dict[str, Any]] | None:
+        """Per table, its tracking periods (began, ended: None while tracked, and why) and the gaps
+        between them, from ``bemi.trail_periods``; None where the destination has no such record."""
+        try:
+            with conn.transaction():
+                rows = conn.execute(query("trail_periods"), {"source": self.source}).fetchall()
+        except psycopg.errors.UndefinedFunction:
+            return None
+        tables: dict[str, dict[str, Any]] = {}
+        for name, began, began_why, ended, ended_why in rows:
+            table = tables.setdefault(name, {"table": name, "periods": [], "gaps": []})
+            if table["periods"] and table["periods"][-1]["ended_at"] is not None:
+                last = table["periods"][-1]
+                table["gaps"].append({"from": last["ended_at"], "from_reason": last["ended_reason"],
+                                      "to": began.isoformat(), "to_reason": began_why})
+            table["periods"].append({"began_at": began.isoformat(), "began_reason": began_why,
+                                     "ended_at": ended.isoformat() if ended else None, "ended_reason": ended_why})
+        return list(tables.values())
 
 
 def _scalar(value: Any) -> bool:

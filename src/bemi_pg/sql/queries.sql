@@ -95,8 +95,9 @@ SELECT commit_position, end_position, changes_written, updated_at, refused
 
 -- name: changes_estimate
 -- The rows of the changes table (all its sources, its partitions too) as the last ANALYZE or
--- VACUUM counted them: the explorer's overview, where count(*) would read the whole trail.
-SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint
+-- VACUUM counted them: the explorer's overview, where count(*) would read the whole trail. NULL
+-- where none of them was ever analyzed (reltuples -1: a new, so far small, table).
+SELECT CASE WHEN pg_catalog.bool_or(c.reltuples >= 0) THEN pg_catalog.sum(greatest(c.reltuples, 0))::bigint END
   FROM pg_catalog.pg_class c
  WHERE c.relkind = 'r'
    AND (c.oid = %(table)s::regclass
