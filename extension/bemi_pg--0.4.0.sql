@@ -1323,8 +1323,11 @@ BEGIN
       RAISE EXCEPTION '% is ambiguous (in schemas %): name it as schema.table', relation_name,
         pg_catalog.array_to_string(schemas, ', ') USING ERRCODE = 'BEM01';
     END IF;
+    -- (Ordered as the ("table", primary_key, committed_at) index is, so that the planner reads
+    -- the name's first row from it instead of scanning changes for one.)
     schema_name := coalesce(schemas[1], (SELECT c."schema" FROM public.changes AS c
-                                          WHERE c.source = trail_extent.source AND c."table" = relation_name LIMIT 1));
+                                          WHERE c.source = trail_extent.source AND c."table" = relation_name
+                                          ORDER BY c."table", c.primary_key LIMIT 1));
   END IF;
   SELECT s.id, s.taken_at INTO baseline_id, baseline_taken_at FROM bemi.snapshot AS s
    WHERE s.source = trail_extent.source AND s."schema" = schema_name AND s."table" = relation_name AND s.completed_at IS NOT NULL;

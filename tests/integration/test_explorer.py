@@ -233,8 +233,17 @@ def test_reads_are_read_only_and_filtered_by_source(shop):
                  "queued_at, transaction_id, \"position\", commit_position, seq) "
                  "VALUES ('other/db', 'db', 'public', 'todo', '1', 'CREATE', now(), now(), 1, 1, 1, 0)")
     assert all(c["source"] == shop.source for c in _api(client, "/api/changes")["changes"])
-    with Trail(shop.dsn, shop.source, ("public", "changes")).read() as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+    trail = Trail(shop.dsn, shop.source, ("public", "changes"))
+    with trail.read() as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         conn.execute("DELETE FROM changes")
+    with trail.read() as again:  # the session is kept for the next read, which is read-only again
+        assert again is conn and again.execute("SHOW transaction_read_only").fetchone() == ("on",)
+        again.execute("SET LOCAL work_mem = '77MB'")
+    shop.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'bemi-pg' "
+                 "AND datname = current_database() AND pid <> pg_backend_pid()")
+    with trail.read() as fresh:  # a kept session the server ended is replaced
+        assert fresh is not conn and fresh.execute("SHOW work_mem").fetchone() != ("77MB",)
+        assert fresh.execute("SHOW transaction_read_only").fetchone() == ("on",)
     with Trail(shop.dsn, shop.source, ("public", "changes"), statement_timeout_ms=50).read() as conn, \
             pytest.raises(psycopg.errors.QueryCanceled):
         conn.execute("SELECT pg_sleep(1)")
