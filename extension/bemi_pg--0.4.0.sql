@@ -10,6 +10,7 @@
 --   slot_failover = False
 --   destination_table = public.changes
 --   row_gin_indexes = False
+--   context_indexes = []
 --   partition_by_month = False
 --   ignore_columns = []
 --   exclude_columns = []
@@ -1048,7 +1049,7 @@ SELECT pg_catalog.set_config('bemi.period_cause', CASE WHEN EXISTS (SELECT FROM 
                                                        ELSE 'install' END, true);
 
 INSERT INTO bemi.installation (version, settings, source)
-VALUES ('0.4.0', '{"capture_mode": "triggers", "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_failover": false, "slot_name": null, "sqlcommenter": true}'::jsonb, bemi.source_identity())
+VALUES ('0.4.0', '{"capture_mode": "triggers", "context_indexes": [], "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_failover": false, "slot_name": null, "sqlcommenter": true}'::jsonb, bemi.source_identity())
 -- CREATE EXTENSION starts in trigger mode, which needs no slot; ALTER EXTENSION UPDATE keeps the
 -- mode (wal in 0.1.0, which had no other), and `bemi-pg install --capture-mode` switches it.
 ON CONFLICT (singleton) DO UPDATE
@@ -1071,6 +1072,7 @@ SELECT pg_catalog.set_config('bemi.period_cause', '', true);
 --   slot_failover = False
 --   destination_table = public.changes
 --   row_gin_indexes = False
+--   context_indexes = []
 --   partition_by_month = False
 --   ignore_columns = []
 --   exclude_columns = []
@@ -1581,7 +1583,7 @@ BEGIN
     schema_name := schemas[1];
     IF schema_name IS NULL THEN  -- (a trail from before 0.4.0: its changes; in the order of the (table, primary_key) index)
       schema_name := (SELECT c."schema" FROM public.changes AS c
-                       WHERE c.source = trail_extent.source AND c."table" = relation_name ORDER BY c.primary_key LIMIT 1);
+                       WHERE c.source = trail_extent.source AND c."table" = relation_name ORDER BY c."table", c.primary_key LIMIT 1);
     END IF;
   END IF;
   SELECT s.id, s.taken_at INTO baseline_id, baseline_taken_at FROM bemi.snapshot AS s

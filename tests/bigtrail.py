@@ -20,16 +20,20 @@ from bemi_pg.config import Settings, load_settings
 TABLES = 20  # t0 .. t19
 KEYS = 50_000  # primary keys per table
 BASELINE_KEYS = 10_000  # rows per table in the baseline only
+# Each change's context: {"request": g % REQUESTS, "user": g % USERS}. The explorer's plan test
+# and benchmark install with `context_indexes = ["request"]` (CONTEXT_SETTINGS), so "request" has a
+# btree of its own and "user" only the GIN index: both ways of reading a context are measured.
+REQUESTS = 1000
+USERS = 997
+CONTEXT_SETTINGS = {"context_indexes": ("request",)}
 
 
 def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
     commands.install(dsn, None, settings)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("""
-            ALTER TABLE changes DROP CONSTRAINT changes_pkey, DROP CONSTRAINT changes_source_commit_position_seq_key;
-            DROP INDEX changes_table_primary_key_committed_at_idx, changes_committed_at_idx, changes_transaction_id_idx,
-              changes_context_idx;
-        """)
+        conn.execute("ALTER TABLE changes DROP CONSTRAINT changes_pkey, DROP CONSTRAINT changes_source_commit_position_seq_key")
+        for (index,) in conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = 'changes'::regclass").fetchall():
+            conn.execute(f"DROP INDEX {index}")  # every secondary index, the settings' context ones too
         conn.execute(f"""
             INSERT INTO changes (source, "database", "schema", "table", primary_key, operation, before, after, context,
                                  committed_at, queued_at, transaction_id, "position", commit_position, seq)
@@ -38,7 +42,7 @@ def fill_changes(dsn: str, settings: Settings, rows: int) -> None:
                    CASE WHEN g < {TABLES * KEYS} THEN '{{}}'::jsonb
                         ELSE jsonb_build_object('id', g / {TABLES} % {KEYS}, 'v', g - {TABLES * KEYS}) END,
                    jsonb_build_object('id', g / {TABLES} % {KEYS}, 'v', g),
-                   jsonb_build_object('request', g % 1000),
+                   jsonb_build_object('request', g % {REQUESTS}, 'user', g % {USERS}),
                    timestamptz '2024-01-01' + g * interval '1 second', now(), g, g * 100, g * 100, 0
               FROM generate_series(0, {rows - 1}) g
         """)
@@ -91,11 +95,11 @@ def explain_everything(conn: psycopg.Connection[Any]) -> list[str]:
 
 
 @contextmanager
-def big_trail(rows: int) -> Iterator[str]:
+def big_trail(rows: int, settings: Settings | None = None) -> Iterator[str]:
     """A throwaway cluster whose database holds ``rows`` synthetic changes (for the benchmarks); its DSN."""
     with throwaway_cluster("trail", settings=(), prefix="bemi-pg-bench-") as cluster:
         dsn = cluster.dsn("trail")
         started = time.monotonic()
-        fill_changes(dsn, load_settings(None), rows)
+        fill_changes(dsn, settings or load_settings(None), rows)
         print(f"filled {rows:,} changes in {time.monotonic() - started:.0f}s", flush=True)
         yield dsn

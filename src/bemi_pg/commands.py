@@ -745,8 +745,11 @@ def installed_settings(source_dsn: str, settings: Settings) -> Settings:
         return with_installation(src, settings)[0]
 
 
-def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> dict[str, Any]:
-    """Slot lag and state, last position written, tracked tables, change count, baselines."""
+def status(source_dsn: str, destination_dsn: str | None, settings: Settings, *, exact_count: bool = True) -> dict[str, Any]:
+    """Slot lag and state, last position written, tracked tables, change count, baselines.
+    Without ``exact_count`` (the explorer's overview), ``change_estimate`` from the planner's
+    statistics of the whole table replaces ``change_count``, which reads every change (unless
+    the table was never analyzed, so far small)."""
     result: dict[str, Any] = {}
     with connect(source_dsn, role="source database") as src:
         settings, source = with_installation(src, settings)
@@ -786,9 +789,14 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result["last_commit_position"] = written[0] if written else None
             result["last_written_at"] = written[3].isoformat() if written else None
             result["refused_batch"] = row[4] if row else None
-            result["change_count"] = dst.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
-            ).fetchone()[0]  # type: ignore[index]
+            estimate = None if exact_count else dst.execute(
+                query("changes_estimate"), {"table": quote_ident(schema, table)}).fetchone()[0]  # type: ignore[index]
+            if estimate is None:
+                result["change_count"] = dst.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
+                ).fetchone()[0]  # type: ignore[index]
+            else:
+                result["change_estimate"] = estimate
             head = (dst.execute(query("seal_head"), {"source": source}).fetchone()
                     if dst.execute("SELECT pg_catalog.to_regclass('bemi.seal') IS NOT NULL").fetchone()[0] else None)  # type: ignore[index]
             result["trail_head"] = head[1] if head else None

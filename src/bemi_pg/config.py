@@ -15,6 +15,8 @@ from .errors import ConfigError
 __all__ = ["Settings", "load_settings", "default_slot_name", "split_qualified_name"]
 
 CAPTURE_MODES = ("wal", "triggers", "auto")
+# A context key that destination.context_indexes can give a btree of its own (its name goes into the index's).
+CONTEXT_INDEX_KEY = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 _IDENT_RE = re.compile(r'^(?:"(?:[^"]|"")+"|[^."]+)\.(?:"(?:[^"]|"")+"|[^."]+)$')
 
@@ -63,6 +65,7 @@ class Settings:
     slot_failover: bool = False  # PostgreSQL 17+: the slot is synchronized to standbys and survives a failover
     destination_table: str = "public.changes"
     row_gin_indexes: bool = False
+    context_indexes: tuple[str, ...] = ()  # context keys with a btree (key's value, committed_at): the explorer's fast path
     partition_by_month: bool = False
     ignore_columns: tuple[str, ...] = ()  # "table.column", "schema.table.column", "*.updated_at"
     exclude_columns: tuple[str, ...] = ()
@@ -93,6 +96,7 @@ class Settings:
         data["exclude_tables"] = list(self.exclude_tables)
         data["ignore_columns"] = list(self.ignore_columns)
         data["exclude_columns"] = list(self.exclude_columns)
+        data["context_indexes"] = list(self.context_indexes)
         return data
 
     def summary_json(self) -> str:
@@ -138,7 +142,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "capture": {"mode": str, "replica_identity_full": bool, "max_context_bytes": int, "database_keys": str,
                 "sqlcommenter": bool},
     "slot": {"name": str, "failover": bool},
-    "destination": {"table": str, "row_gin_indexes": bool, "partition_by_month": bool},
+    "destination": {"table": str, "row_gin_indexes": bool, "partition_by_month": bool, "context_indexes": list},
     "columns": {"ignore": list, "exclude": list},
     "poll": {"batch_size": int, "heartbeat_interval": (int, float)},
 }
@@ -197,6 +201,7 @@ _MAPPING = {
     "capture.database_keys": "database_keys", "capture.sqlcommenter": "sqlcommenter",
     "slot.name": "slot_name", "slot.failover": "slot_failover", "destination.table": "destination_table",
     "destination.row_gin_indexes": "row_gin_indexes", "destination.partition_by_month": "partition_by_month",
+    "destination.context_indexes": "context_indexes",
     "columns.ignore": "ignore_columns", "columns.exclude": "exclude_columns",
     "poll.batch_size": "batch_size", "poll.heartbeat_interval": "heartbeat_interval",
 }
@@ -223,3 +228,7 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"{where}: capture.database_keys must be \"no_context\", \"always\" or \"never\"")
     if settings.max_context_bytes < 1:
         raise ConfigError(f"{where}: capture.max_context_bytes must be at least 1")
+    for key in settings.context_indexes:
+        if not CONTEXT_INDEX_KEY.fullmatch(key):
+            raise ConfigError(f"{where}: destination.context_indexes: {key!r} is not a context key this can index: "
+                              "use letters, digits and _ (at most 40), e.g. \"request_id\"")

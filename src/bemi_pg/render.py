@@ -143,6 +143,7 @@ def _context(settings: Settings, title: str, *, uninstall: bool = False, drop_ch
         "changes_name": dest_name,
         "changes_table": quote_ident(dest_schema, dest_name),
         "row_gin_indexes": settings.row_gin_indexes,
+        "context_indexes": list(dict.fromkeys(settings.context_indexes)),
         "change_columns": CHANGE_COLUMNS,
         "exclude_column_patterns": [glob_regex(p) for p in settings.exclude_columns],
         "ignore_column_patterns": [glob_regex(p) for p in settings.ignore_columns],

@@ -233,8 +233,17 @@ def test_reads_are_read_only_and_filtered_by_source(shop):
                  "queued_at, transaction_id, \"position\", commit_position, seq) "
                  "VALUES ('other/db', 'db', 'public', 'todo', '1', 'CREATE', now(), now(), 1, 1, 1, 0)")
     assert all(c["source"] == shop.source for c in _api(client, "/api/changes")["changes"])
-    with Trail(shop.dsn, shop.source, ("public", "changes")).read() as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+    trail = Trail(shop.dsn, shop.source, ("public", "changes"))
+    with trail.read() as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         conn.execute("DELETE FROM changes")
+    with trail.read() as again:  # the session is kept for the next read, which is read-only again
+        assert again is conn and again.execute("SHOW transaction_read_only").fetchone() == ("on",)
+        again.execute("SET LOCAL work_mem = '77MB'")
+    shop.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'bemi-pg' "
+                 "AND datname = current_database() AND pid <> pg_backend_pid()")
+    with trail.read() as fresh:  # a kept session the server ended is replaced
+        assert fresh is not conn and fresh.execute("SHOW work_mem").fetchone() != ("77MB",)
+        assert fresh.execute("SHOW transaction_read_only").fetchone() == ("on",)
     with Trail(shop.dsn, shop.source, ("public", "changes"), statement_timeout_ms=50).read() as conn, \
             pytest.raises(psycopg.errors.QueryCanceled):
         conn.execute("SELECT pg_sleep(1)")
@@ -270,3 +279,46 @@ def test_serve_answers_the_api_until_stopped(shop):
         server.send_signal(signal.SIGINT)
         _, stderr = server.communicate(timeout=20)
     assert TOKEN not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_a_context_key_with_a_btree_of_its_own_answers_as_containment_does(db):
+    db.execute("CREATE TABLE item (id int PRIMARY KEY, n int)")
+    db.install(capture_mode="triggers", context_indexes=("user_id",))
+    [(definition,)] = db.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'changes_context_user_id_idx'")
+    assert "(((context -> 'user_id'::text)), committed_at)" in definition and "IS NOT NULL" in definition
+    contexts = [{"user_id": 42}, {"user_id": 42.0}, {"user_id": "42"}, {"user_id": None}, {"user_id": [42, 7]},
+                {"user_id": {"id": 42, "name": "x"}}, {"user_id": 42, "tenant": "a"}, {"tenant": "a"}, {}]
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        for n, context in enumerate(contexts):
+            with conn.transaction():
+                conn.execute("SELECT bemi.set_context(%s::jsonb)", (json.dumps(context),))
+                conn.execute("INSERT INTO item VALUES (%s, 0)", (n,))
+    client = _client(db)
+    for wanted in [{"user_id": 42}, {"user_id": "42"}, {"user_id": None}, {"user_id": [42]}, {"user_id": {"id": 42}},
+                   {"user_id": 42, "tenant": "a"}, {"tenant": "a"}, {"user_id": 7}]:
+        got = [c["primary_key"] for c in _api(client, "/api/changes", context=json.dumps(wanted))["changes"]]
+        expected = [str(n) for n in reversed(range(len(contexts)))
+                    if db.execute("SELECT %s::jsonb @> %s::jsonb", (json.dumps(contexts[n]), json.dumps(wanted)))[0][0]]
+        assert got == expected, wanted
+    assert [c["primary_key"] for c in _api(client, "/api/changes", context="user_id=42")["changes"]] == ["6", "1", "0"]
+
+
+def test_the_overview_shows_each_tables_tracking_periods_and_a_real_gap(db):
+    db.execute("CREATE SCHEMA side; CREATE TABLE todo (id int PRIMARY KEY, task text); CREATE TABLE note (id int PRIMARY KEY)")
+    db.install(capture_mode="triggers")
+    db.execute("INSERT INTO todo VALUES (1, 'write')")
+    db.execute("ALTER TABLE todo SET SCHEMA side")  # leaves tracking: what happens now is not in the trail
+    db.execute("UPDATE side.todo SET task = 'unseen'")
+    db.execute("ALTER TABLE side.todo SET SCHEMA public")  # back: a new period, after a gap
+    client = _client(db)
+    tracking = {t["table"]: t for t in _api(client, "/api/overview")["tracking"]}
+    todo, note = tracking["public.todo"], tracking["public.note"]
+    assert [(p["began_reason"], p["ended_reason"]) for p in todo["periods"]] == [
+        ("install", "moved, renamed or detached out"), ("moved, renamed or attached in", None)]
+    [gap] = todo["gaps"]
+    assert (gap["from"], gap["to"]) == (todo["periods"][0]["ended_at"], todo["periods"][1]["began_at"]) and gap["from"] < gap["to"]
+    assert note["gaps"] == [] and note["periods"][0]["ended_at"] is None
+    _login(client)
+    html = client.get("/overview").text
+    assert "<dt>Gaps in the trail</dt><dd>1 (per table under Tracking below)</dd>" in html
+    assert f'<li class="gap">gap from {gap["from"]} (moved, renamed or detached out) to {gap["to"]}' in html

@@ -148,6 +148,7 @@ def test_a_support_engineer_finds_reads_and_reverts_a_request(explorer, db, page
 
     page.goto(explorer + "/overview")
     assert page.locator("svg.chart rect").count() > 0
+    assert "install" in page.locator("table#tracking").inner_text()  # each table's tracking period, since install
     _shot(page, "overview")
 
 

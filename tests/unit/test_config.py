@@ -19,6 +19,8 @@ def test_toml_is_read(tmp_path):
     path.write_text('[source]\nschemas = ["app"]\nexclude_tables = ["app.sessions"]\n[slot]\nname = "my_slot"\n')
     s = load_settings(path)
     assert s.schemas == ("app",) and s.excluded() == (("app", "sessions"),) and s.slot_for("x") == "my_slot"
+    path.write_text('[destination]\ncontext_indexes = ["request_id", "user_id"]\n')
+    assert load_settings(path).context_indexes == ("request_id", "user_id")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -29,6 +31,8 @@ def test_toml_is_read(tmp_path):
     ("[source]\nexclude_tables = ['sessions']\n", "schema.table"),
     ("[slot]\nname = 'Bad-Name'\n", "not a valid slot name"),
     ("[capture]\nmode = 'logical'\n", 'capture.mode must be "wal", "triggers" or "auto"'),
+    ("[destination]\ncontext_indexes = ['request-id']\n", "not a context key this can index"),
+    ("[destination]\ncontext_indexes = 'request_id'\n", "must be a list"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bemi.toml"

@@ -58,7 +58,7 @@ class Explorer:
     @property
     def trail(self) -> Trail:
         return Trail(self.destination_dsn or self.source_dsn, self.source, self.settings.destination,
-                     statement_timeout_ms=self.statement_timeout_ms)
+                     statement_timeout_ms=self.statement_timeout_ms, context_keys=self.settings.context_indexes)
 
 
 def _json_value(value: Any) -> str:
@@ -280,7 +280,8 @@ def create_app(explorer: Explorer) -> ASGIApp:
         with trail.read() as conn:
             data = trail.overview(conn)
         try:
-            data["status"] = commands.status(explorer.source_dsn, explorer.destination_dsn, explorer.settings)
+            data["status"] = commands.status(explorer.source_dsn, explorer.destination_dsn, explorer.settings,
+                                             exact_count=False)
         except BemiError as exc:
             data["status"] = {"error": str(exc)}
         data["charts"] = {rel: chart.bars(series, data["since"], data["days"]) for rel, series in data["volume"].items()}

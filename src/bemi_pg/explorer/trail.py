@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from ..db import connect
@@ -28,6 +30,7 @@ __all__ = ["Filters", "Page", "BadRequest", "Trail", "parse_filters", "parse_con
 OPERATIONS = ("CREATE", "UPDATE", "DELETE", "TRUNCATE")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+IDLE_CONNECTIONS = 4  # kept open between reads, per explorer
 
 
 class BadRequest(BemiError):
@@ -149,23 +152,51 @@ class Trail:
     """Reads of one source's trail in a destination database."""
 
     def __init__(self, destination_dsn: str, source: str, changes_table: tuple[str, str], *,
-                 statement_timeout_ms: int = 5000) -> None:
+                 statement_timeout_ms: int = 5000, context_keys: tuple[str, ...] = ()) -> None:
         self.destination_dsn = destination_dsn
         self.source = source
         self.changes_table = changes_table
         self.statement_timeout_ms = statement_timeout_ms
+        self.context_keys = context_keys  # destination.context_indexes: keys with a btree of their own
         self._changes = sql.Identifier(*changes_table)
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
 
     @contextmanager
     def read(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection in a read-only transaction with this explorer's statement timeout."""
-        with connect(self.destination_dsn, autocommit=False, role="destination database") as conn:
-            conn.execute("SET TRANSACTION READ ONLY")
-            conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)", (str(self.statement_timeout_ms),))
+        """A connection in a read-only transaction with this explorer's statement timeout.
+
+        Connections are kept for the next read (up to IDLE_CONNECTIONS): a new session pays
+        for the connection and for compiling the time-travel functions again, about 45 ms of a
+        row page on 5M changes. Every read is one transaction, rolled back, and its settings
+        are local to it, so a kept session carries nothing from one read to the next."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is not None:
             try:
-                yield conn
-            finally:
-                conn.rollback()
+                conn.execute("SET TRANSACTION READ ONLY")
+            except psycopg.OperationalError:  # the server closed it while it was idle
+                conn.close()
+                conn = None
+        if conn is None:
+            conn = connect(self.destination_dsn, autocommit=False, role="destination database")
+            conn.execute("SET TRANSACTION READ ONLY")
+        try:
+            conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)", (str(self.statement_timeout_ms),))
+            yield conn
+        finally:
+            self._give_back(conn)
+
+    def _give_back(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            conn.close()
+        with self._lock:
+            if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE and len(self._idle) < IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _sql(self, name: str, where: sql.Composable | None = None) -> sql.Composed:
         return sql.SQL(query(name)).format(changes=self._changes, where=where or sql.SQL("true"))
@@ -199,8 +230,16 @@ class Trail:
             params["xid"], params["xid_position"] = f.transaction_id, position[0] if position else None
             parts.append(sql.SQL("c.transaction_id = %(xid)s AND c.commit_position = %(xid_position)s"))
         if f.context:
-            params["context"] = json.dumps(f.context)
-            parts.append(sql.SQL("c.context @> %(context)s::jsonb"))
+            rest = dict(f.context)
+            key = next((k for k in self.context_keys if _scalar(rest.get(k, {}))), None)
+            if key is not None:
+                # For a scalar, containment is jsonb equality of the key's value (1.0 = 1 too), and
+                # in that form the key's btree gives the newest matches first; the GIN cannot.
+                params["context_value"] = json.dumps(rest.pop(key))
+                parts.append(sql.SQL("c.context -> {} = %(context_value)s::jsonb").format(sql.Literal(key)))
+            if rest or key is None:
+                params["context"] = json.dumps(rest)
+                parts.append(sql.SQL("c.context @> %(context)s::jsonb"))
         if f.since:
             params["since"] = f.since
             parts.append(sql.SQL("c.committed_at >= %(since)s"))
@@ -250,7 +289,31 @@ class Trail:
         with conn.cursor(row_factory=dict_row) as cur:
             contexts = cur.execute(self._sql("explorer_busiest_contexts"),
                                    {"source": self.source, "since": now - timedelta(days=1)}).fetchall()
-        return {"now": now, "since": since, "days": days, "volume": volume, "contexts": contexts}
+        return {"now": now, "since": since, "days": days, "volume": volume, "contexts": contexts,
+                "tracking": self.tracking(conn)}
+
+    def tracking(self, conn: psycopg.Connection[Any]) -> list[dict[str, Any]] | None:
+        """Per table, its tracking periods (began, ended: None while tracked, and why) and the gaps
+        between them, from ``bemi.trail_periods``; None where the destination has no such record."""
+        try:
+            with conn.transaction():
+                rows = conn.execute(query("trail_periods"), {"source": self.source}).fetchall()
+        except psycopg.errors.UndefinedFunction:
+            return None
+        tables: dict[str, dict[str, Any]] = {}
+        for name, began, began_why, ended, ended_why in rows:
+            table = tables.setdefault(name, {"table": name, "periods": [], "gaps": []})
+            if table["periods"] and table["periods"][-1]["ended_at"] is not None:
+                last = table["periods"][-1]
+                table["gaps"].append({"from": last["ended_at"], "from_reason": last["ended_reason"],
+                                      "to": began.isoformat(), "to_reason": began_why})
+            table["periods"].append({"began_at": began.isoformat(), "began_reason": began_why,
+                                     "ended_at": ended.isoformat() if ended else None, "ended_reason": ended_why})
+        return list(tables.values())
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float)
 
 
 def _change(text: str) -> dict[str, Any]:

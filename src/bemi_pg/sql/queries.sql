@@ -121,6 +121,16 @@ SELECT a.attname::text
 SELECT commit_position, end_position, changes_written, updated_at, refused
   FROM bemi.checkpoint WHERE source = %(source)s AND slot_name = %(slot)s
 
+-- name: changes_estimate
+-- The rows of the changes table (all its sources, its partitions too) as the last ANALYZE or
+-- VACUUM counted them: the explorer's overview, where count(*) would read the whole trail. NULL
+-- where none of them was ever analyzed (reltuples -1: a new, so far small, table).
+SELECT CASE WHEN pg_catalog.bool_or(c.reltuples >= 0) THEN pg_catalog.sum(greatest(c.reltuples, 0))::bigint END
+  FROM pg_catalog.pg_class c
+ WHERE c.relkind = 'r'
+   AND (c.oid = %(table)s::regclass
+        OR c.oid IN (SELECT inhrelid FROM pg_catalog.pg_inherits WHERE inhparent = %(table)s::regclass))
+
 -- name: save_checkpoint
 INSERT INTO bemi.checkpoint (source, "database", slot_name, commit_position, end_position, changes_written, updated_at)
 VALUES (%(source)s, %(database)s, %(slot)s, %(commit_position)s, %(end_position)s, %(written)s, pg_catalog.now())
