@@ -188,6 +188,17 @@ def _check_covered(dest: psycopg.Connection[Any], source: str, since: str, table
     for schema, table in sorted(tables):
         name = quote_ident(schema, table)
         with timetravel.answers():
+            # The tracking period that holds the moment (CannotSay before tracking or in a gap) must
+            # go on to now: a gap after it means changes the trail never saw.
+            recorded, ended_at = dest.execute(
+                "SELECT p.recorded, p.ended_at FROM bemi.period_at(%s, %s, %s, %s::timestamptz) AS p",
+                (source, schema, table, since)).fetchone()  # type: ignore[misc]
+            if recorded and ended_at is not None:
+                raise CannotSay(f"the trail of {name} has a gap after {since} (tracking ended at {ended_at.isoformat()}): "
+                                "the changes in it are not in the trail, so undoing the others would not bring it back")
+            if recorded:
+                continue
+            # (A trail from before 0.4.0 records no periods: where its knowledge begins.)
             began = dest.execute(
                 "SELECT coalesce(e.began, (SELECT min(c.committed_at) FROM " + changes_table + " AS c"
                 ' WHERE c.source = %s AND c."schema" = %s AND c."table" = %s)) <= %s::timestamptz'

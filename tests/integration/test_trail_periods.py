@@ -88,6 +88,13 @@ def test_periods_and_gaps(db, mode):
     assert len(status["tracking"]) == 3 and status["tracking"][2].startswith("public.c since ")
     result = run_cli("as-of", "a", "2", m_gap, env={"BEMI_DSN": db.dsn})
     assert result.returncode == 5 and "falls in a gap" in result.stderr, result.stderr
+    # revert --since a moment before the gap cannot bring the table back (the gap's change is unseen).
+    result = run_cli("revert", "--since", m_tracked, "--table", "a", env={"BEMI_DSN": db.dsn})
+    assert result.returncode == 5 and "has a gap after" in result.stderr, result.stderr
+    result = run_cli("revert", "--since", m_gap, "--table", "a", env={"BEMI_DSN": db.dsn})
+    assert result.returncode == 5 and "falls in a gap" in result.stderr, result.stderr
+    result = run_cli("revert", "--since", m_back, "--table", "a", env={"BEMI_DSN": db.dsn})
+    assert result.returncode == 0 and "UPDATE" in result.stdout, (result.stdout, result.stderr)
     result = run_cli("history", "a", "1", env={"BEMI_DSN": db.dsn})  # its changes: one before the gap, one after
     lines = result.stdout.splitlines()
     gap = [i for i, line in enumerate(lines) if line.startswith("-- gap in the trail: tracking ended")]
