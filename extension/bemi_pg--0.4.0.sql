@@ -550,9 +550,31 @@ BEGIN
 END
 $fn$;
 
--- A queued change's context from its sources, by bemi.context_of; what went wrong, if anything,
--- is recorded in it (a context never stops the mover).
+-- A queued change's context from its sources (as wal mode's capture_context emits them). The
+-- common case, a transaction's context alone and a JSON object, is the object; anything else is
+-- bemi.context_of's. It raises where that context is not JSON: the mover then reads the batch
+-- with bemi.careful_context.
 CREATE OR REPLACE FUNCTION bemi.queued_context(sources text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+DECLARE
+  s json := sources::json;
+  value jsonb;
+BEGIN
+  IF true AND s ->> 0 IS NULL AND s ->> 2 IS NULL AND s ->> 3 IS NULL
+     AND pg_catalog.octet_length(s ->> 1) <= 1048576 THEN
+    value := (s ->> 1)::jsonb;
+    IF pg_catalog.jsonb_typeof(value) = 'object' THEN
+      RETURN value;
+    END IF;
+  END IF;
+  RETURN bemi.context_of(s ->> 0, s ->> 1, s ->> 2, s -> 3, s -> 4, (s ->> 5)::boolean);
+END
+$fn$;
+
+-- bemi.context_of's context, and what went wrong, if anything, recorded in it: a context never
+-- stops the mover.
+CREATE OR REPLACE FUNCTION bemi.careful_context(sources text) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
 AS $fn$
 DECLARE
@@ -581,30 +603,44 @@ AS $fn$
 DECLARE
   source_id text := (SELECT i.source FROM bemi.installation AS i);
   commit_times boolean := pg_catalog.current_setting('track_commit_timestamp') = 'on';
+  careful boolean := false;
   moved integer;
 BEGIN
-  WITH taken AS (
-    DELETE FROM bemi.change_queue AS q
-     WHERE q.ctid = ANY (ARRAY(SELECT w.ctid FROM bemi.change_queue AS w WHERE w.transaction_id < below LIMIT max_rows))
-    RETURNING q.*, q.transaction_id::text::bigint AS xact, q.key_columns::text[] AS keys,
-              coalesce(q.after, q.before) AS keyed
-  ), contexts AS (
-    SELECT s.sources, bemi.queued_context(s.sources) AS context FROM (SELECT DISTINCT t.context_sources AS sources FROM taken AS t) AS s
-  )
-  INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-  SELECT source_id, pg_catalog.current_database(), t.schema_name, t.table_name,
-         CASE WHEN pg_catalog.cardinality(t.keys) = 1 THEN t.keyed ->> t.keys[1]
-              WHEN pg_catalog.cardinality(t.keys) > 1 AND t.keyed ?& t.keys
-              THEN (SELECT pg_catalog.jsonb_agg(t.keyed -> k.name ORDER BY k.n)
-                      FROM pg_catalog.unnest(t.keys) WITH ORDINALITY AS k(name, n))::text
-         END,
-         CASE t.operation WHEN 'INSERT' THEN 'CREATE' ELSE t.operation END,
-         coalesce(t.before, '{}'), coalesce(t.after, '{}'), c.context,
-         CASE WHEN commit_times THEN coalesce(pg_catalog.pg_xact_commit_timestamp(pg_catalog.xid(t.transaction_id)), t.written_at)
-              ELSE t.written_at END,
-         t.written_at, t.xact % 4294967296, (t.wal_position - '0/0'::pg_lsn)::bigint, -t.xact, t.seq
-    FROM taken AS t JOIN contexts AS c ON c.sources = t.context_sources;
-  GET DIAGNOSTICS moved = ROW_COUNT;
+  LOOP
+    BEGIN
+      WITH taken AS (
+        DELETE FROM bemi.change_queue AS q
+         WHERE q.ctid = ANY (ARRAY(SELECT w.ctid FROM bemi.change_queue AS w WHERE w.transaction_id < below LIMIT max_rows))
+        RETURNING q.*, q.transaction_id::text::bigint AS xact, q.key_columns::text[] AS keys,
+                  coalesce(q.after, q.before) AS keyed
+      ), contexts AS MATERIALIZED (  -- once for each distinct context
+        SELECT s.sources, CASE WHEN careful THEN bemi.careful_context(s.sources) ELSE bemi.queued_context(s.sources) END AS context
+          FROM (SELECT DISTINCT t.context_sources AS sources FROM taken AS t) AS s
+      )
+      INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
+      SELECT source_id, pg_catalog.current_database(), t.schema_name, t.table_name,
+             CASE WHEN pg_catalog.cardinality(t.keys) = 1 THEN t.keyed ->> t.keys[1]
+                  WHEN pg_catalog.cardinality(t.keys) > 1 AND t.keyed ?& t.keys
+                  THEN (SELECT pg_catalog.jsonb_agg(t.keyed -> k.name ORDER BY k.n)
+                          FROM pg_catalog.unnest(t.keys) WITH ORDINALITY AS k(name, n))::text
+             END,
+             CASE t.operation WHEN 'INSERT' THEN 'CREATE' ELSE t.operation END,
+             coalesce(t.before, '{}'), coalesce(t.after, '{}'), c.context,
+             CASE WHEN commit_times THEN coalesce(pg_catalog.pg_xact_commit_timestamp(pg_catalog.xid(t.transaction_id)), t.written_at)
+                  ELSE t.written_at END,
+             t.written_at, t.xact % 4294967296, (t.wal_position - '0/0'::pg_lsn)::bigint, -t.xact, t.seq
+        FROM taken AS t JOIN contexts AS c ON c.sources = t.context_sources;
+      GET DIAGNOSTICS moved = ROW_COUNT;
+      EXIT;
+    EXCEPTION WHEN OTHERS THEN  -- a context that is not JSON: the batch again, context by context
+      IF careful THEN
+        RAISE;
+      END IF;
+      careful := true;
+    END;
+  END LOOP;
+  -- The moved changes are in the changes table from here on, in this transaction: what must
+  -- follow a move (and nothing else) goes here.
   RETURN moved;
 END
 $fn$;
