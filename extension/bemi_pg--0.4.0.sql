@@ -453,21 +453,30 @@ DROP FUNCTION IF EXISTS bemi.statement_context();
 
 -- Trigger mode. Per-row AFTER triggers (and a statement trigger for TRUNCATE) append each change
 -- to bemi.change_queue inside the application's transaction: the row as to_jsonb gives it less
--- the excluded columns, and what its context is made of. Everything else (the context itself,
--- the key, the changes table's indexes) waits for bemi.move_changes, off the write path. The
--- queue has no index: the mover reads it whole, and it is small once moved.
+-- the excluded columns, and what its context is made of (the sources wal mode's capture_context
+-- emits). Everything else (the context itself, the key, the order in the transaction, the
+-- changes table's indexes) waits for bemi.move_changes, off the write path. The queue has no
+-- index: the mover reads it whole, and it is small once moved.
 CREATE TABLE IF NOT EXISTS bemi.change_queue (
   transaction_id xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
-  seq integer NOT NULL,                    -- the change's 0-based order in its transaction
+  -- The WAL insert position as the row is queued: it grows with each change of a transaction
+  -- (each queued row is written to the WAL), so it orders them.
+  wal_position pg_lsn NOT NULL DEFAULT pg_catalog.pg_current_wal_insert_lsn(),
+  written_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
   schema_name text NOT NULL,               -- the name it is recorded under (a partition's root)
   table_name text NOT NULL,
   key_columns text NOT NULL,               -- the primary key's columns, a text[] literal
   operation text NOT NULL,                 -- TG_OP
   before jsonb,
   after jsonb,
-  context_sources text NOT NULL,           -- the JSON array wal mode's capture_context emits
-  written_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-  wal_position pg_lsn NOT NULL DEFAULT pg_catalog.pg_current_wal_insert_lsn()
+  session_context text,
+  transaction_context text,
+  comment_query text,
+  request json,
+  session_user_name text,
+  application_name text,
+  client_addr inet,
+  query_truncated boolean
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000);
 
 -- Where the mover is: every change committed at or before moved_until is in the changes table.
@@ -485,7 +494,7 @@ INSERT INTO bemi.mover DEFAULT VALUES ON CONFLICT (singleton) DO NOTHING;
 
 -- Whether an UPDATE changed columns, all of them ignored ones (it then leaves no change).
 CREATE OR REPLACE FUNCTION bemi.only_ignored_changed(before jsonb, after jsonb, ignored text[]) RETURNS boolean
-LANGUAGE sql IMMUTABLE
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $fn$
   SELECT EXISTS (SELECT FROM pg_catalog.jsonb_each(before) AS b FULL JOIN pg_catalog.jsonb_each(after) AS a USING (key)
                   WHERE b.value IS DISTINCT FROM a.value)
@@ -495,39 +504,41 @@ $fn$;
 
 -- The capture trigger. Arguments, set by bemi.track_table: the primary key's columns in key
 -- order, the excluded columns, the ignored columns, the schema and name the changes are
--- recorded under. seq counts the transaction's changes in bemi.seq (a rolled-back savepoint
--- takes its numbers back with its rows).
+-- recorded under. It runs with the installer's rights (writers need none on the queue) but,
+-- unlike the other such functions, does not pin search_path: a SET clause costs each call
+-- about a fifth of the trigger (bench/README.md). So nothing in it is looked up by the
+-- caller's search_path: every type, function and operator is named with its schema.
 CREATE OR REPLACE FUNCTION bemi.capture_changes() RETURNS trigger
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 AS $fn$
 DECLARE
-  seq integer := pg_catalog.concat('0', pg_catalog.current_setting('bemi.seq', true))::integer;
-  old_row jsonb;
-  new_row jsonb;
-  query text;
-  comment_query text;
-  request json;
+  old_row pg_catalog.jsonb;
+  new_row pg_catalog.jsonb;
+  query pg_catalog.text := pg_catalog.current_query();
+  comment_query pg_catalog.text;
+  request pg_catalog.json;
 BEGIN
-  IF TG_OP <> 'TRUNCATE' THEN
-    IF TG_OP <> 'INSERT' THEN
+  IF TG_OP OPERATOR(pg_catalog.<>) 'TRUNCATE' THEN
+    IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
       old_row := pg_catalog.to_jsonb(OLD);
     END IF;
-    IF TG_OP <> 'DELETE' THEN
+    IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
       new_row := pg_catalog.to_jsonb(NEW);
     END IF;
-    IF TG_OP = 'UPDATE' AND TG_ARGV[2] <> '{}' AND bemi.only_ignored_changed(old_row, new_row, TG_ARGV[2]::text[]) THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND TG_ARGV[2] OPERATOR(pg_catalog.<>) '{}'
+       AND bemi.only_ignored_changed(old_row, new_row, TG_ARGV[2]::pg_catalog.text[]) THEN
       RETURN NULL;
     END IF;
-    IF TG_ARGV[1] <> '{}' THEN
-      old_row := old_row - TG_ARGV[1]::text[];
-      new_row := new_row - TG_ARGV[1]::text[];
+    IF TG_ARGV[1] OPERATOR(pg_catalog.<>) '{}' THEN
+      old_row := old_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[];
+      new_row := new_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[];
     END IF;
   END IF;
-  query := pg_catalog.current_query();
-  IF pg_catalog.strpos(query, '*/') > 0 THEN
+  -- The context's sources, as capture_context gathers them ('' settings are NULLs to the mover).
+  IF pg_catalog.strpos(query, '*/') OPERATOR(pg_catalog.>) 0 THEN
     comment_query := pg_catalog.right(query, 4194304);
   END IF;
-  IF pg_catalog.current_setting('request.method', true) <> '' THEN
+  IF pg_catalog.current_setting('request.method', true) OPERATOR(pg_catalog.<>) '' THEN
     request := pg_catalog.json_build_array(
       pg_catalog.current_setting('request.method', true),
       pg_catalog.current_setting('request.path', true),
@@ -535,17 +546,14 @@ BEGIN
       pg_catalog.left(pg_catalog.current_setting('request.headers', true), 1048577)
     );
   END IF;
-  INSERT INTO bemi.change_queue (seq, schema_name, table_name, key_columns, operation, before, after, context_sources)
-  VALUES (seq, coalesce(TG_ARGV[3], TG_TABLE_SCHEMA), coalesce(TG_ARGV[4], TG_TABLE_NAME), TG_ARGV[0], TG_OP, old_row, new_row,
-          pg_catalog.json_build_array(
-        pg_catalog.left(nullif(pg_catalog.current_setting('bemi.session_context', true), ''), 1048577),
-        pg_catalog.left(nullif(pg_catalog.current_setting('bemi.context', true), ''), 1048577),
-        comment_query,
-        request,
-        pg_catalog.json_build_array(session_user, pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr()),
-        pg_catalog.length(query) > pg_catalog.length(comment_query)
-          )::text);
-  PERFORM pg_catalog.set_config('bemi.seq', (seq + 1)::text, true);
+  INSERT INTO bemi.change_queue (schema_name, table_name, key_columns, operation, before, after, session_context,
+                                 transaction_context, comment_query, request, session_user_name, application_name, client_addr,
+                                 query_truncated)
+  VALUES (coalesce(TG_ARGV[3], TG_TABLE_SCHEMA), coalesce(TG_ARGV[4], TG_TABLE_NAME), TG_ARGV[0], TG_OP, old_row, new_row,
+          pg_catalog.left(pg_catalog.current_setting('bemi.session_context', true), 1048577),
+          pg_catalog.left(pg_catalog.current_setting('bemi.context', true), 1048577),
+          comment_query, request, session_user, pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+          pg_catalog.length(query) OPERATOR(pg_catalog.>) pg_catalog.length(comment_query));
   RETURN NULL;
 END
 $fn$;
@@ -587,9 +595,9 @@ EXCEPTION WHEN OTHERS THEN
 END
 $fn$;
 
--- The one write of queued changes into public.changes: up to max_rows (NULL: all) rows of
--- transactions whose id is below `below`, deleted from the queue in the same statement. In
--- the changes table, as wal mode writes them, except:
+-- The one write of queued changes into public.changes: the changes of transactions whose id
+-- is below `below`, whole transactions of about max_rows rows (NULL: all), deleted from the
+-- queue in the same statement. In the changes table, as wal mode writes them, except:
 --   commit_position = minus the transaction's 64-bit id (never a WAL position, which is >= 0),
 --   seq             = the change's 0-based order in its transaction,
 --   position        = the WAL insert position when the change was queued,
@@ -610,9 +618,13 @@ BEGIN
     BEGIN
       WITH taken AS (
         DELETE FROM bemi.change_queue AS q
-         WHERE q.ctid = ANY (ARRAY(SELECT w.ctid FROM bemi.change_queue AS w WHERE w.transaction_id < below LIMIT max_rows))
-        RETURNING q.*, q.transaction_id::text::bigint AS xact, q.key_columns::text[] AS keys,
-                  coalesce(q.after, q.before) AS keyed
+         WHERE q.transaction_id < below
+           AND q.transaction_id IN (SELECT w.transaction_id FROM bemi.change_queue AS w WHERE w.transaction_id < below LIMIT max_rows)
+        RETURNING q.*, q.ctid AS row_at, q.transaction_id::text::bigint AS xact, q.key_columns::text[] AS keys,
+                  coalesce(q.after, q.before) AS keyed,
+                  pg_catalog.json_build_array(nullif(q.session_context, ''), nullif(q.transaction_context, ''), q.comment_query, q.request,
+                                              pg_catalog.json_build_array(q.session_user_name, q.application_name, q.client_addr),
+                                              q.query_truncated)::text AS context_sources
       ), contexts AS MATERIALIZED (  -- once for each distinct context
         SELECT s.sources, CASE WHEN careful THEN bemi.careful_context(s.sources) ELSE bemi.queued_context(s.sources) END AS context
           FROM (SELECT DISTINCT t.context_sources AS sources FROM taken AS t) AS s
@@ -628,7 +640,8 @@ BEGIN
              coalesce(t.before, '{}'), coalesce(t.after, '{}'), c.context,
              CASE WHEN commit_times THEN coalesce(pg_catalog.pg_xact_commit_timestamp(pg_catalog.xid(t.transaction_id)), t.written_at)
                   ELSE t.written_at END,
-             t.written_at, t.xact % 4294967296, (t.wal_position - '0/0'::pg_lsn)::bigint, -t.xact, t.seq
+             t.written_at, t.xact % 4294967296, (t.wal_position - '0/0'::pg_lsn)::bigint, -t.xact,
+             pg_catalog.row_number() OVER (PARTITION BY t.transaction_id ORDER BY t.wal_position, t.row_at) - 1
         FROM taken AS t JOIN contexts AS c ON c.sources = t.context_sources;
       GET DIAGNOSTICS moved = ROW_COUNT;
       EXIT;
@@ -663,7 +676,7 @@ BEGIN
   PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('bemi.move_changes', 0));
   SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) INTO horizon;
   moved := bemi.move_queued(max_rows, horizon);
-  IF max_rows IS NULL OR moved < max_rows THEN  -- every transaction below the horizon is moved
+  IF max_rows IS NULL OR moved < max_rows THEN  -- (a batch is whole transactions) every one below the horizon is moved
     SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) INTO next_xid;  -- read after `started`
     UPDATE bemi.mover AS m
        SET moved_until = CASE WHEN m.pending_xid <= horizon THEN greatest(m.moved_until, m.pending_at) ELSE m.moved_until END,

@@ -210,8 +210,8 @@ def test_writers_need_no_right_on_the_changes_table(db):
                              "queued_at, transaction_id, \"position\", commit_position, seq) "
                              "VALUES ('1/d', 'd', 's', 't', 'CREATE', now(), now(), 1, 1, 1, 1)")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):  # nor on the queue the mover reads
-                conn.execute("INSERT INTO bemi.change_queue (seq, schema_name, table_name, key_columns, operation, "
-                             "context_sources) VALUES (0, 'public', 'account', '{id}', 'INSERT', '[]')")
+                conn.execute("INSERT INTO bemi.change_queue (schema_name, table_name, key_columns, operation) "
+                             "VALUES ('public', 'account', '{id}', 'INSERT')")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("SELECT bemi.move_changes()")
         db.poll()
@@ -240,13 +240,16 @@ def test_trigger_mode_refuses_another_destination_and_the_poller_moves_the_queue
     db.install(capture_mode="triggers")
     with pytest.raises(BemiError, match="installed to write its trail into this database"):
         db.poll(other_db.dsn)
-    db.execute("INSERT INTO account (id, owner, balance) SELECT g, 'o', 1 FROM generate_series(1, 25) g")
+    with db.connect(autocommit=True) as conn:
+        for i in range(1, 16):  # fifteen transactions of one change, then one of ten
+            conn.execute("INSERT INTO account (id, owner, balance) VALUES (%s, 'o', 1)", (i,))
+        conn.execute("INSERT INTO account (id, owner, balance) SELECT g, 'o', 1 FROM generate_series(16, 25) g")
     status = commands.status(db.dsn, None, db.settings)
     assert status["capture_mode"] == "triggers" and status["slot_exists"] is False
     assert status["queue"]["rows"] == 25 and status["queue"]["oldest_age_seconds"] >= 0
     assert status["change_count"] == 0
     stats = db.poll(batch_size=10)
-    assert stats.changes == 25 and stats.batches == 3
+    assert stats.changes == 25 and stats.batches == 2  # whole transactions: 10 rows, then 5 and the last one's 10
     status = commands.status(db.dsn, None, db.settings)
     assert status["queue"]["rows"] == 0 and status["change_count"] == 25 and status["queue"]["moved_until"] is not None
 

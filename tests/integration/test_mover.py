@@ -3,8 +3,11 @@ scheduled by pg_cron alone; and the trail's known extent follows it."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,8 +20,10 @@ from bemi_pg import commands, timetravel
 from bemi_pg._localpg import PgInstall, throwaway_cluster
 from bemi_pg.config import load_settings
 from bemi_pg.errors import CannotSay
+from bemi_pg.render import render_roles
 
-from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, excluding_config, kill_pollers, order_violations, scaled
+from ..conftest import run_cli
+from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, excluding_config, kill_pollers, order_violations, poller_env, scaled
 
 FAULTS = {"lost": 0, "duplicated": 0, "misattributed": 0, "phantom": 0}
 
@@ -170,3 +175,47 @@ def test_pg_cron_alone_moves_everything(tmp_path):
             assert wrong == 0
             contexts = conn.execute("SELECT count(DISTINCT context ->> 'request') FROM changes").fetchone()[0]
             assert contexts == 200
+
+
+def test_metrics_show_the_queue_and_health_needs_no_slot(db):
+    pytest.importorskip("prometheus_client", reason="the metrics extra: pip install -e '.[metrics]'")
+    from .test_operations import Stderr, get, samples, wait_until
+
+    db.execute("CREATE TABLE account (id int PRIMARY KEY)")
+    db.install(capture_mode="triggers")
+    with db.connect() as long_one:
+        long_one.execute("SELECT pg_current_xact_id()")  # holds the horizon: what commits after it waits
+        db.execute("INSERT INTO account SELECT g FROM generate_series(1, 30) g")
+        poller = subprocess.Popen([sys.executable, "-m", "bemi_pg", "poll", "--follow", "--interval", "0.1", "--metrics-port", "0",
+                                   "--log-format", "json"], env=poller_env(db.dsn), stderr=subprocess.PIPE, text=True)
+        err = Stderr(poller.stderr)
+        err.start()
+        try:
+            base = err.wait_for(lambda line: json.loads(line).get("metrics_url"))
+            wait_until(lambda: get(base + "readyz")[0] == 200, what="/readyz")
+            waiting = wait_until(lambda: samples(get(base + "metrics")[1]).get("bemi_pg_queue_rows{}") == 30, what="30 queued")
+            assert waiting
+            metrics = samples(get(base + "metrics")[1])
+            assert metrics["bemi_pg_queue_oldest_seconds{}"] > 0
+            assert metrics["bemi_pg_poller_info{capture_mode=triggers,version=0.4.0}"] == 1
+            assert get(base + "healthz") == (200, "ok\n")
+            long_one.rollback()
+            wait_until(lambda: samples(get(base + "metrics")[1]).get("bemi_pg_queue_rows{}") == 0, what="the queue moved")
+            assert db.execute("SELECT count(*) FROM changes") == [(30,)]
+        finally:
+            poller.terminate()
+            poller.wait(timeout=30)
+
+
+def test_the_least_privilege_poller_moves_the_queue(db):
+    db.execute("CREATE TABLE account (id int PRIMARY KEY)")
+    db.install(capture_mode="triggers")
+    db.execute("DROP ROLE IF EXISTS bemi_mover_test")
+    db.execute(render_roles(db.settings, role="bemi_mover_test"))
+    try:
+        db.execute("INSERT INTO account VALUES (1)")
+        result = run_cli("poll", "--once", env={"BEMI_DSN": db.dsn.replace("user=postgres", "user=bemi_mover_test")})
+        assert result.returncode == 0, result.stderr
+        assert db.execute("SELECT primary_key FROM changes") == [("1",)]
+    finally:
+        db.execute("DROP OWNED BY bemi_mover_test; DROP ROLE bemi_mover_test")
