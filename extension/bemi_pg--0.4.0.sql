@@ -505,9 +505,9 @@ $fn$;
 -- The capture trigger. Arguments, set by bemi.track_table: the primary key's columns in key
 -- order, the excluded columns, the ignored columns, the schema and name the changes are
 -- recorded under. It runs with the installer's rights (writers need none on the queue) but,
--- unlike the other such functions, does not pin search_path: a SET clause costs each call
--- about a fifth of the trigger (bench/README.md). So nothing in it is looked up by the
--- caller's search_path: every type, function and operator is named with its schema.
+-- unlike the other such functions, does not pin search_path: a SET clause cost each call 5-20%
+-- of the trigger's time (bench/README.md). So nothing in it is looked up by the caller's
+-- search_path: every type, function and operator is named with its schema.
 CREATE OR REPLACE FUNCTION bemi.capture_changes() RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 AS $fn$
