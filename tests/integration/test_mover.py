@@ -219,3 +219,16 @@ def test_the_least_privilege_poller_moves_the_queue(db):
         assert db.execute("SELECT primary_key FROM changes") == [("1",)]
     finally:
         db.execute("DROP OWNED BY bemi_mover_test; DROP ROLE bemi_mover_test")
+
+
+def test_uninstall_moves_what_waits_in_the_queue(db):
+    db.execute("CREATE TABLE account (id int PRIMARY KEY)")
+    db.install(capture_mode="triggers")
+    with db.connect() as long_one:
+        long_one.execute("SELECT pg_current_xact_id()")  # the horizon stays behind what follows
+        db.execute("INSERT INTO account VALUES (1), (2)")
+        db.poll()
+        assert db.execute("SELECT count(*) FROM bemi.change_queue") == [(2,)]
+        commands.uninstall(db.dsn, None, db.settings)
+    assert db.execute("SELECT primary_key FROM changes ORDER BY seq") == [("1",), ("2",)]
+    assert db.execute("SELECT to_regclass('bemi.change_queue')") == [(None,)]
