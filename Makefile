@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 PG ?= 15
 HOST_PG := 15
 ifeq ($(PG),$(HOST_PG))
-PG_PACKAGES := postgresql-$(PG) postgresql-$(PG)-wal2json pgbouncer
+# postgresql-N-cron: pg_cron, for the test that schedules trigger mode's mover (bemi.move_changes)
+PG_PACKAGES := postgresql-$(PG) postgresql-$(PG)-wal2json postgresql-$(PG)-cron pgbouncer
 PG_ENV := BEMI_PG_MAJOR=$(PG)
 PG_ROOT_DEPS :=
 else

@@ -501,36 +501,97 @@ BEGIN
 END
 $fn$;
 
--- The context of the running statement, computed again only when one of its inputs changes:
--- the key holds every one of them, so the context is kept across the session's transactions.
-CREATE OR REPLACE FUNCTION bemi.statement_context() RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
+-- (0.3.0's trigger mode computed the context in the writing transaction; the mover does now.)
+DROP FUNCTION IF EXISTS bemi.statement_context();
+
+-- Trigger mode. Per-row AFTER triggers (and a statement trigger for TRUNCATE) append each change
+-- to bemi.change_queue inside the application's transaction: the row as to_jsonb gives it less
+-- the excluded columns, and what its context is made of (the sources wal mode's capture_context
+-- emits). Everything else (the context itself, the key, the order in the transaction, the
+-- changes table's indexes) waits for bemi.move_changes, off the write path. The queue has no
+-- index: the mover reads it whole, and it is small once moved.
+CREATE TABLE IF NOT EXISTS bemi.change_queue (
+  transaction_id xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+  -- The WAL insert position as the row is queued: it grows with each change of a transaction
+  -- (each queued row is written to the WAL), so it orders them.
+  wal_position pg_lsn NOT NULL DEFAULT pg_catalog.pg_current_wal_insert_lsn(),
+  written_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+  schema_name text NOT NULL,               -- the name it is recorded under (a partition's root)
+  table_name text NOT NULL,
+  key_columns text NOT NULL,               -- the primary key's columns, a text[] literal
+  operation text NOT NULL,                 -- TG_OP
+  before jsonb,
+  after jsonb,
+  session_context text,
+  transaction_context text,
+  comment_query text,
+  request json,
+  session_user_name text,
+  application_name text,
+  client_addr inet,
+  query_truncated boolean
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000);
+
+-- Where the mover is: every change committed at or before moved_until is in the changes table.
+-- pending_at/pending_xid: a moment and the next transaction id read after it; once every
+-- transaction below pending_xid is moved, so is every change made at or before pending_at.
+CREATE TABLE IF NOT EXISTS bemi.mover (
+  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  moved_until timestamptz,
+  pending_at timestamptz,
+  pending_xid xid8,
+  ran_at timestamptz,
+  moved_at timestamptz
+);
+INSERT INTO bemi.mover DEFAULT VALUES ON CONFLICT (singleton) DO NOTHING;
+
+-- Whether an UPDATE changed columns, all of them ignored ones (it then leaves no change).
+CREATE OR REPLACE FUNCTION bemi.only_ignored_changed(before jsonb, after jsonb, ignored text[]) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $fn$
+  SELECT EXISTS (SELECT FROM pg_catalog.jsonb_each(before) AS b FULL JOIN pg_catalog.jsonb_each(after) AS a USING (key)
+                  WHERE b.value IS DISTINCT FROM a.value)
+     AND NOT EXISTS (SELECT FROM pg_catalog.jsonb_each(before) AS b FULL JOIN pg_catalog.jsonb_each(after) AS a USING (key)
+                      WHERE b.value IS DISTINCT FROM a.value AND NOT key = ANY (ignored))
+$fn$;
+
+-- The capture trigger. Arguments, set by bemi.track_table: the primary key's columns in key
+-- order, the excluded columns, the ignored columns, the schema and name the changes are
+-- recorded under. It runs with the installer's rights (writers need none on the queue) but,
+-- unlike the other such functions, does not pin search_path: a SET clause cost each call 5-20%
+-- of the trigger's time (bench/README.md). So nothing in it is looked up by the caller's
+-- search_path: every type, function and operator is named with its schema.
+CREATE OR REPLACE FUNCTION bemi.capture_changes() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 AS $fn$
 DECLARE
-  key text;
-  query text;
-  comment_query text;
-  request json;
-  context jsonb;
+  old_row pg_catalog.jsonb;
+  new_row pg_catalog.jsonb;
+  query pg_catalog.text := pg_catalog.current_query();
+  comment_query pg_catalog.text;
+  request pg_catalog.json;
 BEGIN
-  key := 'bemi'
-    || E'\x1e' || coalesce(pg_catalog.current_setting('bemi.session_context', true), E'\x1f')
-    || E'\x1e' || coalesce(pg_catalog.current_setting('bemi.context', true), E'\x1f')
-    || E'\x1e' || coalesce(pg_catalog.current_setting('request.method', true), E'\x1f')
-    || E'\x1e' || CASE WHEN pg_catalog.strpos(pg_catalog.current_query(), '*/') > 0
-                        THEN pg_catalog.current_query() ELSE E'\x1f' END
-    || E'\x1e' || coalesce(pg_catalog.current_setting('request.path', true), E'\x1f')
-    || E'\x1e' || coalesce(pg_catalog.current_setting('request.jwt.claims', true), E'\x1f')
-    || E'\x1e' || coalesce(pg_catalog.current_setting('request.headers', true), E'\x1f')
-    || E'\x1e' || session_user || E'\x1e' || pg_catalog.current_setting('application_name');
-  IF key = pg_catalog.current_setting('bemi.context_key', true) THEN
-    RETURN pg_catalog.current_setting('bemi.context_value', true)::jsonb;
+  IF TG_OP OPERATOR(pg_catalog.<>) 'TRUNCATE' THEN
+    IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
+      old_row := pg_catalog.to_jsonb(OLD);
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
+      new_row := pg_catalog.to_jsonb(NEW);
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND TG_ARGV[2] OPERATOR(pg_catalog.<>) '{}'
+       AND bemi.only_ignored_changed(old_row, new_row, TG_ARGV[2]::pg_catalog.text[]) THEN
+      RETURN NULL;
+    END IF;
+    IF TG_ARGV[1] OPERATOR(pg_catalog.<>) '{}' THEN
+      old_row := old_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[];
+      new_row := new_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[];
+    END IF;
   END IF;
-  query := pg_catalog.current_query();
-  IF pg_catalog.strpos(query, '*/') > 0 THEN
+  -- The context's sources, as capture_context gathers them ('' settings are NULLs to the mover).
+  IF pg_catalog.strpos(query, '*/') OPERATOR(pg_catalog.>) 0 THEN
     comment_query := pg_catalog.right(query, 4194304);
   END IF;
-  IF pg_catalog.current_setting('request.method', true) <> '' THEN
+  IF pg_catalog.current_setting('request.method', true) OPERATOR(pg_catalog.<>) '' THEN
     request := pg_catalog.json_build_array(
       pg_catalog.current_setting('request.method', true),
       pg_catalog.current_setting('request.path', true),
@@ -538,128 +599,194 @@ BEGIN
       pg_catalog.left(pg_catalog.current_setting('request.headers', true), 1048577)
     );
   END IF;
-  BEGIN
-    context := bemi.context_of(
-      pg_catalog.left(nullif(pg_catalog.current_setting('bemi.session_context', true), ''), 1048577),
-      pg_catalog.left(nullif(pg_catalog.current_setting('bemi.context', true), ''), 1048577),
-      comment_query,
-      request,
-      pg_catalog.json_build_array(session_user, pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr()),
-      pg_catalog.length(query) > pg_catalog.length(comment_query)
-    );
-  EXCEPTION WHEN OTHERS THEN  -- never the application's statement: the context records what went wrong
-    context := pg_catalog.jsonb_build_object('_bemi_error', pg_catalog.jsonb_build_array(
-      pg_catalog.jsonb_build_object('source', 'bemi', 'error', SQLERRM)));
-  END;
-  PERFORM pg_catalog.set_config('bemi.context_value', context::text, false);
-  PERFORM pg_catalog.set_config('bemi.context_key', key, false);
-  RETURN context;
-END
-$fn$;
-
--- Trigger mode. Statement-level AFTER triggers with transition tables write the statement's
--- changes into public.changes inside the application's transaction. In this mode:
---   commit_position = minus the transaction's 64-bit id (never a WAL position, which is >= 0),
---   seq             = the change's 0-based order in its transaction,
---   position        = the WAL insert position after the statement's rows were written,
---   committed_at    = the clock when the statement's trigger ran, before the commit: a later
---                     change of the same row is always later (it waits for this commit).
--- Arguments, set by bemi.track_table: the primary key's columns in key order, the excluded
--- columns, the ignored columns. primary_key is the value's text for a one-column key, a JSON
--- array of the values in key order for a composite one, NULL without a key.
-CREATE OR REPLACE FUNCTION bemi.capture_changes() RETURNS trigger
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-DECLARE
-  key_columns text[] := TG_ARGV[0]::text[];
-  excluded text[] := TG_ARGV[1]::text[];
-  ignored text[] := TG_ARGV[2]::text[];
-  -- A partition's changes are recorded under its partitioned table (the tree's root), as wal mode does.
-  recorded_schema text := coalesce(TG_ARGV[3], TG_TABLE_SCHEMA);
-  recorded_table text := coalesce(TG_ARGV[4], TG_TABLE_NAME);
-  xact bigint := pg_catalog.pg_current_xact_id_if_assigned()::text::bigint;
-  source_id text := (SELECT i.source FROM bemi.installation AS i);
-  first_seq integer;
-  context jsonb;
-  written_at timestamptz;
-  wal_position bigint;
-  written integer;
-BEGIN
-  IF xact IS NULL THEN
-    RETURN NULL;  -- the statement changed no row
-  END IF;
-  first_seq := coalesce(nullif(pg_catalog.current_setting('bemi.seq', true), ''), '0')::integer;
-  context := bemi.statement_context();
-  written_at := pg_catalog.clock_timestamp();
-  wal_position := (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint;
-  IF TG_OP = 'INSERT' THEN
-    INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT source_id, pg_catalog.current_database(), recorded_schema, recorded_table,
-           CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.after ->> key_columns[1]
-                WHEN pg_catalog.cardinality(key_columns) > 1 AND r.after ?& key_columns
-                THEN (SELECT pg_catalog.jsonb_agg(r.after -> k.name ORDER BY k.n)
-                        FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
-           END,
-           'CREATE', '{}', r.after, context, written_at, written_at,
-           xact % 4294967296, wal_position, -xact, first_seq + r.n - 1
-      FROM (SELECT pg_catalog.to_jsonb(t) - excluded AS after, pg_catalog.row_number() OVER () AS n FROM bemi_new AS t) AS r;
-    GET DIAGNOSTICS written = ROW_COUNT;
-  ELSIF TG_OP = 'UPDATE' THEN
-    -- The transition tables hold the old and the new version of each row in the same order.
-    -- An UPDATE that changed ignored columns only leaves no change, but keeps its place in seq.
-    -- An UPDATE of the key moved the row: bemi.key_move records the key it left.
-    WITH inserted AS (
-    INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT source_id, pg_catalog.current_database(), recorded_schema, recorded_table,
-           CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.after ->> key_columns[1]
-                WHEN pg_catalog.cardinality(key_columns) > 1 AND r.after ?& key_columns
-                THEN (SELECT pg_catalog.jsonb_agg(r.after -> k.name ORDER BY k.n)
-                        FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
-           END,
-           'UPDATE', r.before, r.after, context, written_at, written_at,
-           xact % 4294967296, wal_position, -xact, first_seq + r.n - 1
-      FROM (SELECT o.before - excluded AS before, w.after - excluded AS after, w.n
-              FROM (SELECT pg_catalog.to_jsonb(t) AS before, pg_catalog.row_number() OVER () AS n FROM bemi_old AS t) AS o
-              JOIN (SELECT pg_catalog.to_jsonb(t) AS after, pg_catalog.row_number() OVER () AS n FROM bemi_new AS t) AS w
-                ON w.n = o.n
-             WHERE ignored = '{}'
-                OR NOT EXISTS (SELECT FROM pg_catalog.jsonb_each(o.before) AS b FULL JOIN pg_catalog.jsonb_each(w.after) AS a USING (key)
-                                WHERE b.value IS DISTINCT FROM a.value)
-                OR EXISTS (SELECT FROM pg_catalog.jsonb_each(o.before) AS b FULL JOIN pg_catalog.jsonb_each(w.after) AS a USING (key)
-                            WHERE b.value IS DISTINCT FROM a.value AND NOT key = ANY (ignored))) AS r
-    RETURNING primary_key, before, committed_at, commit_position, seq)
-    INSERT INTO bemi.key_move (source, "schema", "table", old_key, new_key, committed_at, commit_position, seq)
-    SELECT source_id, recorded_schema, recorded_table, m.old_key, i.primary_key, i.committed_at, i.commit_position, i.seq
-      FROM inserted AS i,
-           LATERAL (SELECT CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN i.before ->> key_columns[1]
-                                WHEN pg_catalog.cardinality(key_columns) > 1 AND i.before ?& key_columns
-                                THEN (SELECT pg_catalog.jsonb_agg(i.before -> k.name ORDER BY k.n)
-                                        FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
-                           END AS old_key) AS m
-     WHERE m.old_key <> i.primary_key;
-    written := (SELECT pg_catalog.count(*) FROM bemi_new);
-  ELSIF TG_OP = 'DELETE' THEN
-    INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    SELECT source_id, pg_catalog.current_database(), recorded_schema, recorded_table,
-           CASE WHEN pg_catalog.cardinality(key_columns) = 1 THEN r.before ->> key_columns[1]
-                WHEN pg_catalog.cardinality(key_columns) > 1 AND r.before ?& key_columns
-                THEN (SELECT pg_catalog.jsonb_agg(r.before -> k.name ORDER BY k.n)
-                        FROM pg_catalog.unnest(key_columns) WITH ORDINALITY AS k(name, n))::text
-           END,
-           'DELETE', r.before, '{}', context, written_at, written_at,
-           xact % 4294967296, wal_position, -xact, first_seq + r.n - 1
-      FROM (SELECT pg_catalog.to_jsonb(t) - excluded AS before, pg_catalog.row_number() OVER () AS n FROM bemi_old AS t) AS r;
-    GET DIAGNOSTICS written = ROW_COUNT;
-  ELSE
-    INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
-    VALUES (source_id, pg_catalog.current_database(), recorded_schema, recorded_table, NULL, 'TRUNCATE',
-            '{}', '{}', context, written_at, written_at, xact % 4294967296, wal_position, -xact, first_seq);
-    written := 1;
-  END IF;
-  PERFORM pg_catalog.set_config('bemi.seq', (first_seq + written)::text, true);
+  INSERT INTO bemi.change_queue (schema_name, table_name, key_columns, operation, before, after, session_context,
+                                 transaction_context, comment_query, request, session_user_name, application_name, client_addr,
+                                 query_truncated)
+  VALUES (coalesce(TG_ARGV[3], TG_TABLE_SCHEMA), coalesce(TG_ARGV[4], TG_TABLE_NAME), TG_ARGV[0], TG_OP, old_row, new_row,
+          pg_catalog.left(pg_catalog.current_setting('bemi.session_context', true), 1048577),
+          pg_catalog.left(pg_catalog.current_setting('bemi.context', true), 1048577),
+          comment_query, request, session_user, pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+          pg_catalog.length(query) OPERATOR(pg_catalog.>) pg_catalog.length(comment_query));
   RETURN NULL;
 END
 $fn$;
+
+-- A queued change's context from its sources (as wal mode's capture_context emits them). The
+-- common case, a transaction's context alone and a JSON object, is the object; anything else is
+-- bemi.context_of's. It raises where that context is not JSON: the mover then reads the batch
+-- with bemi.careful_context.
+CREATE OR REPLACE FUNCTION bemi.queued_context(sources text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+DECLARE
+  s json := sources::json;
+  value jsonb;
+BEGIN
+  IF true AND s ->> 0 IS NULL AND s ->> 2 IS NULL AND s ->> 3 IS NULL
+     AND pg_catalog.octet_length(s ->> 1) <= 1048576 THEN
+    value := (s ->> 1)::jsonb;
+    IF pg_catalog.jsonb_typeof(value) = 'object' THEN
+      RETURN value;
+    END IF;
+  END IF;
+  RETURN bemi.context_of(s ->> 0, s ->> 1, s ->> 2, s -> 3, s -> 4, (s ->> 5)::boolean);
+END
+$fn$;
+
+-- bemi.context_of's context, and what went wrong, if anything, recorded in it: a context never
+-- stops the mover.
+CREATE OR REPLACE FUNCTION bemi.careful_context(sources text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+DECLARE
+  s json := sources::json;
+BEGIN
+  RETURN bemi.context_of(s ->> 0, s ->> 1, s ->> 2, s -> 3, s -> 4, (s ->> 5)::boolean);
+EXCEPTION WHEN OTHERS THEN
+  RETURN pg_catalog.jsonb_build_object('_bemi_error', pg_catalog.jsonb_build_array(
+    pg_catalog.jsonb_build_object('source', 'bemi', 'error', SQLERRM)));
+END
+$fn$;-- The one write of queued changes into public.changes: the changes of transactions whose id
+-- is below `below`, whole transactions of about max_rows rows (NULL: all), deleted from the
+-- queue in the same statement. In the changes table, as wal mode writes them, except:
+--   commit_position = minus the transaction's 64-bit id (never a WAL position, which is >= 0),
+--   seq             = the change's 0-based order in its transaction,
+--   position        = the WAL insert position when the change was queued,
+--   committed_at    = the transaction's commit time with track_commit_timestamp = on; otherwise
+--                     the clock when the change was queued, before the commit (a later change of
+--                     the same row is still later: it waited for this commit),
+--   queued_at       = the clock when the change was queued.
+CREATE OR REPLACE FUNCTION bemi.move_queued(max_rows integer, below xid8) RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  source_id text := (SELECT i.source FROM bemi.installation AS i);
+  commit_times boolean := pg_catalog.current_setting('track_commit_timestamp') = 'on';
+  careful boolean := false;
+  moved integer;
+BEGIN
+  LOOP
+    BEGIN
+      WITH taken AS (
+        DELETE FROM bemi.change_queue AS q
+         WHERE q.transaction_id < below
+           AND q.transaction_id IN (SELECT w.transaction_id FROM bemi.change_queue AS w WHERE w.transaction_id < below LIMIT max_rows)
+        RETURNING q.*, q.ctid AS row_at, q.transaction_id::text::bigint AS xact, q.key_columns::text[] AS keys,
+                  coalesce(q.after, q.before) AS keyed,
+                  pg_catalog.json_build_array(nullif(q.session_context, ''), nullif(q.transaction_context, ''), q.comment_query, q.request,
+                                              pg_catalog.json_build_array(q.session_user_name, q.application_name, q.client_addr),
+                                              q.query_truncated)::text AS context_sources
+      ), contexts AS MATERIALIZED (  -- once for each distinct context
+        SELECT s.sources, CASE WHEN careful THEN bemi.careful_context(s.sources) ELSE bemi.queued_context(s.sources) END AS context
+          FROM (SELECT DISTINCT t.context_sources AS sources FROM taken AS t) AS s
+      ), prepared AS MATERIALIZED (
+        SELECT t.schema_name, t.table_name, t.operation, t.before, t.after, t.written_at, t.xact, t.wal_position, c.context,
+               CASE WHEN pg_catalog.cardinality(t.keys) = 1 THEN t.keyed ->> t.keys[1]
+                    WHEN pg_catalog.cardinality(t.keys) > 1 AND t.keyed ?& t.keys
+                    THEN (SELECT pg_catalog.jsonb_agg(t.keyed -> k.name ORDER BY k.n)
+                            FROM pg_catalog.unnest(t.keys) WITH ORDINALITY AS k(name, n))::text
+               END AS primary_key,
+               -- An UPDATE of the key moved the row: the key it left (bemi.key_move records it).
+               CASE WHEN t.operation = 'UPDATE' THEN CASE WHEN pg_catalog.cardinality(t.keys) = 1 THEN t.before ->> t.keys[1]
+                    WHEN pg_catalog.cardinality(t.keys) > 1 AND t.before ?& t.keys
+                    THEN (SELECT pg_catalog.jsonb_agg(t.before -> k.name ORDER BY k.n)
+                            FROM pg_catalog.unnest(t.keys) WITH ORDINALITY AS k(name, n))::text
+               END END AS old_key,
+               pg_catalog.row_number() OVER (PARTITION BY t.transaction_id ORDER BY t.wal_position, t.row_at) - 1 AS seq,
+               CASE WHEN commit_times THEN coalesce(pg_catalog.pg_xact_commit_timestamp(pg_catalog.xid(t.transaction_id)), t.written_at)
+                    ELSE t.written_at END AS committed_at
+          FROM taken AS t JOIN contexts AS c ON c.sources = t.context_sources
+      ), inserted AS (
+        INSERT INTO public.changes (source, "database", "schema", "table", primary_key, operation, before, after, context, committed_at, queued_at, transaction_id, "position", commit_position, seq)
+        SELECT source_id, pg_catalog.current_database(), p.schema_name, p.table_name, p.primary_key,
+               CASE p.operation WHEN 'INSERT' THEN 'CREATE' ELSE p.operation END,
+               coalesce(p.before, '{}'), coalesce(p.after, '{}'), p.context, p.committed_at,
+               p.written_at, p.xact % 4294967296, (p.wal_position - '0/0'::pg_lsn)::bigint, -p.xact, p.seq
+          FROM prepared AS p
+        RETURNING 1
+      ), moved_keys AS (
+        INSERT INTO bemi.key_move (source, "schema", "table", old_key, new_key, committed_at, commit_position, seq)
+        SELECT source_id, p.schema_name, p.table_name, p.old_key, p.primary_key, p.committed_at, -p.xact, p.seq
+          FROM prepared AS p
+         WHERE p.old_key <> p.primary_key
+      )
+      SELECT pg_catalog.count(*) INTO moved FROM inserted;
+      EXIT;
+    EXCEPTION WHEN OTHERS THEN  -- a context that is not JSON: the batch again, context by context
+      IF careful THEN
+        RAISE;
+      END IF;
+      careful := true;
+    END;
+  END LOOP;
+  -- The moved changes are in the changes table from here on, in this transaction: what must
+  -- follow a move (and nothing else) goes here.
+  RETURN moved;
+END
+$fn$;
+
+-- Move queued changes into the changes table: those of every transaction that no snapshot can
+-- still see as running (below pg_snapshot_xmin of the current snapshot: the committed ones are
+-- visible here, the aborted ones never are), up to max_rows (NULL: all), in one transaction.
+-- Movers take turns (an advisory lock), so a change is never moved twice; a mover killed midway
+-- moved nothing. Returns the number moved. pg_cron can schedule it:
+--   SELECT cron.schedule('bemi-move', '10 seconds', 'SELECT bemi.move_changes(10000)');
+CREATE OR REPLACE FUNCTION bemi.move_changes(max_rows integer DEFAULT 10000) RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  started timestamptz := pg_catalog.clock_timestamp();
+  horizon xid8;
+  next_xid xid8;
+  moved integer;
+BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('bemi.move_changes', 0));
+  SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) INTO horizon;
+  moved := bemi.move_queued(max_rows, horizon);
+  IF max_rows IS NULL OR moved < max_rows THEN  -- (a batch is whole transactions) every one below the horizon is moved
+    SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) INTO next_xid;  -- read after `started`
+    UPDATE bemi.mover AS m
+       SET moved_until = CASE WHEN m.pending_xid <= horizon THEN greatest(m.moved_until, m.pending_at) ELSE m.moved_until END,
+           pending_at = CASE WHEN m.pending_xid IS NULL OR m.pending_xid <= horizon THEN started ELSE m.pending_at END,
+           pending_xid = CASE WHEN m.pending_xid IS NULL OR m.pending_xid <= horizon THEN next_xid ELSE m.pending_xid END;
+    -- Sealing (README "A sealed trail"): what is moved is sealed in the same transaction, up to
+    -- the horizon, below which no change can come any more.
+    IF pg_catalog.to_regprocedure('bemi.seal(text,bigint,bigint)') IS NOT NULL THEN
+      PERFORM bemi.seal((SELECT i.source FROM bemi.installation AS i), NULL, horizon::text::bigint);
+    END IF;
+  END IF;
+  UPDATE bemi.mover AS m SET ran_at = started, moved_at = CASE WHEN moved > 0 THEN started ELSE m.moved_at END;
+  RETURN moved;
+END
+$fn$;
+
+-- The moment up to which the changes table holds every change (NULL before the mover's second run).
+CREATE OR REPLACE FUNCTION bemi.moved_until() RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $fn$
+  SELECT m.moved_until FROM bemi.mover AS m
+$fn$;
+
+-- What waits in the queue: rows (of committed transactions), the oldest one's time, and when the
+-- mover last ran and last moved a change.
+CREATE OR REPLACE FUNCTION bemi.queue_backlog(OUT queued bigint, OUT oldest timestamptz, OUT ran_at timestamptz,
+                                              OUT moved_at timestamptz, OUT moved_until timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+  SELECT (SELECT pg_catalog.count(*) FROM bemi.change_queue), (SELECT pg_catalog.min(q.written_at) FROM bemi.change_queue AS q),
+         m.ran_at, m.moved_at, m.moved_until
+    FROM bemi.mover AS m
+$fn$;
+
+-- Whether changes of a table wait in the queue (time travel cannot use its live rows then).
+CREATE OR REPLACE FUNCTION bemi.queue_holds(schema_name text, table_name text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+  SELECT EXISTS (SELECT FROM bemi.change_queue AS q WHERE q.schema_name = queue_holds.schema_name AND q.table_name = queue_holds.table_name)
+$fn$;
+
+REVOKE ALL ON FUNCTION bemi.move_queued(integer, xid8) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bemi.move_changes(integer) FROM PUBLIC;
 
 -- The capture mode of this database: 'wal' or 'triggers'.
 CREATE OR REPLACE FUNCTION bemi.capture_mode() RETURNS text
@@ -725,7 +852,7 @@ DECLARE
   old_name record;
   mode text := bemi.capture_mode();
 BEGIN
-  SELECT c.oid, n.nspname, c.relname, c.relreplident, c.relispartition, r.schema_name AS root_schema, r.table_name AS root_name,
+  SELECT c.oid, n.nspname, c.relname, c.relkind, c.relreplident, c.relispartition, r.schema_name AS root_schema, r.table_name AS root_name,
          EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS has_pk
     INTO rel
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
@@ -792,18 +919,29 @@ BEGIN
       INTO excluded, ignored
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = rel.oid AND a.attnum > 0 AND NOT a.attisdropped;
-    EXECUTE pg_catalog.format(
-      'CREATE OR REPLACE TRIGGER bemi_capture_insert AFTER INSERT ON %I.%I REFERENCING NEW TABLE AS bemi_new '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
-      rel.root_schema, rel.root_name);
-    EXECUTE pg_catalog.format(
-      'CREATE OR REPLACE TRIGGER bemi_capture_update AFTER UPDATE ON %I.%I REFERENCING OLD TABLE AS bemi_old NEW TABLE AS bemi_new '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
-      rel.root_schema, rel.root_name);
-    EXECUTE pg_catalog.format(
-      'CREATE OR REPLACE TRIGGER bemi_capture_delete AFTER DELETE ON %I.%I REFERENCING OLD TABLE AS bemi_old '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
-      rel.root_schema, rel.root_name);
+    -- Row triggers on the tables that hold rows: a partitioned table's partitions have their own.
+    FOR other_trigger IN
+      SELECT t.tgname FROM pg_catalog.pg_trigger t
+       WHERE t.tgrelid = rel.oid AND rel.relkind = 'p'
+         AND t.tgname IN ('bemi_capture_insert', 'bemi_capture_update', 'bemi_capture_delete')
+       ORDER BY t.tgname
+    LOOP
+      EXECUTE pg_catalog.format('DROP TRIGGER %I ON %I.%I', other_trigger, rel.nspname, rel.relname);
+    END LOOP;
+    IF rel.relkind = 'r' THEN
+      EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE TRIGGER bemi_capture_insert AFTER INSERT ON %I.%I '
+        'FOR EACH ROW EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+        rel.root_schema, rel.root_name);
+      EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE TRIGGER bemi_capture_update AFTER UPDATE ON %I.%I '
+        'FOR EACH ROW EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+        rel.root_schema, rel.root_name);
+      EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE TRIGGER bemi_capture_delete AFTER DELETE ON %I.%I '
+        'FOR EACH ROW EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+        rel.root_schema, rel.root_name);
+    END IF;
     EXECUTE pg_catalog.format(
       'CREATE OR REPLACE TRIGGER bemi_capture_truncate AFTER TRUNCATE ON %I.%I '
       'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
@@ -1060,6 +1198,16 @@ ON CONFLICT (singleton) DO UPDATE
 CALL bemi.track_tables();
 
 SELECT pg_catalog.set_config('bemi.period_cause', '', true);
+-- In wal mode, what trigger mode queued is moved now. At a switch from trigger mode this
+-- transaction holds every tracked table, so each transaction that queued a change is over: the
+-- committed ones are all visible here, and the queue is empty when the switch commits.
+DO $do$
+BEGIN
+  IF bemi.capture_mode() = 'wal' AND EXISTS (SELECT FROM bemi.change_queue) THEN
+    PERFORM bemi.move_queued(NULL, pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()));
+  END IF;
+END
+$do$;
 
 -- bemi-pg 0.4.0: extension bemi_pg 0.4.0
 -- Generated by `bemi-pg render --extension` from the templates of `bemi-pg install`: do not edit.
@@ -1589,7 +1737,10 @@ BEGIN
   SELECT s.id, s.taken_at INTO baseline_id, baseline_taken_at FROM bemi.snapshot AS s
    WHERE s.source = trail_extent.source AND s."schema" = schema_name AND s."table" = relation_name AND s.completed_at IS NOT NULL;
   IF live THEN
-    known_until := pg_catalog.clock_timestamp();
+    -- Trigger mode: as far as the mover has moved; a live row is the trail's only while none of
+    -- its table's changes waits in the queue.
+    known_until := bemi.moved_until();
+    live := NOT bemi.queue_holds(schema_name, relation_name);
     baseline_ready := baseline_id IS NOT NULL;
   ELSE
     SELECT k.commit_position, k.end_position INTO last_commit, last_end FROM bemi.checkpoint AS k
@@ -1850,7 +2001,7 @@ BEGIN
     JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
    WHERE i.indrelid = rel AND i.indisprimary;
   SELECT (pg_catalog.string_to_array(pg_catalog.encode(t.tgargs, 'escape'), '\000'))[2]::text[] INTO excluded
-    FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'bemi_capture_insert';
+    FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'bemi_capture_truncate';
   RETURN QUERY EXECUTE pg_catalog.format(
     'SELECT CASE WHEN pg_catalog.cardinality($1) = 1 THEN r.data ->> $1[1] '
     '            WHEN pg_catalog.cardinality($1) > 1 THEN (SELECT pg_catalog.jsonb_agg(r.data -> k.name ORDER BY k.n) '

@@ -16,7 +16,7 @@ esac
 mirror=${BEMI_PG_MIRROR:-http://deb.debian.org/debian}
 parent=${BEMI_PG_ROOTS:-/var/lib/bemi-pg/roots}
 root="$parent/pg$major"
-packages="postgresql-$major postgresql-$major-wal2json postgresql-server-dev-$major make"
+packages="postgresql-$major postgresql-$major-wal2json postgresql-$major-cron postgresql-server-dev-$major make"
 
 if [ -f "$root/.bemi-pg-ready" ]; then echo "$root"; exit 0; fi
 if [ "$(id -u)" != 0 ]; then echo "error: preparing $root needs root (debootstrap, chroot); run: sudo $0 $major" >&2; exit 1; fi

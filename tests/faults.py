@@ -4,6 +4,7 @@ random moments, and the comparison of the changes table with the ledger."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -73,12 +74,14 @@ class Ledger:
 class Writer(threading.Thread):
     """Commits numbered transactions of 1-50 rows (inserts, updates, deletes, savepoints,
     10% rollbacks, a context per transaction and another for its updates); one writer also
-    commits a large COPY. Survives the server restarting under it."""
+    commits a large COPY. With ``hold``, every third transaction waits that long before its
+    commit, so that later transactions (newer ids) commit before it. Survives the server
+    restarting under it."""
 
     def __init__(self, dsn: str, w: int, ledger: Ledger, stop: threading.Event, *, copy_rows: int = 0, seed: int = 0,
-                 pause: float = 0.01):
+                 pause: float = 0.01, hold: float = 0.0):
         super().__init__(daemon=True)
-        self.pause = pause
+        self.pause, self.hold = pause, hold
         self.dsn, self.w, self.ledger, self.stop, self.copy_rows = dsn, w, ledger, stop, copy_rows
         self.rng = random.Random(seed * 1000 + w)
         self.committed = 0
@@ -152,6 +155,8 @@ class Writer(threading.Thread):
         if rng.random() < 0.1:
             conn.rollback()
             return mine
+        if self.hold and n % 3 == 0:
+            time.sleep(self.hold)
         conn.commit()
         self.ledger.confirm(w, n)
         self.committed += 1
@@ -186,15 +191,18 @@ def poller_env(dsn: str, **extra: str) -> dict[str, str]:
     return env
 
 
+WAL_FAULTS = ("before_commit", "after_commit", "after_advance")
+
+
 def kill_pollers(dsn: str, kills: int, *, seed: int = 0, config: str = "", fault_every: int = 5,
-                 destination: str | None = None) -> dict[str, int]:
+                 destination: str | None = None, points: tuple[str, ...] = WAL_FAULTS) -> dict[str, int]:
     """Start `poll --follow` and SIGKILL it at a random moment, ``kills`` times; every
     ``fault_every``-th round instead runs `poll --once` with a fault point (the process dies
-    just before or after the destination commit, or after the slot advance)."""
+    just before or after the destination commit, or after the slot advance; in trigger mode,
+    after a move)."""
     rng = random.Random(seed)
     figures = {"kills": 0, "faults": 0}
     extra = {"BEMI_DESTINATION_DSN": destination} if destination else {}
-    points = ["before_commit", "after_commit", "after_advance"]
     for round_ in range(kills):
         if fault_every and round_ % fault_every == fault_every - 1:
             point = points[round_ // fault_every % len(points)]
@@ -239,3 +247,21 @@ def compare(source_dsn: str, destination_dsn: str, ledger: Ledger, *, source: st
         "misattributed": misattributed,
         "phantom": sum(extra.values()) - duplicated - misattributed,
     }
+
+
+def order_violations(dsn: str) -> list[str]:
+    """The items whose changes, in the trail's order (committed_at, commit_position, seq), are not
+    in the order they were made: a CREATE of v 0 first, then each UPDATE one more v than the last
+    (the writers' updates add 1 to v), a DELETE last."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT primary_key, operation, (after ->> 'v')::int FROM changes WHERE \"table\" = 'item' "
+                            "ORDER BY primary_key, committed_at, commit_position, seq").fetchall()
+    bad = []
+    for pk, group in itertools.groupby(rows, key=lambda r: r[0]):
+        ops = [(op, v) for _, op, v in group]
+        made = [("CREATE", 0)] + [("UPDATE", i) for i in range(1, len(ops))]
+        if ops[-1][0] == "DELETE":
+            made[-1] = ("DELETE", None)
+        if ops != made:
+            bad.append(f"item {pk}: {ops}")
+    return bad

@@ -19,17 +19,42 @@ SELECT bemi_set_context('not json');
 INSERT INTO todo (task) VALUES ('Sleep again');
 SELECT bemi_set_context(NULL);
 
+-- The triggers queued the changes; the mover (`bemi-pg poll`, or pg_cron) moves them into changes,
+-- here until the trail is complete up to the last of them.
+SELECT count(*) AS queued FROM bemi.change_queue;
+DO $$
+BEGIN
+  FOR i IN 1..1000 LOOP
+    PERFORM bemi.move_changes();
+    COMMIT;
+    EXIT WHEN NOT EXISTS (SELECT FROM bemi.change_queue) AND bemi.moved_until() >= (SELECT max(committed_at) FROM changes);
+    PERFORM pg_sleep(0.01);
+  END LOOP;
+END
+$$;
+SELECT count(*) AS queued FROM bemi.change_queue;
+
 SELECT "table", primary_key, operation, before, after, context - 'client_addr' AS context
   FROM changes ORDER BY committed_at, commit_position, seq;
 
 -- Time travel over the trail.
 SELECT operation, changed FROM bemi.history('todo', '1');
-SELECT bemi.as_of('todo', '2', now());
+SELECT bemi.as_of('todo', '2', (SELECT max(committed_at) FROM changes));
 
 -- Tables created later are tracked by the event trigger.
 CREATE TABLE tag (name text PRIMARY KEY);
 INSERT INTO tag VALUES ('home');
 TRUNCATE tag;
+DO $$
+BEGIN
+  FOR i IN 1..1000 LOOP
+    PERFORM bemi.move_changes();
+    COMMIT;
+    EXIT WHEN NOT EXISTS (SELECT FROM bemi.change_queue) AND bemi.moved_until() >= (SELECT max(committed_at) FROM changes);
+    PERFORM pg_sleep(0.01);
+  END LOOP;
+END
+$$;
 SELECT "table", primary_key, operation, after FROM changes WHERE "table" = 'tag' ORDER BY committed_at, seq;
 
 -- The objects the extension owns, by kind.

@@ -297,7 +297,8 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(rendered.combined() if dest is None else rendered.source + "\n" + rendered.destination)
         else:
             if rendered.capture_mode == "triggers":
-                log.info("bemi-pg: installed; triggers write the changes as they commit, no poller needed")
+                log.info("bemi-pg: installed; triggers queue the changes, and `bemi-pg poll --follow` (or pg_cron: "
+                         "SELECT bemi.move_changes()) moves them into the changes table")
             else:
                 log.info("bemi-pg: installed; now run `bemi-pg poll --follow` (or `poll --once` from cron)")
         return 0

@@ -32,6 +32,7 @@ from .db import (
     installed_capture_mode,
     installed_source,
     pending_capture_switch,
+    queue_backlog,
     replication_command,
     source_identity,
 )
@@ -206,6 +207,8 @@ def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                                 "ALTER TABLE ... SET LOGGED, or capture.mode = \"triggers\" (which tracks them)"))
         if destination_dsn is None:
             checks.append(_changes_table_check(conn, settings))
+        if installed_capture_mode(conn) == "triggers":
+            checks.append(_mover_check(queue_backlog(conn)))
         no_pk = [f"{s}.{t}" for s, t in conn.execute(query("tables_without_pk"), params)]
         checks.append(Check("WARN" if no_pk else "OK", "primary keys",
                             f"no primary key on {_few(no_pk)}: "
@@ -344,6 +347,24 @@ CHANGES_COLUMNS = ("id", "database", "schema", "table", "primary_key", "operatio
 def _few(names: list[str]) -> str:
     """Up to five names, for a check's line."""
     return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+
+
+# A queued change older than this with no move since warns: nothing is moving them.
+MOVER_STALL_SECONDS = 300
+
+
+def _mover_check(backlog: dict[str, Any] | None) -> Check:
+    """Trigger mode: whether the queued changes are being moved into the changes table."""
+    fix = "run `bemi-pg poll --follow` beside the server, or schedule SELECT bemi.move_changes() with pg_cron"
+    if backlog is None or not backlog["rows"]:
+        return Check("OK", "change mover", "no change waits to be moved")
+    age = backlog["oldest_age_seconds"] or 0.0
+    waiting = f"{backlog['rows']} change{'s' * (backlog['rows'] != 1)} waiting, the oldest for {age:.0f}s"
+    if age > MOVER_STALL_SECONDS:
+        last = backlog["mover_moved_at"]
+        return Check("WARN", "change mover", f"{waiting}; nothing is moving them (last move: "
+                     f"{last.isoformat() if last else 'never'})", fix)
+    return Check("OK", "change mover", waiting)
 
 
 def _changes_table_check(conn: psycopg.Connection[Any], settings: Settings) -> Check:
@@ -557,7 +578,10 @@ def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, 
         poller.observer = Monitor(progress=bar)
         stats = poller.run_once()
         bar.close()
-        log.info(stats.summary(poller.slot), extra=_stats_fields(poller, stats))
+        summary = (stats.summary(poller.slot) if poller.mode == "wal" else
+                   f"bemi-pg: moved {stats.changes} queued change{'s' * (stats.changes != 1)} into the changes table "
+                   f"in {stats.batches} batch{'es' * (stats.batches != 1)} ({stats.seconds:.1f}s)")
+        log.info(summary, extra=_stats_fields(poller, stats))
         return stats
 
 
@@ -593,10 +617,10 @@ def poll_follow(source_dsn: str, destination_dsn: str | None, settings: Settings
         monitor = Monitor(health=health, notifier=notifier)
         poller.observer = monitor
         if metrics is not None:
-            monitor.metrics = metrics_module.PollerMetrics(poller.source_id, poller.slot, version=__version__,
-                                                           capture_mode=installed_capture_mode(poller.source) or "wal")
-            stack.enter_context(metrics_module.serve(metrics.host, metrics.port, monitor.metrics, health,
-                                                     source_dsn=source_dsn, slot=poller.slot, probe_every=max(interval, 1.0)))
+            mode = installed_capture_mode(poller.source) or "wal"
+            monitor.metrics = metrics_module.PollerMetrics(poller.source_id, poller.slot, version=__version__, capture_mode=mode)
+            stack.enter_context(metrics_module.serve(metrics.host, metrics.port, monitor.metrics, health, source_dsn=source_dsn,
+                                                     slot=poller.slot, probe_every=max(interval, 1.0), capture_mode=mode))
         stack.callback(notifier.stopping)
         return poller.run_follow(interval, stop, on_batch)
 
@@ -780,6 +804,8 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings, *, 
             version = None
         result["installed_version"] = version[0] if version else None
         result["tracked_tables"] = [f"{s}.{t}" for s, t in src.execute(query("tracked_tables"))]
+        if result["capture_mode"] == "triggers":
+            result["queue"] = queue_backlog(src)  # changes waiting for the mover
     with connect(destination_dsn or source_dsn, role="destination database") as dst:
         check_destination(inst, dst)
         schema, table = settings.destination

@@ -155,6 +155,15 @@ def pending_capture_switch(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | N
     return _bemi_row(conn, "bemi.capture_switch", "capture_switch")
 
 
+def queue_backlog(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
+    """Trigger mode's queue: rows waiting to be moved, the oldest one's age in seconds, when the
+    mover last ran and last moved a change, and the moment the trail is complete up to; None
+    when the installation has no queue."""
+    if conn.execute("SELECT pg_catalog.to_regclass('bemi.mover') IS NULL").fetchone()[0]:  # type: ignore[index]
+        return None
+    return fetch_dict(conn, query("queue_backlog"))
+
+
 @dataclass(frozen=True)
 class Installation:
     """What ``bemi-pg install`` recorded in the source database (``bemi.installation``)."""

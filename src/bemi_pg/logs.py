@@ -14,7 +14,7 @@ from psycopg import conninfo
 __all__ = ["FIELDS", "configure", "forget_secrets", "known_secrets", "redact"]
 
 # The structured fields a log call may pass in ``extra=``; the JSON format writes those present.
-FIELDS = ("source", "slot", "position", "changes", "transactions", "batches", "error_kind", "metrics_url")
+FIELDS = ("source", "slot", "position", "changes", "transactions", "batches", "error_kind", "metrics_url", "head")
 MASK = "***"
 
 _secrets: set[str] = set()

@@ -16,7 +16,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from .db import connect, fetch_dict
+from .db import connect, fetch_dict, queue_backlog
 from .errors import ConfigError
 from .queries import query
 from .service import Health
@@ -66,6 +66,10 @@ class PollerMetrics:
                                 "The source's max_slot_wal_keep_size (absent where it is -1, no limit)", names, registry=reg)
         self._labels = values
         self.slot_exists = Gauge("bemi_pg_slot_exists", "1 while the replication slot exists", names, registry=reg).labels(*values)
+        self.queue_rows = Gauge("bemi_pg_queue_rows", "Trigger mode: changes queued and not yet moved into the changes table",
+                                names, registry=reg).labels(*values)
+        self.queue_oldest = Gauge("bemi_pg_queue_oldest_seconds", "Trigger mode: age of the oldest change waiting to be moved "
+                                  "(0 when none waits)", names, registry=reg).labels(*values)
         info = Info("bemi_pg_poller", "The poller's version, source, slot and capture mode", registry=reg)
         info.info({"version": version, "source": source, "slot": slot, "capture_mode": capture_mode})
         # A hash is no number: the head is a label, so that a log or metrics store keeps each one.
@@ -85,6 +89,10 @@ class PollerMetrics:
     def error(self, kind: str) -> None:
         self.errors.get(kind, self.errors["other"]).inc()
 
+    def queue(self, backlog: dict[str, Any] | None) -> None:
+        self.queue_rows.set(backlog["rows"] if backlog else 0)
+        self.queue_oldest.set((backlog["oldest_age_seconds"] or 0.0) if backlog else 0.0)
+
     def slot(self, info: dict[str, Any] | None) -> None:
         self.slot_exists.set(info is not None)
         if info is None:
@@ -100,12 +108,14 @@ class PollerMetrics:
 
 
 class SlotProbe(threading.Thread):
-    """Reads the slot's state every ``every`` seconds on a connection of its own, so that the lag
-    is known while the poll loop waits for an unreachable database."""
+    """Reads the slot's state (trigger mode: the queue's) every ``every`` seconds on a connection
+    of its own, so that the lag is known while the poll loop waits for an unreachable database."""
 
-    def __init__(self, source_dsn: str, slot: str, metrics: PollerMetrics, health: Health, every: float) -> None:
+    def __init__(self, source_dsn: str, slot: str, metrics: PollerMetrics, health: Health, every: float,
+                 capture_mode: str = "wal") -> None:
         super().__init__(name="bemi-pg slot probe", daemon=True)
         self.source_dsn, self.slot_name, self.metrics, self.health, self.every = source_dsn, slot, metrics, health, every
+        self.capture_mode = capture_mode
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -115,6 +125,11 @@ class SlotProbe(threading.Thread):
             try:
                 if conn is None or conn.closed:
                     conn = connect(self.source_dsn, role="source database")
+                if self.capture_mode == "triggers":  # no slot: the backlog is the queue
+                    self.metrics.queue(queue_backlog(conn))
+                    failing = False
+                    self.stop.wait(self.every)
+                    continue
                 info = fetch_dict(conn, query("slot_metrics"), {"slot": self.slot_name})
                 self.metrics.slot(info)
                 if info is None:
@@ -177,7 +192,7 @@ def app(metrics: PollerMetrics, health: Health) -> Callable[[dict[str, Any], Sta
 
 @contextmanager
 def serve(host: str, port: int, metrics: PollerMetrics, health: Health, *, source_dsn: str, slot: str,
-          probe_every: float) -> Iterator[str]:
+          probe_every: float, capture_mode: str = "wal") -> Iterator[str]:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` and probe the slot while
     inside; yields the URL (port 0 picks a free port)."""
     try:
@@ -186,7 +201,7 @@ def serve(host: str, port: int, metrics: PollerMetrics, health: Health, *, sourc
         raise ConfigError(f"cannot serve metrics on {host}:{port} ({exc.strerror}): choose another --metrics-port") from None
     url = f"http://{host}:{server.server_port}/"
     thread = threading.Thread(target=server.serve_forever, name="bemi-pg metrics", daemon=True)
-    probe = SlotProbe(source_dsn, slot, metrics, health, probe_every)
+    probe = SlotProbe(source_dsn, slot, metrics, health, probe_every, capture_mode)
     thread.start()
     probe.start()
     log.info("bemi-pg: metrics on %smetrics, health on %shealthz and %sreadyz", url, url, url, extra={"metrics_url": url})

@@ -331,6 +331,7 @@ class Poller:
         self._recorded_names: dict[tuple[str, str], tuple[str, str] | None] = {}  # for one read
         self._dedupe = False  # write through the staging table (set after a batch met duplicates)
         self._stop = threading.Event()  # run_follow's: a read stops after the batch in hand
+        self.mode = "wal"  # the installation's capture mode, read again by start()
         self.seal = True  # seal each batch (bench/ingest.py turns it off to measure what it costs)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -372,13 +373,13 @@ class Poller:
         raise SlotBusy(f"another bemi-pg poller is running for slot {self.slot}{holder}; this one exits without touching anything")
 
     def start(self) -> None:
-        """Take the lock, finish a capture-mode switch that an install left half done, check the slot."""
+        """Take the lock, finish a capture-mode switch that an install left half done, check the
+        slot (wal mode; trigger mode has none: its poll moves the queued changes)."""
         self.lock()
         self.finish_switch()
-        if installed_capture_mode(self.source) == "triggers":
-            raise BemiError("this database captures with triggers (capture mode \"triggers\"): its changes are "
-                            "written as they commit, so there is nothing to poll (`bemi-pg seal`, from cron, seals them)")
-        self.check_slot()
+        self.mode = installed_capture_mode(self.source) or "wal"
+        if self.mode == "wal":
+            self.check_slot()
 
     def finish_switch(self) -> PollStats:
         """Hand the changes over at a capture-mode switch recorded in ``bemi.capture_switch``.
@@ -436,6 +437,10 @@ class Poller:
         """Drain every transaction committed before this call (or before ``upto_lsn``), then return."""
         started = time.monotonic()
         self.start()
+        if self.mode == "triggers":
+            total = self.move_all()
+            total.seconds = time.monotonic() - started
+            return total
         self.heartbeat()
         target = upto_lsn or self.source.execute(query("current_lsn")).fetchone()[0]  # type: ignore[index]
         slot = fetch_dict(self.source, query("slot_info"), {"slot": self.slot})
@@ -466,9 +471,9 @@ class Poller:
             try:
                 if self.source.closed or self.destination.closed:
                     self._reconnect()
-                stats = self.poll(upto_lsn=None)
+                stats = self.move() if self.mode == "triggers" else self.poll(upto_lsn=None)
                 now = time.monotonic()
-                if stats.rows < self.read_size and now - last_heartbeat >= self.settings.heartbeat_interval:
+                if self.mode == "wal" and stats.rows < self.read_size and now - last_heartbeat >= self.settings.heartbeat_interval:
                     self.heartbeat()
                     last_heartbeat = now
             except (psycopg.OperationalError, psycopg.InterfaceError, Unreachable) as exc:
@@ -491,10 +496,35 @@ class Poller:
             total.add(stats)
             if stats.changes and on_batch:  # an idle poller says nothing
                 on_batch(stats)
-            if stats.rows >= self.read_size:
+            if stats.rows >= (self.batch_size if self.mode == "triggers" else self.read_size):
                 continue  # a backlog: no pause
             stop.wait(interval)
         total.seconds = time.monotonic() - started
+        return total
+
+    # -- trigger mode ----------------------------------------------------------------
+    def move(self) -> PollStats:
+        """Trigger mode: move one batch (``batch_size`` rows) of queued changes into the changes
+        table, in one transaction of the server's (bemi.move_changes)."""
+        began = time.monotonic()
+        moved = int(self.source.execute(query("move_changes"), {"max_rows": self.batch_size}).fetchone()[0])  # type: ignore[index]
+        stats = PollStats(batches=int(moved > 0), rows=moved, changes=moved)
+        if moved:
+            self.observer.batch_written(stats, time.monotonic() - began)
+        self._fault("after_move")
+        return stats
+
+    def move_all(self) -> PollStats:
+        """Trigger mode: move every change queued by a transaction that no snapshot still sees
+        running, batch by batch; then once more, so that the trail's known extent
+        (bemi.moved_until) reaches the start of this call when nothing older is still running."""
+        total = PollStats()
+        while True:
+            stats = self.move()
+            total.add(stats)
+            if stats.rows < self.batch_size:
+                break
+        total.add(self.move())
         return total
 
     def heartbeat(self) -> None:

@@ -53,8 +53,7 @@ def test_rows_from_before_tracking_answer_from_the_baseline(db, mode):
     m2 = _now(db)
     at_m2 = _rows(db)
     db.execute("INSERT INTO products VALUES (6, 'new', 1, '{}')")  # the last change: m1 and m2 are before it
-    if mode == "wal":
-        db.poll()
+    db.poll()
     env = {"BEMI_DSN": db.dsn}
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         assert _as_of_all(conn, m1) == _norm(at_m1)
@@ -73,11 +72,10 @@ def test_rows_from_before_tracking_answer_from_the_baseline(db, mode):
     assert result.returncode == 3 and "did not exist" in result.stderr
     result = run_cli("as-of", "products", "2", before_install, env=env)
     assert result.returncode == 5 and "before tracking of public.products began" in result.stderr, result.stderr
-    if mode == "wal":
-        # A change the poller has not written yet: moments after the last written one cannot be known.
-        db.execute("UPDATE products SET price = 0 WHERE id = 2")
-        result = run_cli("as-of", "products", "2", _now(db), env=env)
-        assert result.returncode == 5 and "later than what the poller has written" in result.stderr
+    # A change the poller has not written (trigger mode: moved) yet: moments after the last written one cannot be known.
+    db.execute("UPDATE products SET price = 0 WHERE id = 2")
+    result = run_cli("as-of", "products", "2", _now(db), env=env)
+    assert result.returncode == 5 and "later than what the poller has written" in result.stderr
 
 
 def test_a_separate_destination_needs_the_baseline_and_honours_truncate(db, other_db):
@@ -119,6 +117,10 @@ def test_trigger_mode_without_a_baseline_answers_from_the_live_row(db):
     m1 = _now(db)
     at_m1 = _rows(db)
     db.execute("UPDATE products SET price = 7 WHERE id = 5")
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        with pytest.raises(CannotSay, match="later than what the poller has written"):
+            timetravel.as_of(conn, "products", "5", m1)  # the UPDATE waits in the queue
+    db.poll()
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         assert _as_of_all(conn, m1) == _norm(at_m1)
         assert timetravel.as_of(conn, "products", "2", m1)["name"] == "p2"

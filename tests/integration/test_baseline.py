@@ -65,8 +65,7 @@ def test_install_takes_a_baseline_with_the_keys_changes_use(db, mode):
         assert heads == [(db.source, 3, 1, 25 + 30 + 3)]
     # The same primary_key text as the changes of those rows.
     db.execute("UPDATE account SET owner = 'x' WHERE id = 3; UPDATE entry SET amount = 0 WHERE n = 5")
-    if mode == "wal":
-        db.poll()
+    db.poll()
     keys = {(c["table"], c["primary_key"]) for c in db.changes()}
     with psycopg.connect(db.dsn) as conn:
         assert keys <= {(t, k) for t in ("account", "entry") for k in _baseline(conn, t)}

@@ -92,11 +92,18 @@ def test_trigger_mode_writes_the_rows_wal_mode_writes(db, other_db):
     other_db.install(capture_mode="triggers", exclude_tables=("snapshots.snap",), **COLUMN_RULES)
     workload(db.dsn)
     workload(other_db.dsn)
+    assert other_db.execute("SELECT count(*) FROM changes") == [(0,)]  # queued, off the write path
     db.poll()
+    other_db.poll()  # trigger mode: moves the queue
 
     wal, triggers = _rows(db.dsn), _rows(other_db.dsn)
     assert len(wal) > 350
     assert triggers == wal
+    assert other_db.execute("SELECT count(*) FROM bemi.change_queue") == [(0,)]
+    # Time travel answers the same, up to the last change of each trail.
+    as_of = "SELECT * FROM bemi.as_of_all('account', (SELECT max(committed_at) FROM changes))"
+    assert other_db.execute(as_of) == db.execute(as_of)
+    assert len(db.execute(as_of)) > 200
     ops = {row[3] for row in triggers}
     assert ops == {"CREATE", "UPDATE", "DELETE", "TRUNCATE"}
     # The pieces the workload is there for, so that both modes cannot be wrong the same way.
@@ -119,6 +126,7 @@ def test_trigger_mode_positions_keep_the_key_unique_and_the_order(db):
         first.commit()
         second.execute("UPDATE account SET balance = 11 WHERE id = 1")  # after first's commit
         second.commit()
+    db.poll()
     rows = db.execute("SELECT primary_key, operation, after ->> 'balance', transaction_id, commit_position, seq, position "
                       "FROM changes ORDER BY committed_at, commit_position, seq")
     assert [(r[0], r[1], r[2]) for r in rows] == [("2", "CREATE", "2"), ("1", "CREATE", "1"), ("1", "UPDATE", "10"),
@@ -126,8 +134,9 @@ def test_trigger_mode_positions_keep_the_key_unique_and_the_order(db):
     assert rows[0][3] < rows[1][3]  # the later change of row 1 comes from the older transaction
     assert all(r[4] == -r[3] for r in rows)  # xids stay below 2^32 here
     assert [r[5] for r in rows] == [0, 0, 1, 1]
-    assert db.execute("SELECT bemi.as_of('account', '1', now())") == [({"id": 1, "owner": "a", "balance": 11,
-                                                                         "secret": None, "updated_at": "2026-01-01T00:00:00+00:00"},)]
+    last = "(SELECT max(committed_at) FROM changes)"
+    assert db.execute(f"SELECT bemi.as_of('account', '1', {last})") == [({"id": 1, "owner": "a", "balance": 11, "secret": None,
+                                                                        "updated_at": "2026-01-01T00:00:00+00:00"},)]
     assert all(r[6] > 0 for r in rows)
 
 
@@ -185,6 +194,7 @@ def test_a_context_that_breaks_the_rules_never_fails_the_write(db):
         conn.execute("INSERT INTO event_log VALUES (1, 'big') /*Bemi {\"unterminated Bemi*/")
         conn.execute("SELECT bemi_set_context(%s)", ('\\u0000 {',))
         conn.execute("INSERT INTO event_log VALUES (2, 'nul') /*Bemi %ZZ%%41 Bemi*/")
+    db.poll()
     contexts = [r[0] for r in db.execute("SELECT context FROM changes ORDER BY committed_at")]
     assert [[e["source"] for e in c["_bemi_error"]] for c in contexts] == [["session", "comment"], ["session", "comment"]]
 
@@ -199,6 +209,12 @@ def test_writers_need_no_right_on_the_changes_table(db):
                 conn.execute("INSERT INTO changes (source, \"database\", \"schema\", \"table\", operation, committed_at, "
                              "queued_at, transaction_id, \"position\", commit_position, seq) "
                              "VALUES ('1/d', 'd', 's', 't', 'CREATE', now(), now(), 1, 1, 1, 1)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # nor on the queue the mover reads
+                conn.execute("INSERT INTO bemi.change_queue (schema_name, table_name, key_columns, operation) "
+                             "VALUES ('public', 'account', '{id}', 'INSERT')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT bemi.move_changes()")
+        db.poll()
         assert db.execute("SELECT primary_key, context ->> 'session_user' FROM changes") == [("1", "app_writer")]
     finally:
         db.execute("DROP OWNED BY app_writer; DROP ROLE app_writer")
@@ -212,18 +228,30 @@ def test_trigger_mode_follows_new_tables_and_altered_keys(db):
         conn.execute("ALTER TABLE later ADD PRIMARY KEY (id)")
         conn.execute("ALTER TABLE later RENAME COLUMN name TO label")
         conn.execute("UPDATE later SET label = 'b'")
+    db.poll()
     rows = db.execute("SELECT primary_key, operation, after FROM changes ORDER BY committed_at, seq")
     assert rows == [(None, "CREATE", {"id": 1, "name": "a"}), ("1", "UPDATE", {"id": 1, "label": "b"})]
 
 
-def test_trigger_mode_refuses_another_destination_and_the_poller_says_why(db, other_db):
+def test_trigger_mode_refuses_another_destination_and_the_poller_moves_the_queue(db, other_db):
     with pytest.raises(BemiError, match="leave out --destination-dsn"):
         commands.install(db.dsn, other_db.dsn, load_settings(None, capture_mode="triggers"))
+    db.execute(TABLES)
     db.install(capture_mode="triggers")
-    with pytest.raises(BemiError, match="nothing to poll"):
-        db.poll()
+    with pytest.raises(BemiError, match="installed to write its trail into this database"):
+        db.poll(other_db.dsn)
+    with db.connect(autocommit=True) as conn:
+        for i in range(1, 16):  # fifteen transactions of one change, then one of ten
+            conn.execute("INSERT INTO account (id, owner, balance) VALUES (%s, 'o', 1)", (i,))
+        conn.execute("INSERT INTO account (id, owner, balance) SELECT g, 'o', 1 FROM generate_series(16, 25) g")
     status = commands.status(db.dsn, None, db.settings)
     assert status["capture_mode"] == "triggers" and status["slot_exists"] is False
+    assert status["queue"]["rows"] == 25 and status["queue"]["oldest_age_seconds"] >= 0
+    assert status["change_count"] == 0
+    stats = db.poll(batch_size=10)
+    assert stats.changes == 25 and stats.batches == 2  # whole transactions: 10 rows, then 5 and the last one's 10
+    status = commands.status(db.dsn, None, db.settings)
+    assert status["queue"]["rows"] == 0 and status["change_count"] == 25 and status["queue"]["moved_until"] is not None
 
 
 def test_auto_chooses_triggers_without_logical_decoding_and_says_why(db, caplog):
@@ -256,13 +284,14 @@ def _switch_under_load(db, first: str, second: str) -> dict[str, int]:
     time.sleep(2)
     if first == "wal":
         db.poll()
+    else:  # changes wait in the queue as the switch starts; it moves them
+        assert db.execute("SELECT count(*) FROM bemi.change_queue")[0][0] > 0
     commands.install(db.dsn, None, load_settings(None, capture_mode=second, exclude_tables=EXCLUDE))
     time.sleep(2)
     stop.set()
     for writer in writers:
         writer.join()
-    if second == "wal":
-        db.poll()
+    db.poll()
     result = compare(db.dsn, db.dsn, ledger)
     modes = db.execute("SELECT commit_position < 0, count(*) FROM changes GROUP BY 1 ORDER BY 1")
     print(f"\nswitch {first} -> {second}: {result}; rows by wal/trigger mode: {modes}")
@@ -294,6 +323,7 @@ def test_switching_to_triggers_drains_into_the_other_database_wal_mode_wrote_to(
     db.execute("INSERT INTO account (id, owner, balance) VALUES (1, 'before the switch', 1)")
     commands.install(db.dsn, other_db.dsn, load_settings(None, capture_mode="triggers"))
     db.execute("INSERT INTO account (id, owner, balance) VALUES (2, 'after the switch', 2)")
+    db.poll()
     assert other_db.execute("SELECT after ->> 'owner' FROM changes") == [("before the switch",)]
     assert db.execute("SELECT after ->> 'owner' FROM changes") == [("after the switch",)]
     assert db.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()") == [(0,)]
@@ -321,6 +351,7 @@ def test_a_switch_cut_short_after_its_commit_is_finished_by_the_poller(db, monke
         db.poll()
     else:  # installing again finishes it too
         commands.install(db.dsn, None, load_settings(None, capture_mode=second))
+        db.poll()
     rows = db.execute("SELECT after ->> 'owner', commit_position < 0 FROM changes ORDER BY committed_at")
     assert rows == [("before", first == "triggers"), ("after", second == "triggers")]
     assert db.execute("SELECT count(*) FROM bemi.capture_switch") == [(0,)]

@@ -26,7 +26,6 @@ def test_a_comment_ending_a_multi_statement_string_applies_to_each_statement(db,
     with db.connect(autocommit=True) as conn:
         for text, _ in STRINGS:
             conn.execute(text)  # no parameters: psycopg sends it with the simple query protocol, as one string
-    if mode == "wal":
-        db.poll()
+    db.poll()
     got = [r[0] for r in db.execute("SELECT context FROM changes ORDER BY committed_at, seq")]
     assert got == [ctx for _, contexts in STRINGS for ctx in contexts]

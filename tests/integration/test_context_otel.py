@@ -117,8 +117,7 @@ def _run(db, mode: str) -> tuple[dict[int, list[str]], dict[int, dict]]:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     traces = {int(k): v for k, v in json.loads(done.stdout.splitlines()[-1]).items()}
-    if mode == "wal":
-        db.poll()
+    db.poll()
     return traces, {r[0]: r[1] for r in db.execute("SELECT (after ->> 'id')::int, context FROM changes")}
 
 

@@ -54,8 +54,7 @@ def test_bemis_prisma_client_passes_its_context(db, mode):
     done = subprocess.run(["node", str(HERE / "drive.js")], cwd=project, env={**os.environ, "DATABASE_URL": url,
                           "NODE_PATH": str(project / "node_modules")}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    if mode == "wal":
-        db.poll()
+    db.poll()
     rows = db.execute("SELECT operation, primary_key, after ->> 'task', context FROM changes ORDER BY committed_at, seq")
     request = {"userId": 7, "endpoint": "/todos"}
     assert rows == [

@@ -116,8 +116,7 @@ def _record(db, mode: str, **settings) -> list[dict]:
         with conn.transaction():  # the transaction context outranks the tags
             conn.execute("SELECT bemi.set_context('{\"x\": \"transaction\"}')")
             conn.execute("INSERT INTO t VALUES (7) /*x='tag',y='tag'*/")
-    if mode == "wal":
-        db.poll()
+    db.poll()
     return [r[0] for r in db.execute("SELECT context FROM changes ORDER BY (after ->> 'id')::int")]
 
 

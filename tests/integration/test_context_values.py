@@ -42,9 +42,8 @@ def _record(db, mode: str) -> dict[int, dict]:
         for setup, write in _statements():
             conn.execute(setup)
             conn.execute(write)  # never raises
-    if mode == "wal":
-        db.poll()
-        db.poll()  # the slot moved on: nothing is read twice, nothing is stuck
+    db.poll()
+    db.poll()  # the slot moved on (the queue is empty): nothing is read twice, nothing is stuck
     return {c["after"]["id"]: c["context"] for c in db.changes()}
 
 

@@ -172,9 +172,8 @@ MODES = ["wal", "triggers"]
 
 
 def _settle(db, mode: str) -> None:
-    """Wal mode's changes reach `changes` when the poller runs; trigger mode's are there already."""
-    if mode == "wal":
-        db.poll()
+    """Changes reach `changes` when the poller runs: it decodes (wal mode) or moves the queue (trigger mode)."""
+    db.poll()
 
 
 def _tracked(db) -> set[str]:

@@ -118,13 +118,14 @@ def test_without_logical_decoding_auto_installs_trigger_mode(replica_level_serve
     assert install.returncode == 0, install.stderr
     assert ("capture mode triggers (capture.mode auto, and logical decoding is not available (wal_level: replica))"
             in install.stderr)
-    assert "no poller needed" in install.stderr
+    assert "triggers queue the changes, and `bemi-pg poll --follow` (or pg_cron" in install.stderr
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
         conn.execute("INSERT INTO t VALUES (1) /*Bemi {\"job\": \"import\"} Bemi*/")
-        assert conn.execute("SELECT operation, context FROM changes").fetchall() == [("CREATE", {"job": "import"})]
     poll = run_cli("poll", "--once", env=env)
-    assert poll.returncode == 1 and "nothing to poll" in poll.stderr
+    assert poll.returncode == 0 and "moved 1 queued change into the changes table" in poll.stderr, poll.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT operation, context FROM changes").fetchall() == [("CREATE", {"job": "import"})]
 
 
 def test_the_server_line_names_the_supported_versions(db):

@@ -64,6 +64,7 @@ def shop(db):
         with conn.transaction():
             conn.execute("SELECT bemi.set_context(%s::jsonb)", (json.dumps(HOSTILE),))
             conn.execute("DELETE FROM note WHERE id = 1")
+    db.poll()
     db.xid = xid
     return db
 
@@ -149,6 +150,7 @@ def test_pagination_over_ten_thousand_changes_has_no_gaps_or_repeats(db):
     for batch in range(3):
         db.execute("UPDATE item SET n = n + 1 WHERE id %% 2 = %s", (batch % 2,))
     db.execute("UPDATE item SET n = n + 1 WHERE id <= 2000")
+    db.poll()
     [(total,)] = db.execute("SELECT count(*) FROM changes")
     assert total == 12_000
     client = _client(db)
@@ -222,6 +224,7 @@ def test_a_request_reverts_only_with_allow_revert_a_csrf_token_and_a_confirmatio
     applied = client.post("/revert", data={"context": '{"request_id": "r-2"}', "confirm": "yes", "csrf": csrf})
     assert "Applied: 1 change(s) reverted" in applied.text
     assert shop.execute("SELECT done FROM todo WHERE id = 1") == [(False,)]
+    shop.poll()
     [(ctx,)] = shop.execute("SELECT context FROM changes WHERE context ? 'bemi_revert'")
     assert ctx["bemi_revert_by"] == {"user": "support-ann", "via": "bemi-pg serve"}
 

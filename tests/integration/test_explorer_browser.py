@@ -55,6 +55,7 @@ def explorer(db) -> Iterator[str]:
         with conn.transaction():
             conn.execute("SELECT bemi.set_context(%s::jsonb)", (json.dumps(HOSTILE),))
             conn.execute("INSERT INTO todo VALUES (3, 'hostile context', false)")
+    db.poll()
     db.mid = db.execute("SELECT max(committed_at) FROM changes WHERE context->>'request_id' = 'r-1'")[0][0]
     app = commands.explorer_app(db.dsn, None, db.settings, token=TOKEN, allow_revert=True)
     port = _free_port()

@@ -215,6 +215,7 @@ def test_trigger_mode_tracks_an_unlogged_table(db):
     assert "unlogged tables" not in [c.name for c in checks]
     db.install(capture_mode="triggers")
     db.execute("INSERT INTO scratch VALUES (1)")
+    db.poll()
     assert [(c["table"], c["after"]) for c in db.changes()] == [("scratch", {"id": 1})]
 
 

@@ -41,8 +41,7 @@ def test_a_key_change_moves_the_row(db, mode):
     m1 = _now(db)
     db.execute("UPDATE k SET v = 'e2' WHERE id = 50")
     db.execute("INSERT INTO k VALUES (3, 'c')")  # a last change, after every moment
-    if mode == "wal":
-        db.poll()
+    db.poll()  # (trigger mode: the mover moves the queue)
     [(pk, before_id)] = db.execute("SELECT primary_key, before ->> 'id' FROM changes WHERE \"table\" = 'k' AND "
                                    "operation = 'UPDATE' AND before ->> 'id' = '1'")
     assert (pk, before_id) == ("10", "1")  # filed under the new key, the old one in before

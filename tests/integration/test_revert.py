@@ -49,9 +49,8 @@ def _in_context(dsn: str, *transactions: tuple[str, str]) -> None:
                 conn.execute(statements)
 
 
-def _poll_if_wal(db: Any, mode: str) -> None:
-    if mode == "wal":
-        db.poll()
+def _poll(db: Any, mode: str) -> None:
+    db.poll()  # wal mode: the slot; trigger mode: the mover moves the queue
 
 
 # -- item 6: excluded columns, keyless tables, all or nothing, the script ------------------------
@@ -64,7 +63,7 @@ def test_excluded_columns_no_false_conflict_and_refusals_with_the_reason(db, mod
     db.execute("UPDATE users SET email = 'new@x' WHERE id = 1")
     db.execute("UPDATE users SET password_hash = 'h3' WHERE id = 2")  # recorded without the column
     db.execute("DELETE FROM users WHERE id = 2")
-    _poll_if_wal(db, mode)
+    _poll(db, mode)
     [update, secret, delete] = [c["id"] for c in sorted(db.changes("operation <> 'CREATE'"), key=lambda c: c["committed_at"])]
     env = {"BEMI_DSN": db.dsn}
     applied = run_cli("revert", "--change", str(update), "--apply", env=env)
@@ -83,7 +82,7 @@ def test_keyless_deletes_are_refused_and_reruns_change_nothing(db, mode):
     db.install(capture_mode=mode)
     _in_context(db.dsn, ('{"job": 1}', "INSERT INTO log VALUES ('a', 1), ('b', 2)"),
                 ('{"job": 2}', "DELETE FROM log WHERE msg = 'a'"))
-    _poll_if_wal(db, mode)
+    _poll(db, mode)
     env = {"BEMI_DSN": db.dsn}
     refused = run_cli("revert", "--context", '{"job": 2}', "--apply", env=env)
     assert refused.returncode == 4 and "has no primary key" in refused.stderr
@@ -93,7 +92,7 @@ def test_keyless_deletes_are_refused_and_reruns_change_nothing(db, mode):
         result = run_cli("revert", "--context", '{"job": 1}', "--apply", env=env)
         assert result.returncode == expected, result.stderr
         assert db.execute("SELECT count(*) FROM log") == [(0,)]
-        _poll_if_wal(db, mode)
+        _poll(db, mode)
 
 
 @pytest.mark.parametrize("mode", ["wal", "triggers"])
@@ -109,7 +108,7 @@ def test_the_printed_script_is_right_in_any_time_zone_and_search_path_and_all_or
                          "UPDATE app.event SET at = at + interval '1 day', price = price * 2 WHERE id <= 2;"
                          "DELETE FROM app.event WHERE id = 3; INSERT INTO app.event VALUES (9, now(), 0.10, NULL);"
                          "UPDATE app.event SET id = 19 WHERE id = 4"))  # the key moves
-    _poll_if_wal(db, mode)
+    _poll(db, mode)
     env = {"BEMI_DSN": db.dsn}
     printed = run_cli("revert", "--context", '{"req": "r-1"}', env=env)
     assert printed.returncode == 0, printed.stderr
@@ -134,7 +133,7 @@ def test_all_or_nothing_by_default_and_skip_conflicts(db, mode):
     _in_context(db.dsn, ('{"batch": 1}', "INSERT INTO t SELECT g, g FROM generate_series(1, 3) g; TRUNCATE t;"
                                          "INSERT INTO t SELECT g, g FROM generate_series(1, 3) g"))
     db.execute("UPDATE t SET v = 20 WHERE id = 2")
-    _poll_if_wal(db, mode)
+    _poll(db, mode)
     env = {"BEMI_DSN": db.dsn}
     dry = run_cli("revert", "--context", '{"batch": 1}', env=env)
     assert dry.returncode == 4 and "refused: " in dry.stderr and "a TRUNCATE cannot be reverted" in dry.stderr
@@ -148,7 +147,7 @@ def test_all_or_nothing_by_default_and_skip_conflicts(db, mode):
     assert ran.returncode == 0 and ran.stderr.count("bemi-pg revert: skipped: ") == 5, ran.stderr
     # skipped: the second CREATE of row 2 (changed since), the TRUNCATE, the first CREATEs (those rows are not there)
     assert db.execute("SELECT id, v FROM t ORDER BY id") == [(2, 20)]
-    _poll_if_wal(db, mode)
+    _poll(db, mode)
     skipped = run_cli("revert", "--context", '{"batch": 1}', "--apply", "--skip-conflicts", env=env)
     assert skipped.returncode == 0 and skipped.stderr.count("skipped: ") == 7, skipped.stderr  # a second run: all skipped
     assert db.execute("SELECT id, v FROM t ORDER BY id") == [(2, 20)]
@@ -247,8 +246,7 @@ def _workload(db: Any, mode: str, destination: str | None = None) -> tuple[Any, 
                 time.sleep(0.002)
                 moments.append((watch.execute("SELECT clock_timestamp()::text").fetchone()[0], _snapshot(watch)))
                 time.sleep(0.002)
-    if mode == "wal":
-        commands.poll_once(db.dsn, destination, settings)
+    commands.poll_once(db.dsn, destination, settings)
     return settings, moments
 
 
@@ -271,8 +269,7 @@ def test_revert_since_brings_every_table_back_to_its_snapshot(db, other_db, mode
         with psycopg.connect(db.dsn, autocommit=True) as conn:
             conn.execute("SET TimeZone = 'UTC'")
             assert _snapshot(conn) == snap, (n, moment)
-        if mode == "wal":
-            commands.poll_once(db.dsn, destination, settings)
+        commands.poll_once(db.dsn, destination, settings)
     # One table only, back to the first moment: the other stays as it is.
     first, snap = moments[0]
     with psycopg.connect(db.dsn, autocommit=True) as conn, psycopg.connect(destination or db.dsn, autocommit=True) as dest:
@@ -314,7 +311,7 @@ def test_a_cascade_is_undone_parents_first(db, mode):
     moment = db.execute("SELECT clock_timestamp()::text")[0][0]
     db.execute("DELETE FROM parent WHERE id = 1")  # deletes children 10 and 11, sets 12's other_id NULL
     db.execute("UPDATE child SET other_id = 2 WHERE id = 12")
-    _poll_if_wal(db, mode)
+    _poll(db, mode)
     env = {"BEMI_DSN": db.dsn}
     plan = run_cli("revert", "--since", moment, env=env)
     assert plan.returncode == 0, plan.stderr

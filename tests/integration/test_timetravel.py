@@ -131,8 +131,7 @@ def test_reverting_a_transaction_restores_the_state_before_it(db, mode):
             conn.execute("INSERT INTO account VALUES (3, 'new', 0, '{}')")
             conn.execute("UPDATE account SET balance = 7 WHERE id = 3")
             xid = conn.execute("SELECT txid_current() % (2^32)::bigint").fetchone()[0]
-    if mode == "wal":
-        db.poll()
+    db.poll()
     dry = run_cli("revert", "--transaction", str(xid), env={"BEMI_DSN": db.dsn})
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith("-- bemi-pg revert") and "pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.=)" in dry.stdout
@@ -142,8 +141,7 @@ def test_reverting_a_transaction_restores_the_state_before_it(db, mode):
     assert applied.returncode == 0, applied.stderr
     with psycopg.connect(db.dsn) as conn:
         assert _snapshot(conn) == before
-    if mode == "wal":  # the revert is itself in the trail, with a context saying what it reverted
-        db.poll()
+    db.poll()  # the revert is itself in the trail, with a context saying what it reverted
     contexts = {json.dumps(c["context"], sort_keys=True) for c in db.changes() if c["context"].get("bemi_revert")}
     assert contexts == {json.dumps({"bemi_revert": {"transaction": xid}, "reverted_changes": 5}, sort_keys=True)}
 

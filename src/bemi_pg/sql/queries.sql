@@ -188,7 +188,7 @@ SELECT n.nspname, c.relname
   FROM pg_catalog.pg_trigger t
   JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE t.tgname IN ('bemi_capture', 'bemi_capture_insert')
+ WHERE t.tgname IN ('bemi_capture', 'bemi_capture_truncate')
  ORDER BY 1, 2
 
 -- name: tables_without_pk
@@ -336,7 +336,7 @@ SELECT n.nspname, c.relname,
        greatest(c.reltuples, 0)::bigint AS estimate
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE NOT c.relispartition
-   AND EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname IN ('bemi_capture', 'bemi_capture_insert'))
+   AND EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname IN ('bemi_capture', 'bemi_capture_truncate'))
  ORDER BY 1, 2
 
 -- name: snapshot_moment
@@ -367,6 +367,16 @@ SELECT "schema", "table" FROM bemi.snapshot WHERE source = %(source)s AND comple
 -- A source's complete baselines, for status.
 SELECT "schema" || '.' || "table", row_count, taken_at FROM bemi.snapshot
  WHERE source = %(source)s AND completed_at IS NOT NULL ORDER BY 1
+
+-- name: move_changes
+-- Trigger mode: one batch of queued changes into the changes table (see bemi.move_changes).
+SELECT bemi.move_changes(%(max_rows)s)
+
+-- name: queue_backlog
+-- Trigger mode: the changes waiting to be moved, and the mover's last runs.
+SELECT b.queued AS rows, EXTRACT(epoch FROM pg_catalog.clock_timestamp() - b.oldest)::float8 AS oldest_age_seconds,
+       b.ran_at AS mover_ran_at, b.moved_at AS mover_moved_at, b.moved_until
+  FROM bemi.queue_backlog() AS b
 
 -- name: seal
 -- Seals what no seal covers of the source's changes (README, "A sealed trail"); the head hash.
