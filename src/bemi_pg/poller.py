@@ -40,7 +40,7 @@ from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
 from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, TransactionState, tracked_filter
-from .wal2json import Begin, Change, Commit, Event, Message, TypeRegistry, format_lsn, parse_lsn, parse_row
+from .wal2json import Begin, Change, Commit, Converted, Event, Message, TypeRegistry, fast_converter, format_lsn, parse_lsn, parse_row
 
 __all__ = ["Observer", "Poller", "PollStats", "wal2json_options"]
 
@@ -311,6 +311,9 @@ class Poller:
         self.is_tracked = tracked_filter(settings.schemas, untracked)
         self.types = TypeRegistry(self._load_types)
         self.column_rules = ColumnRules(settings.ignore_columns, settings.exclude_columns)
+        # The compiled conversion of change rows, unless BEMI_PG_CONVERSION=pure, it is not built,
+        # or column rules apply (the pure path keeps those).
+        self._convert = None if self.column_rules else fast_converter(self.types)
         self._fault = fault or _fault_from_env()
         self.observer: Observer = observer or _Unobserved()
         self._keys: dict[tuple[str, str], list[str]] = {}
@@ -488,7 +491,10 @@ class Poller:
         self.source.execute(query("heartbeat"))
 
     # -- one batch -------------------------------------------------------------------
-    def _rows(self, upto_lsn: str | None) -> Iterator[bytes]:
+    def _events(self, upto_lsn: str | None) -> Iterator[Event | Converted]:
+        """The slot's rows, parsed; INSERT, UPDATE and DELETE rows already converted where the
+        compiled path takes them."""
+        convert = self._convert
         with self.source.cursor(name="bemi_peek") as cur:
             cur.adapters.register_loader("text", _BytesLoader)
             cur.itersize = FETCH_ROWS
@@ -496,7 +502,7 @@ class Poller:
                 "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.read_size, "options": self.options,
             })
             for (data,) in cur:
-                yield data
+                yield (convert and convert(data)) or parse_row(data)
 
     def poll(self, upto_lsn: str | None) -> PollStats:
         """One read: peek up to ``read_size`` rows, write them in batches of about ``batch_size``
@@ -527,7 +533,7 @@ class Poller:
         queued_at = datetime.now(UTC).isoformat()
         last: Commit | None = None
         with self.source.transaction():
-            events = (parse_row(data) for data in self._rows(upto_lsn))
+            events = self._events(upto_lsn)
             while True:
                 began = time.monotonic()
                 stats, commit = self._write_batch(events, queued_at)
@@ -545,7 +551,7 @@ class Poller:
         total.end_lsn = last.end_lsn
         return total
 
-    def _write_batch(self, events: Iterator[Event], queued_at: str) -> tuple[PollStats, Commit | None]:
+    def _write_batch(self, events: Iterator[Event | Converted], queued_at: str) -> tuple[PollStats, Commit | None]:
         """Write the next transactions of ``events`` until about ``batch_size`` rows are read,
         with the checkpoint, in one destination transaction; return its figures and the
         last commit it read (None when ``events`` ran out before any)."""
@@ -564,10 +570,10 @@ class Poller:
             truncated: tuple[tuple[str, str], str] | None = None  # (table, position) of a TRUNCATE just recorded
             for event in events:
                 stats.rows += 1
-                if isinstance(event, Change):
+                if isinstance(event, (Change, Converted)):
                     recorded = self._recorded(event.schema, event.table) if state is not None else None
                     if recorded is not None and state is not None:
-                        if event.action == "T":
+                        if isinstance(event, Change) and event.action == "T":
                             # TRUNCATE of a partitioned table: one record for it and one for each
                             # partition, at one position; recorded once, as the statement's trigger does.
                             if truncated == (recorded, event.lsn):
@@ -575,8 +581,7 @@ class Poller:
                             truncated = (recorded, event.lsn)
                         else:
                             truncated = None
-                        event.schema, event.table = recorded
-                        change = state.on_change(event)
+                        change = state.on_change(event, recorded)
                         if change is None:  # an UPDATE of ignored columns only
                             continue
                         if change.ambiguous:

@@ -22,7 +22,7 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 from pglast.parser import scan
 
-from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, TypeInfo, TypeRegistry, parse_lsn, value_json
+from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, Converted, TypeInfo, TypeRegistry, parse_lsn, value_json
 
 __all__ = ["ChangeRow", "TransactionState", "change_id", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
@@ -498,9 +498,19 @@ class TransactionState:
             fields[col.name] = value
         return fields, ambiguous
 
-    def on_change(self, change: Change) -> ChangeRow | None:
-        """The change row; None for an UPDATE that changed ignored columns only. Either way
-        the change takes its place in the transaction's order (``seq``)."""
+    def on_change(self, change: Change | Converted, recorded: tuple[str, str] | None = None) -> ChangeRow | None:
+        """The change row, recorded under ``recorded`` (schema, table; by default the change's own);
+        None for an UPDATE that changed ignored columns only. Either way the change takes its
+        place in the transaction's order (``seq``). A change the compiled path converted
+        (:func:`wal2json.fast_converter`, never used with column rules) only takes its place."""
+        schema, table = recorded or (change.schema, change.table)
+        if not isinstance(change, Change):
+            assert not self.column_rules
+            row = ChangeRow(self.database, schema, table, change.primary_key, OPERATIONS[change.action], change.before,
+                            change.after, self.context, self.committed_at, self.xid, change.lsn, self.commit_lsn, self.seq,
+                            self._id_base | self.seq << _ID_SEQ_SHIFT, change.ambiguous)
+            self.seq += 1
+            return row
         action = change.action
         before, ambiguous_before = self._fields(change.identity)
         after, ambiguous_after = self._fields(change.columns)
@@ -511,7 +521,6 @@ class TransactionState:
             before, after = after, {}
         rules = self.column_rules
         if rules:
-            schema, table = change.schema, change.table
             if action == "U":
                 changed = [k for k in after.keys() | before.keys() if before.get(k) != after.get(k)]
                 if changed and all(rules.ignored(schema, table, k) for k in changed):
@@ -533,11 +542,11 @@ class TransactionState:
                 key = [column.name for column in change.pk]
                 if all(name in source for name in key):
                     # wal2json lists key columns in table order; the key's own order is in the catalog.
-                    names = self.key_order(change.schema, change.table, key) if self.key_order else key
+                    names = self.key_order(schema, table, key) if self.key_order else key
                     primary_key = "[" + ", ".join(bytes(source[name]).decode() for name in names) + "]"
 
         row = ChangeRow(
-            self.database, change.schema, change.table, primary_key, OPERATIONS[action],
+            self.database, schema, table, primary_key, OPERATIONS[action],
             _object_json(before), _object_json(after), self.context, self.committed_at, self.xid,
             parse_lsn(change.lsn), self.commit_lsn, self.seq, self._id_base | self.seq << _ID_SEQ_SHIFT,
             ambiguous_before or ambiguous_after,
