@@ -51,6 +51,7 @@ from bemi_pg.config import Settings, load_settings  # noqa: E402
 from bemi_pg.metrics import PollerMetrics, serve  # noqa: E402
 from bemi_pg.poller import FETCH_ROWS, Poller, PollStats, wal2json_options  # noqa: E402
 from bemi_pg.service import Health, Monitor  # noqa: E402
+from bemi_pg.wal2json import CONVERSION_ENV  # noqa: E402
 
 SHAPES = {
     "five": ("item", "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, price numeric(12, 2), updated_at timestamptz)",
@@ -93,7 +94,16 @@ def raw_decode(dsn: str, slot: str, options: list[str]) -> float:
 
 @contextmanager
 def conversion_path(path: str) -> Iterator[None]:
-    yield
+    """The poller's conversion path (compiled or pure) for the drains inside."""
+    before = os.environ.get(CONVERSION_ENV)
+    os.environ[CONVERSION_ENV] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[CONVERSION_ENV]
+        else:
+            os.environ[CONVERSION_ENV] = before
 
 
 def shape_backlog(dsn: str, shape: str, start: int, inserts: int, updates: int) -> int:

@@ -1,9 +1,10 @@
 /* The compiled conversion of one wal2json change row (see wal2json.fast_converter).
  *
  * convert(codes, plan, value_json, data) reads one wal2json format-version 2 row of an
- * INSERT, UPDATE or DELETE and returns a Converted (action, lsn, schema, table, before, after,
- * primary_key, ambiguous) with before/after as the JSON text TransactionState would write:
- * the same bytes as the pure path, which stays the reference. It returns None for every row it
+ * INSERT, UPDATE or DELETE and returns a Converted (action, lsn, schema, table, fields,
+ * ambiguous) whose fields are the row's primary_key, before and after as fields of COPY's text
+ * format, tab-separated: the same bytes as the pure path's ChangeRow.copy_line gives for them
+ * (the pure path stays the reference). It returns None for every row it
  * does not take: begin, commit, message, truncate, a composite key, a name with an escape, more
  * than MAX_COLUMNS columns, anything not shaped as wal2json writes it. The caller then parses the
  * row the pure way, so that every rare case has one implementation.
@@ -38,7 +39,8 @@ typedef struct {
     Span name;  /* the name's JSON string, quotes included */
     Span value; /* the value's raw JSON */
     unsigned long oid;
-    PyObject *converted; /* a new reference to bytes, or NULL when value is used as it is */
+    PyObject *converted; /* a new reference to value_json's bytes, or NULL */
+    Py_ssize_t at, len;  /* else, when len >= 0, the converted value in the arena */
     int ambiguous;
 } Col;
 
@@ -242,6 +244,7 @@ static const char *column_element(void *ctx, const char *p, const char *end) {
         return NULL;
     Col *col = &list->cols[list->n++];
     memset(col, 0, sizeof *col);
+    col->len = -1;
     col->oid = (unsigned long)-1;
     list->current = col;
     p = read_object(p, end, column_member, list);
@@ -566,23 +569,44 @@ static int array_json(Span raw, int code, Buf *out) {
 
 typedef struct {
     PyObject *codes, *plan, *value_json;
-    Buf scratch;
+    Buf arena; /* converted values, one after the other */
 } Ctx;
+
+/* The last codes found for an OID, per codes dict (strong references). */
+static struct {
+    PyObject *codes, *code;
+    unsigned long oid;
+} code_cache[64];
+
+static PyObject *code_for(Ctx *ctx, unsigned long oid) { /* borrowed, or NULL with an error */
+    unsigned slot = oid & 63;
+    if (code_cache[slot].codes == ctx->codes && code_cache[slot].oid == oid)
+        return code_cache[slot].code;
+    PyObject *key = PyLong_FromUnsignedLong(oid);
+    if (key == NULL)
+        return NULL;
+    PyObject *code = PyDict_GetItemWithError(ctx->codes, key);
+    if (code != NULL)
+        Py_INCREF(code);
+    else if (!PyErr_Occurred())
+        code = PyObject_CallOneArg(ctx->plan, key);
+    Py_DECREF(key);
+    if (code == NULL)
+        return NULL;
+    Py_XDECREF(code_cache[slot].codes);
+    Py_XDECREF(code_cache[slot].code);
+    Py_INCREF(ctx->codes);
+    code_cache[slot].codes = ctx->codes;
+    code_cache[slot].code = code;
+    code_cache[slot].oid = oid;
+    return code;
+}
 
 /* Convert one column's value: col->converted set when it differs from wal2json's text. */
 static int convert_value(Ctx *ctx, Col *col) {
-    PyObject *key = PyLong_FromUnsignedLong(col->oid);
-    if (key == NULL)
+    PyObject *code = code_for(ctx, col->oid);
+    if (code == NULL)
         return -1;
-    PyObject *code = PyDict_GetItemWithError(ctx->codes, key); /* borrowed */
-    PyObject *owned = NULL;
-    if (code == NULL) {
-        if (PyErr_Occurred() || (owned = code = PyObject_CallOneArg(ctx->plan, key)) == NULL) {
-            Py_DECREF(key);
-            return -1;
-        }
-    }
-    Py_DECREF(key);
     int is_null = col->value.n == 4 && memcmp(col->value.p, "null", 4) == 0;
     int result = 0;
     if (!PyLong_CheckExact(code)) { /* a TypeInfo: the pure value_json */
@@ -601,11 +625,9 @@ static int convert_value(Ctx *ctx, Col *col) {
                 col->ambiguous = PyObject_IsTrue(specials) == 1;
             Py_XDECREF(specials);
         }
-        Py_XDECREF(owned);
         return result;
     }
     long c = PyLong_AsLong(code);
-    Py_XDECREF(owned);
     if (c == CODE_PASS)
         return 0;
     if (c == CODE_PASS_SPECIALS) {
@@ -616,8 +638,8 @@ static int convert_value(Ctx *ctx, Col *col) {
         return 0;
     if (col->value.p[0] != '"') /* not the string wal2json writes for these: the pure path */
         return 1;
-    Buf *out = &ctx->scratch;
-    out->len = 0;
+    Buf *out = &ctx->arena;
+    Py_ssize_t start = out->len;
     int r;
     switch (c) {
     case CODE_TIMESTAMPTZ:
@@ -641,24 +663,47 @@ static int convert_value(Ctx *ctx, Col *col) {
     }
     if (r < 0)
         return -1;
-    col->converted = PyBytes_FromStringAndSize(out->data, out->len);
-    return col->converted == NULL ? -1 : 0;
+    col->at = start;
+    col->len = out->len - start;
+    return 0;
 }
 
-static Span value_of(Col *col) {
+static Span value_of(Col *col, Buf *arena) {
     if (col->converted != NULL)
         return (Span){PyBytes_AS_STRING(col->converted), PyBytes_GET_SIZE(col->converted)};
+    if (col->len >= 0)
+        return (Span){arena->data + col->at, col->len};
     return col->value;
 }
 
-static int put_member(Buf *b, int *first, Col *col) {
+/* Bytes as a field of COPY's text format (stitch.copy_escape). */
+static int put_copy(Buf *b, const char *p, Py_ssize_t n) {
+    const char *run = p, *end = p + n;
+    for (; p < end; p++) {
+        char c = *p, r;
+        switch (c) {
+        case '\\': r = '\\'; break;
+        case '\n': r = 'n'; break;
+        case '\r': r = 'r'; break;
+        case '\t': r = 't'; break;
+        default: continue;
+        }
+        char esc[2] = {'\\', r};
+        if (buf_put(b, run, p - run) < 0 || buf_put(b, esc, 2) < 0)
+            return -1;
+        run = p + 1;
+    }
+    return buf_put(b, run, end - run);
+}
+
+static int put_member(Buf *b, int *first, Col *col, Buf *arena) {
     if (!*first && buf_putc(b, ',') < 0)
         return -1;
     *first = 0;
-    Span v = value_of(col);
-    if (buf_put(b, col->name.p, col->name.n) < 0 || buf_putc(b, ':') < 0)
+    Span v = value_of(col, arena);
+    if (put_copy(b, col->name.p, col->name.n) < 0 || buf_putc(b, ':') < 0)
         return -1;
-    return buf_put(b, v.p, v.n);
+    return put_copy(b, v.p, v.n);
 }
 
 static Col *find(ColList *list, Span name) {
@@ -668,32 +713,41 @@ static Col *find(ColList *list, Span name) {
     return NULL;
 }
 
-/* msgspec's encoding of a dict of these columns; with merge, {**merge, **cols} */
-static PyObject *object_json(ColList *cols, ColList *merge) {
-    Buf b = {0};
+/* msgspec's encoding of a dict of these columns (with merge, {**merge, **cols}) into b, as a
+ * COPY field. */
+static int object_json(Buf *b, ColList *cols, ColList *merge, Buf *arena) {
     int first = 1;
-    PyObject *result = NULL;
-    if (buf_putc(&b, '{') < 0)
-        goto done;
+    if (buf_putc(b, '{') < 0)
+        return -1;
     if (merge != NULL) {
         for (int i = 0; i < merge->n; i++) {
             Col *newer = find(cols, merge->cols[i].name);
-            if (put_member(&b, &first, newer ? newer : &merge->cols[i]) < 0)
-                goto done;
+            if (put_member(b, &first, newer ? newer : &merge->cols[i], arena) < 0)
+                return -1;
         }
     }
     for (int i = 0; i < cols->n; i++) {
         if (merge != NULL && find(merge, cols->cols[i].name) != NULL)
             continue;
-        if (put_member(&b, &first, &cols->cols[i]) < 0)
-            goto done;
+        if (put_member(b, &first, &cols->cols[i], arena) < 0)
+            return -1;
     }
-    if (buf_putc(&b, '}') < 0)
-        goto done;
-    result = PyBytes_FromStringAndSize(b.data, b.len);
-done:
-    PyMem_Free(b.data);
-    return result;
+    return buf_putc(b, '}');
+}
+
+/* One str per distinct schema or table name met last (a strong reference). */
+static PyObject *cached_name(PyObject **cache, Span name) {
+    if (*cache != NULL && PyUnicode_GET_LENGTH(*cache) == name.n && PyUnicode_IS_ASCII(*cache) &&
+        memcmp(PyUnicode_DATA(*cache), name.p, name.n) == 0) {
+        Py_INCREF(*cache);
+        return *cache;
+    }
+    PyObject *text = PyUnicode_DecodeUTF8(name.p, name.n, NULL);
+    if (text != NULL) {
+        Py_XSETREF(*cache, text);
+        Py_INCREF(text);
+    }
+    return text;
 }
 
 static int parse_hex(Span s, unsigned long long *out) {
@@ -718,14 +772,13 @@ static PyStructSequence_Field converted_fields[] = {
     {"lsn", "the change's position"},
     {"schema", NULL},
     {"table", NULL},
-    {"before", "JSON text"},
-    {"after", "JSON text"},
-    {"primary_key", "the key's text, or None"},
+    {"fields", "primary_key, before and after as COPY text fields, tab-separated"},
     {"ambiguous", "a float/numeric null that may be NaN or +-Infinity"},
     {NULL, NULL},
 };
 
-static PyStructSequence_Desc converted_desc = {"bemi_pg._fastrow.Converted", NULL, converted_fields, 8};
+static PyStructSequence_Desc converted_desc = {"bemi_pg._fastrow.Converted", NULL, converted_fields, 6};
+static PyObject *last_schema, *last_table;
 
 static void release(ColList *list) {
     for (int i = 0; i < list->n; i++)
@@ -746,24 +799,22 @@ static PyObject *convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Row row = {0};
     row.columns.cols = columns;
     row.identity.cols = identity;
-    PyObject *result = NULL, *before = NULL, *after = NULL, *pk = NULL;
+    PyObject *result = NULL;
+    Ctx ctx = {args[0], args[1], args[2], {0}};
+    Buf out = {0};
     const char *end = read_object(data, data + n, row_member, &row);
     if (end == NULL || skip_ws(end, data + n) != data + n || !row.action || !row.lsn.p || !row.schema.p || !row.table.p)
         goto refuse;
-    Ctx ctx = {args[0], args[1], args[2], {0}};
     for (int which = 0; which < 2; which++) {
         ColList *list = which ? &row.identity : &row.columns;
         for (int i = 0; i < list->n; i++) {
             int r = convert_value(&ctx, &list->cols[i]);
-            if (r != 0) {
-                PyMem_Free(ctx.scratch.data);
-                if (r < 0)
-                    goto fail;
+            if (r < 0)
+                goto fail;
+            if (r > 0)
                 goto refuse;
-            }
         }
     }
-    PyMem_Free(ctx.scratch.data);
     const char *slash = memchr(row.lsn.p, '/', row.lsn.n);
     unsigned long long high, low;
     if (slash == NULL || parse_hex((Span){row.lsn.p, slash - row.lsn.p}, &high) < 0 ||
@@ -774,88 +825,73 @@ static PyObject *convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         before_cols = &row.columns;
         after_cols = &empty;
     }
+    /* primary_key: the value's text (stitch._pk_text), when the row holds the key column */
+    int has_key = 0;
     if (row.pk_count == 1 && row.pk_name.p != NULL) {
         ColList *source = row.action == 'D' ? before_cols : after_cols;
-        int in_source = find(source, row.pk_name) != NULL ||
-                        (row.action == 'U' && row.identity.n > 0 && find(&row.identity, row.pk_name) != NULL);
-        if (in_source) {
+        if (find(source, row.pk_name) != NULL || (row.action == 'U' && row.identity.n > 0 && find(&row.identity, row.pk_name) != NULL)) {
             ColList *first = row.action == 'D' ? &row.identity : &row.columns;
             ColList *second = row.action == 'D' ? &row.columns : &row.identity;
             Col *key = find(first, row.pk_name);
-            if (key == NULL)
-                key = find(second, row.pk_name);
-            if (key == NULL)
+            if (key == NULL && (key = find(second, row.pk_name)) == NULL)
                 goto refuse;
             Span v = key->value;
-            if (v.n == 4 && memcmp(v.p, "null", 4) == 0) {
-                /* None */
-            } else if (v.p[0] == '"') {
-                Buf text = {0};
-                if (unescape(v, &text) < 0) {
+            if (!(v.n == 4 && memcmp(v.p, "null", 4) == 0)) {
+                has_key = 1;
+                if (v.p[0] == '"') {
+                    Buf text = {0};
+                    int r = unescape(v, &text);
+                    if (r == 0)
+                        r = put_copy(&out, text.data ? text.data : "", text.len);
                     PyMem_Free(text.data);
-                    if (PyErr_Occurred())
-                        goto fail;
-                    goto refuse;
-                }
-                pk = PyUnicode_DecodeUTF8(text.data ? text.data : "", text.len, NULL);
-                PyMem_Free(text.data);
-                if (pk == NULL) {
-                    PyErr_Clear();
-                    goto refuse;
-                }
-            } else if ((pk = PyUnicode_DecodeUTF8(v.p, v.n, NULL)) == NULL)
-                goto fail;
+                    if (r < 0) {
+                        if (PyErr_Occurred())
+                            goto fail;
+                        goto refuse;
+                    }
+                } else if (put_copy(&out, v.p, v.n) < 0)
+                    goto fail;
+            }
         }
     }
-    before = object_json(before_cols, NULL);
-    after = object_json(after_cols, (row.action == 'U' && row.identity.n > 0) ? &row.identity : NULL);
-    if (before == NULL || after == NULL)
+    if ((!has_key && buf_put(&out, "\\N", 2) < 0) || buf_putc(&out, '\t') < 0 ||
+        object_json(&out, before_cols, NULL, &ctx.arena) < 0 || buf_putc(&out, '\t') < 0 ||
+        object_json(&out, after_cols, (row.action == 'U' && row.identity.n > 0) ? &row.identity : NULL, &ctx.arena) < 0)
         goto fail;
     int ambiguous = 0;
     for (int i = 0; i < row.columns.n; i++)
         ambiguous |= row.columns.cols[i].ambiguous;
     for (int i = 0; i < row.identity.n; i++)
         ambiguous |= row.identity.cols[i].ambiguous;
+    PyObject *items[6] = {
+        PyUnicode_FromOrdinal((unsigned char)row.action), PyLong_FromUnsignedLongLong(high << 32 | low),
+        cached_name(&last_schema, row.schema), cached_name(&last_table, row.table),
+        PyBytes_FromStringAndSize(out.data, out.len), PyBool_FromLong(ambiguous),
+    };
     result = PyStructSequence_New(ConvertedType);
-    if (result == NULL)
-        goto fail;
-    PyObject *schema = PyUnicode_DecodeUTF8(row.schema.p, row.schema.n, NULL);
-    PyObject *table = PyUnicode_DecodeUTF8(row.table.p, row.table.n, NULL);
-    if (schema == NULL || table == NULL) {
-        Py_XDECREF(schema);
-        Py_XDECREF(table);
-        Py_CLEAR(result);
-        goto fail;
+    for (int i = 0; i < 6; i++) {
+        if (items[i] == NULL || result == NULL) {
+            Py_CLEAR(result);
+            for (int j = 0; j < 6; j++)
+                Py_XDECREF(items[j]);
+            goto fail;
+        }
     }
-    PyStructSequence_SET_ITEM(result, 0, PyUnicode_FromOrdinal((unsigned char)row.action));
-    PyStructSequence_SET_ITEM(result, 1, PyLong_FromUnsignedLongLong(high << 32 | low));
-    PyStructSequence_SET_ITEM(result, 2, schema);
-    PyStructSequence_SET_ITEM(result, 3, table);
-    PyStructSequence_SET_ITEM(result, 4, before);
-    PyStructSequence_SET_ITEM(result, 5, after);
-    if (pk == NULL) {
-        Py_INCREF(Py_None);
-        pk = Py_None;
-    }
-    PyStructSequence_SET_ITEM(result, 6, pk);
-    PyStructSequence_SET_ITEM(result, 7, PyBool_FromLong(ambiguous));
-    release(&row.columns);
-    release(&row.identity);
-    return result;
+    for (int i = 0; i < 6; i++)
+        PyStructSequence_SET_ITEM(result, i, items[i]);
+    goto done;
 refuse:
-    release(&row.columns);
-    release(&row.identity);
-    Py_XDECREF(before);
-    Py_XDECREF(after);
-    Py_XDECREF(pk);
-    Py_RETURN_NONE;
+    result = Py_None;
+    Py_INCREF(result);
+    goto done;
 fail:
+    result = NULL;
+done:
     release(&row.columns);
     release(&row.identity);
-    Py_XDECREF(before);
-    Py_XDECREF(after);
-    Py_XDECREF(pk);
-    return NULL;
+    PyMem_Free(ctx.arena.data);
+    PyMem_Free(out.data);
+    return result;
 }
 
 static PyMethodDef methods[] = {

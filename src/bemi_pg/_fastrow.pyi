@@ -4,15 +4,14 @@ from collections.abc import Callable
 from typing import Any
 
 class Converted:
-    """An INSERT, UPDATE or DELETE row converted: before/after as TransactionState writes them."""
+    """An INSERT, UPDATE or DELETE row converted: ``fields`` is its primary_key, before and after
+    as ChangeRow.copy_line writes them (COPY text fields, tab-separated)."""
 
     action: str
     lsn: int
     schema: str
     table: str
-    before: bytes
-    after: bytes
-    primary_key: str | None
+    fields: bytes
     ambiguous: bool
 
 def convert(codes: dict[int, Any], plan: Callable[[int], object], value_json: Callable[..., bytes],

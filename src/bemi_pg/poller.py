@@ -39,7 +39,7 @@ from .errors import BatchRefused, BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
-from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, TransactionState, tracked_filter
+from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, ConvertedRow, TransactionState, tracked_filter
 from .wal2json import Begin, Change, Commit, Converted, Event, Message, TypeRegistry, fast_converter, format_lsn, parse_lsn, parse_row
 
 __all__ = ["Observer", "Poller", "PollStats", "wal2json_options"]
@@ -217,7 +217,7 @@ class _Writer:
         return (f"the destination refused {where}: {reason}; nothing of the batch was written and the slot "
                 "stays before it: fix the destination and poll again (README: \"When the destination refuses a batch\")")
 
-    def add(self, row: ChangeRow, tail: bytes) -> None:
+    def add(self, row: ChangeRow | ConvertedRow, tail: bytes) -> None:
         """Queue a row; ``tail``: its transaction's shared fields (TransactionState.copy_tail)."""
         if self.partitioned:  # committed_at is text in UTC: 'YYYY-MM-...'
             month = row.committed_at[:7]

@@ -24,7 +24,7 @@ from pglast.parser import scan
 
 from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, Converted, TypeInfo, TypeRegistry, parse_lsn, value_json
 
-__all__ = ["ChangeRow", "TransactionState", "change_id", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
+__all__ = ["ChangeRow", "ConvertedRow", "TransactionState", "change_id", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
 CONTEXT_PREFIX = "_bemi"
 OPERATIONS = {"I": "CREATE", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
@@ -102,6 +102,29 @@ class ChangeRow:
             _table_fields(self.schema, self.table, self.operation), copy_text(self.primary_key),
             copy_escape(self.before), copy_escape(self.after), b"%d\t%d\t%032x" % (self.position, self.seq, self.id), tail,
         ))
+
+
+@dataclass(slots=True)
+class ConvertedRow:
+    """A change the compiled path converted (wal2json.fast_converter): ``fields`` holds its
+    primary_key, before and after, ready as COPY fields (``Converted.fields``)."""
+
+    schema: str
+    table: str
+    operation: str
+    fields: bytes
+    committed_at: str
+    transaction_id: int
+    position: int
+    commit_position: int
+    seq: int
+    id: int
+    ambiguous: bool
+
+    def copy_line(self, tail: bytes) -> bytes:
+        """The same line as :meth:`ChangeRow.copy_line` gives for this change."""
+        return b"\t".join((_table_fields(self.schema, self.table, self.operation), self.fields,
+                           b"%d\t%d\t%032x" % (self.position, self.seq, self.id), tail))
 
 
 # The order of COPY's fields: a change's own first, then those its transaction's changes share
@@ -498,7 +521,7 @@ class TransactionState:
             fields[col.name] = value
         return fields, ambiguous
 
-    def on_change(self, change: Change | Converted, recorded: tuple[str, str] | None = None) -> ChangeRow | None:
+    def on_change(self, change: Change | Converted, recorded: tuple[str, str] | None = None) -> ChangeRow | ConvertedRow | None:
         """The change row, recorded under ``recorded`` (schema, table; by default the change's own);
         None for an UPDATE that changed ignored columns only. Either way the change takes its
         place in the transaction's order (``seq``). A change the compiled path converted
@@ -506,11 +529,10 @@ class TransactionState:
         schema, table = recorded or (change.schema, change.table)
         if not isinstance(change, Change):
             assert not self.column_rules
-            row = ChangeRow(self.database, schema, table, change.primary_key, OPERATIONS[change.action], change.before,
-                            change.after, self.context, self.committed_at, self.xid, change.lsn, self.commit_lsn, self.seq,
-                            self._id_base | self.seq << _ID_SEQ_SHIFT, change.ambiguous)
-            self.seq += 1
-            return row
+            seq = self.seq
+            self.seq = seq + 1
+            return ConvertedRow(schema, table, OPERATIONS[change.action], change.fields, self.committed_at, self.xid, change.lsn,
+                                self.commit_lsn, seq, self._id_base | seq << _ID_SEQ_SHIFT, change.ambiguous)
         action = change.action
         before, ambiguous_before = self._fields(change.identity)
         after, ambiguous_after = self._fields(change.columns)

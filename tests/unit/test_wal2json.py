@@ -62,7 +62,7 @@ def test_value_json_matches_to_jsonb(oid, raw, expected):
     if convert is not None:
         data = '{"action":"I","xid":1,"lsn":"0/1","schema":"s","table":"t","columns":[{"name":"c","typeoid":%d,"value":%s}]}'
         converted = convert((data % (oid, raw)).encode())
-        assert converted is not None and converted.after == b'{"c":' + expected.encode() + b"}"
+        assert converted is not None and converted.fields == b'\\N\t{}\t{"c":' + expected.encode().replace(b"\\", b"\\\\") + b"}"
 
 
 def test_array_parsing_edge_cases():
