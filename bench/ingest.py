@@ -189,6 +189,64 @@ def shapes(src: str, settings: Settings, args: argparse.Namespace) -> None:
               f"{m['destination_us']:.1f}, raw decode {m['decode_us']:.1f}")
 
 
+def index_variants(src: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Each variant of the changes table's indexes: the statements that make it from the default
+    set, and those that put the default back."""
+    with psycopg.connect(src, autocommit=True) as conn:
+        rows = conn.execute("""
+            SELECT i.relname, pg_get_indexdef(i.oid), c.conname, pg_get_constraintdef(c.oid)
+              FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+              LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid
+             WHERE x.indrelid = 'public.changes'::regclass ORDER BY 1""").fetchall()
+    variants: dict[str, tuple[list[str], list[str]]] = {"all": ([], [])}
+    for name, definition, constraint, constraint_def in rows:
+        if constraint:
+            variants[f"without {name}"] = ([f"ALTER TABLE changes DROP CONSTRAINT {constraint}"],
+                                           [f"ALTER TABLE changes ADD CONSTRAINT {constraint} {constraint_def}"])
+        else:
+            variants[f"without {name}"] = ([f"DROP INDEX {name}"], [definition])
+        if name.endswith("_committed_at_idx") and "(committed_at)" in definition:
+            brin = "CREATE INDEX changes_committed_at_brin ON changes USING brin (committed_at)"
+            variants["committed_at as BRIN"] = ([f"DROP INDEX {name}", brin], ["DROP INDEX changes_committed_at_brin", definition])
+        if "USING gin" in definition:
+            variants[f"{name} fastupdate off"] = ([f"ALTER INDEX {name} SET (fastupdate = off)"],
+                                                  [f"ALTER INDEX {name} RESET (fastupdate)"])
+    return variants
+
+
+def indexes(src: str, settings: Settings, args: argparse.Namespace) -> None:
+    """The destination backend's CPU per change with each index left out in turn (or changed),
+    on the realistic shape, into an emptied changes table each time; rounds alternate the order."""
+    variants = index_variants(src)
+    figures: dict[str, list[float]] = {name: [] for name in variants}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    next_id = 50_000_000
+    for round_ in range(args.rounds):
+        for name in (list(variants) if round_ % 2 == 0 else list(variants)[::-1]):
+            make, undo = variants[name]
+            with psycopg.connect(src, autocommit=True) as conn:
+                conn.execute("TRUNCATE changes")
+                for statement in make:
+                    conn.execute(statement.encode())
+            n = shape_backlog(src, "realistic", next_id, args.inserts, args.updates)
+            next_id += args.inserts
+            stats, _, _, destination = measured_drain(src, settings)
+            assert stats.changes == n
+            figures[name].append(1e6 * destination / n)
+            rates[name].append(n / stats.seconds)
+            with psycopg.connect(src, autocommit=True) as conn:
+                conn.execute("TRUNCATE changes")
+                for statement in undo:
+                    conn.execute(statement.encode())
+    base = statistics.median(figures["all"])
+    print(f"indexes: destination backend CPU per change (us), realistic shape, {args.inserts + args.updates:,} changes a drain "
+          f"into an emptied changes table, {args.rounds} rounds alternating the order; medians")
+    for name, values in figures.items():
+        m = statistics.median(values)
+        print(f"{name:<58} {m:5.1f} us  ({m - base:+5.1f})  drain {statistics.median(rates[name]):8,.0f}/s   "
+              f"rounds {', '.join(f'{v:.1f}' for v in values)}")
+
+
 def destination_floor(dsn: str, rows: int, rounds: int) -> list[float]:
     """Rows per second the server writes finished change rows into a changes-shaped table."""
     result = []
@@ -269,6 +327,7 @@ def main() -> int:
     parser.add_argument("--only-metrics", action="store_true", help="measure only the metrics' cost")
     parser.add_argument("--shapes", help="measure only these table shapes, e.g. realistic,numeric,five (see SHAPES)")
     parser.add_argument("--paths", default="compiled,pure", help="conversion paths for --shapes")
+    parser.add_argument("--indexes", action="store_true", help="measure only each index's share of the destination's CPU")
     args = parser.parse_args()
     with throwaway_cluster("src", "dst", settings=(), prefix="bemi-pg-bench-") as cluster:
         src, dst = cluster.dsn("src"), cluster.dsn("dst")
@@ -276,9 +335,12 @@ def main() -> int:
             for _, create, _, _ in SHAPES.values():
                 conn.execute(create.encode())
         settings = load_settings(None)
-        if args.shapes:
+        if args.shapes or args.indexes:
             commands.install(src, None, settings)
-            shapes(src, settings, args)
+            if args.shapes:
+                shapes(src, settings, args)
+            if args.indexes:
+                indexes(src, settings, args)
             return 0
         commands.install(src, None, settings)
         commands.install(src, dst, settings)  # the destination objects in the other database too
