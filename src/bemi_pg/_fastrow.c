@@ -88,13 +88,15 @@ static const char *skip_ws(const char *p, const char *end) {
 static const char *scan_string(const char *p, const char *end, int *escaped) {
     p++;
     *escaped = 0;
-    while (p < end) {
-        const char *q = memchr(p, '"', end - p);
-        const char *bs = memchr(p, '\\', (q ? q : end) - p);
-        if (bs == NULL)
-            return q ? q + 1 : NULL;
-        *escaped = 1;
-        p = bs + 2;
+    while (p < end) { /* a plain loop: wal2json's strings are short, memchr's set-up costs more */
+        char c = *p;
+        if (c == '"')
+            return p + 1;
+        if (c == '\\') {
+            *escaped = 1;
+            p += 2;
+        } else
+            p++;
     }
     return NULL;
 }
@@ -129,10 +131,7 @@ static const char *skip_value(const char *p, const char *end) {
     return p;
 }
 
-static int span_is(Span s, const char *literal) {
-    Py_ssize_t n = (Py_ssize_t)strlen(literal);
-    return s.n == n && memcmp(s.p, literal, n) == 0;
-}
+#define span_is(s, literal) ((s).n == (Py_ssize_t)sizeof(literal) - 1 && memcmp((s).p, literal, sizeof(literal) - 1) == 0)
 
 static int span_eq(Span a, Span b) { return a.n == b.n && memcmp(a.p, b.p, a.n) == 0; }
 
@@ -678,22 +677,20 @@ static Span value_of(Col *col, Buf *arena) {
 
 /* Bytes as a field of COPY's text format (stitch.copy_escape). */
 static int put_copy(Buf *b, const char *p, Py_ssize_t n) {
-    const char *run = p, *end = p + n;
-    for (; p < end; p++) {
-        char c = *p, r;
-        switch (c) {
-        case '\\': r = '\\'; break;
-        case '\n': r = 'n'; break;
-        case '\r': r = 'r'; break;
-        case '\t': r = 't'; break;
-        default: continue;
+    if (buf_grow(b, 2 * n) < 0) /* at most every byte escaped */
+        return -1;
+    char *out = b->data + b->len;
+    for (const char *end = p + n; p < end; p++) {
+        char c = *p;
+        if (c > '\\' || (c != '\\' && c != '\n' && c != '\r' && c != '\t' )) {
+            *out++ = c;
+            continue;
         }
-        char esc[2] = {'\\', r};
-        if (buf_put(b, run, p - run) < 0 || buf_put(b, esc, 2) < 0)
-            return -1;
-        run = p + 1;
+        *out++ = '\\';
+        *out++ = c == '\\' ? '\\' : c == '\n' ? 'n' : c == '\r' ? 'r' : 't';
     }
-    return buf_put(b, run, end - run);
+    b->len = out - b->data;
+    return 0;
 }
 
 static int put_member(Buf *b, int *first, Col *col, Buf *arena) {

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
-from psycopg.adapt import Buffer, Loader
+from psycopg.types.string import ByteaBinaryLoader
 
 from .config import Settings
 from .db import (
@@ -51,13 +51,6 @@ LOCK_WAIT = 5  # seconds a poller waits for the slot's lock before it says anoth
 SEND_ROWS = 1_000  # rows per COPY message
 SEND_BYTES = 4 * 1024 * 1024
 FETCH_ROWS = 2_000
-
-
-class _BytesLoader(Loader):
-    """Text as the bytes the server sent (UTF-8, see session_setup): msgspec parses them directly."""
-
-    def load(self, data: Buffer) -> bytes:
-        return bytes(data)
 
 
 def _escape_filter(name: str) -> str:
@@ -495,8 +488,9 @@ class Poller:
         """The slot's rows, parsed; INSERT, UPDATE and DELETE rows already converted where the
         compiled path takes them."""
         convert = self._convert
-        with self.source.cursor(name="bemi_peek") as cur:
-            cur.adapters.register_loader("text", _BytesLoader)
+        # Binary results: a text value is its UTF-8 bytes, which psycopg's bytea loader (in C) hands over as they are.
+        with self.source.cursor(name="bemi_peek", binary=True) as cur:
+            cur.adapters.register_loader("text", ByteaBinaryLoader)
             cur.execute(query("peek"), {
                 "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.read_size, "options": self.options,
             })

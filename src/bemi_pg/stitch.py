@@ -527,8 +527,7 @@ class TransactionState:
         place in the transaction's order (``seq``). A change the compiled path converted
         (:func:`wal2json.fast_converter`, never used with column rules) only takes its place."""
         schema, table = recorded or (change.schema, change.table)
-        if not isinstance(change, Change):
-            assert not self.column_rules
+        if not isinstance(change, Change):  # never with column rules (the poller's choice)
             seq = self.seq
             self.seq = seq + 1
             return ConvertedRow(schema, table, OPERATIONS[change.action], change.fields, self.committed_at, self.xid, change.lsn,
