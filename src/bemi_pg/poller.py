@@ -71,6 +71,7 @@ def wal2json_options(settings: Settings) -> list[str]:
         "include-timestamp", "1",
         "include-lsn", "1",
         "include-type-oids", "1",
+        "include-types", "0",  # the OID says it all: type names cost the server a format_type per value
         "include-pk", "1",
         "include-typmod", "0",
         "add-msg-prefixes", CONTEXT_PREFIX,

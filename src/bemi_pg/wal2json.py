@@ -357,7 +357,7 @@ Event = Begin | Commit | Message | Insert | Update | Delete | Truncate
 
 parse_row: Callable[[bytes | str], Event] = msgspec.json.Decoder(Event).decode
 """Parse one wal2json format-version 2 row (options: include-lsn, include-xids,
-include-timestamp, include-type-oids, include-pk); raises ``msgspec.ValidationError``
+include-timestamp, include-type-oids, include-pk, include-types 0); raises ``msgspec.ValidationError``
 on a row of another shape."""
 
 
