@@ -77,6 +77,8 @@ static int buf_putc(Buf *b, char c) { return buf_put(b, &c, 1); }
 
 /* -- scanning wal2json's JSON ------------------------------------------------------------ */
 
+static int is_digit(char c) { return c >= '0' && c <= '9'; }
+
 static const char *skip_ws(const char *p, const char *end) {
     while (p < end && (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r'))
         p++;
@@ -236,6 +238,34 @@ static const char *read_array(const char *p, const char *end, Element element, v
     return NULL;
 }
 
+#define LITERAL(p, end, text) ((end) - (p) >= (Py_ssize_t)sizeof(text) - 1 && memcmp(p, text, sizeof(text) - 1) == 0)
+
+/* A column object as the poller's options make wal2json write it, {"name":"…","typeoid":N,
+ * "value":…}, read without the general object walk; NULL for any other shape. */
+static const char *column_as_written(Col *col, const char *p, const char *end) {
+    int escaped;
+    if (!LITERAL(p, end, "{\"name\":\""))
+        return NULL;
+    const char *name = p + 8, *q = scan_string(name, end, &escaped);
+    if (q == NULL || escaped || !LITERAL(q, end, ",\"typeoid\":"))
+        return NULL;
+    q += 11;
+    const char *digits = q;
+    unsigned long oid = 0;
+    while (q < end && is_digit(*q) && q - digits < 10)
+        oid = oid * 10 + (unsigned long)(*q++ - '0');
+    if (q == digits || !LITERAL(q, end, ",\"value\":"))
+        return NULL;
+    const char *value = q + 9;
+    q = skip_value(value, end);
+    if (q == NULL || q == value || q >= end || *q != '}')
+        return NULL;
+    col->name = (Span){name, scan_string(name, end, &escaped) - name};
+    col->oid = oid;
+    col->value = (Span){value, q - value};
+    return q + 1;
+}
+
 /* One column object into list->cols. */
 static const char *column_element(void *ctx, const char *p, const char *end) {
     ColList *list = ctx;
@@ -245,6 +275,9 @@ static const char *column_element(void *ctx, const char *p, const char *end) {
     memset(col, 0, sizeof *col);
     col->len = -1;
     col->oid = (unsigned long)-1;
+    const char *fast = column_as_written(col, p, end);
+    if (fast != NULL)
+        return fast;
     list->current = col;
     p = read_object(p, end, column_member, list);
     if (p == NULL || col->name.p == NULL || col->value.p == NULL || col->oid == (unsigned long)-1)
@@ -437,8 +470,6 @@ static int is_json_number(const char *p, Py_ssize_t n) {
     }
     return p == end;
 }
-
-static int is_digit(char c) { return c >= '0' && c <= '9'; }
 
 /* A timestamp's JSON string as to_jsonb writes it (wal2json._timestamp_json). */
 static int timestamp_json(Span raw, int with_zone, Buf *out) {

@@ -208,7 +208,9 @@ def _row(action, columns, identity=None, pk=()):
     # a null key, a real whose null may be NaN
     _row("I", [("id", 23, "null"), ("r", 700, "null")], pk=["id"]),
 ])
-def test_compiled_conversion_gives_the_pure_copy_line(row):
+@pytest.mark.parametrize("typed", [False, True], ids=["poller's options", "with type names"])
+def test_compiled_conversion_gives_the_pure_copy_line(row, typed):
+    row = row if typed else row.replace('"type":"x",', "")  # the poller decodes with include-types 0
     convert = fast_converter(TypeRegistry())
     if convert is None:
         pytest.skip("bemi_pg._fastrow is not built")
