@@ -2,6 +2,7 @@
 
     python bench/ingest.py [--inserts 200000] [--updates 100000] [--per-transaction 1000] [--rounds 3]
                            [--chart bench/batch-size.png] [--metrics-rounds 4] [--only-metrics]
+                           [--sealing-rounds 4] [--only-sealing]
 
 On a throwaway server: a 5-column table with REPLICA IDENTITY FULL, a backlog of inserts and
 updates, then (1) the server decoding the slot by itself (`SELECT count(*) FROM
@@ -18,7 +19,9 @@ table with the changes table's columns and indexes, and prints the ratio any pol
 reach at best, decoding and writing one after the other (as a peek does) or fully
 overlapped.
 
-First it measures what ``--metrics-port`` costs: drains of backlogs in --per-transaction-row
+First it measures what sealing each batch costs (issue 20): drains of backlogs in
+--per-transaction-row transactions with and without sealing, alternating which goes first. Then
+it measures what ``--metrics-port`` costs: drains of backlogs in --per-transaction-row
 transactions, with and without the metrics (alternating which goes first), and prints the ratio.
 
 ``--shapes realistic,numeric,five`` measures only the table shapes (then exits): a new user's
@@ -316,6 +319,33 @@ def metrics_cost(src: str, settings: Settings, args: argparse.Namespace, next_id
     print(f"metrics: the poll loop's own metric updates took {100 * statistics.median(shares):.4f}% of the drain's time (median)")
 
 
+def sealed_drain(src: str, dst: str, settings: Settings, *, sealing: bool) -> float:
+    """Changes/s of a drain as ``poll --once`` does it, each batch sealed or not."""
+    with Poller(src, dst, settings) as poller:
+        poller.seal = sealing
+        stats = poller.run_once()
+    return stats.changes / stats.seconds
+
+
+def sealing_cost(src: str, dst: str, settings: Settings, args: argparse.Namespace, next_id: int) -> int:
+    """Drains with and without sealing (issue 20, budget 5%), alternating which goes first, each
+    of a backlog of its own in --per-transaction-row transactions, into the other database; then one `bemi-pg seal` of the
+    batches left unsealed, so that the trail stays whole."""
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for round_ in range(args.sealing_rounds):
+        for sealing in ((False, True) if round_ % 2 == 0 else (True, False)):
+            backlog(src, next_id, args.inserts, args.updates, args.per_transaction)
+            next_id += args.inserts
+            rates[sealing].append(sealed_drain(src, dst, settings, sealing=sealing))
+    commands.seal(src, dst, settings)
+    bare, sealed = statistics.median(rates[False]), statistics.median(rates[True])
+    paired = statistics.median(s / b for b, s in zip(rates[False], rates[True], strict=True))
+    print(f"sealing: without {bare:,.0f} changes/s, with {sealed:,.0f} changes/s: ratio of the medians {sealed / bare:.3f}, "
+          f"paired ratio median {paired:.3f}, cost {100 * (1 - sealed / bare):+.1f}%   rounds without "
+          f"{', '.join(f'{v:,.0f}' for v in rates[False])}; with {', '.join(f'{v:,.0f}' for v in rates[True])}")
+    return next_id
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inserts", type=int, default=200_000)
@@ -325,6 +355,8 @@ def main() -> int:
     parser.add_argument("--chart", help="write throughput against batch size to this PNG")
     parser.add_argument("--metrics-rounds", type=int, default=4, help="drains with and without --metrics-port's work (0: none)")
     parser.add_argument("--only-metrics", action="store_true", help="measure only the metrics' cost")
+    parser.add_argument("--sealing-rounds", type=int, default=4, help="drains with and without sealing each batch (0: none)")
+    parser.add_argument("--only-sealing", action="store_true", help="measure only what sealing costs")
     parser.add_argument("--shapes", help="measure only these table shapes, e.g. realistic,numeric,five (see SHAPES)")
     parser.add_argument("--paths", default="compiled,pure", help="conversion paths for --shapes")
     parser.add_argument("--indexes", action="store_true", help="measure only each index's share of the destination's CPU")
@@ -346,6 +378,10 @@ def main() -> int:
         commands.install(src, dst, settings)  # the destination objects in the other database too
         slot, options = settings.slot_for("src"), wal2json_options(settings)
         next_id = 1
+        if args.sealing_rounds:
+            next_id = sealing_cost(src, dst, settings, args, next_id)
+        if args.only_sealing:
+            return 0
         if args.metrics_rounds:
             metrics_cost(src, settings, args, next_id)
             next_id += 2 * args.metrics_rounds * args.inserts

@@ -7,6 +7,7 @@
 --   exclude_tables = []
 --   replica_identity_full = True
 --   slot_name = None
+--   slot_failover = False
 --   destination_table = public.changes
 --   row_gin_indexes = False
 --   partition_by_month = False
@@ -922,7 +923,7 @@ $do$;
 
 -- The settings, capture mode included, then every table tracked with them.
 INSERT INTO bemi.installation (version, settings, source)
-VALUES ('0.4.0', '{"capture_mode": "triggers", "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_name": null, "sqlcommenter": true}'::jsonb, bemi.source_identity())
+VALUES ('0.4.0', '{"capture_mode": "triggers", "database_keys": "no_context", "destination_table": "public.changes", "exclude_columns": [], "exclude_tables": [], "ignore_columns": [], "max_context_bytes": 1048576, "partition_by_month": false, "replica_identity_full": true, "row_gin_indexes": false, "schemas": ["public"], "slot_failover": false, "slot_name": null, "sqlcommenter": true}'::jsonb, bemi.source_identity())
 -- CREATE EXTENSION starts in trigger mode, which needs no slot; ALTER EXTENSION UPDATE keeps the
 -- mode (wal in 0.1.0, which had no other), and `bemi-pg install --capture-mode` switches it.
 ON CONFLICT (singleton) DO UPDATE
@@ -940,6 +941,7 @@ CALL bemi.track_tables();
 --   exclude_tables = []
 --   replica_identity_full = True
 --   slot_name = None
+--   slot_failover = False
 --   destination_table = public.changes
 --   row_gin_indexes = False
 --   partition_by_month = False
@@ -1082,6 +1084,261 @@ BEGIN
   END IF;
 END
 $fn$;
+
+-- The sealed trail (README, "A sealed trail"). Each seal covers a run of one source's changes,
+-- an interval of commit_position, and holds the SHA-256 of each covered change's canonical form
+-- (bemi.change_hash) in trail order (commit_position, seq) and a hash chaining it to the seal
+-- before it (bemi.seal_hash). `bemi-pg verify` recomputes both. Wal mode's changes
+-- (commit_position >= 0) are sealed by the poller in each batch's own transaction, upwards;
+-- trigger mode's (commit_position = minus the xid) after they commit, by bemi.seal, downwards
+-- (newer transactions have lower positions). A prune seal records what `bemi-pg prune` removed.
+CREATE TABLE IF NOT EXISTS bemi.seal (
+  source text NOT NULL,
+  seal_no bigint NOT NULL,                -- 1, 2, ... per source: the chain's order
+  kind text NOT NULL CHECK (kind IN ('changes', 'prune')),
+  sealed_at timestamptz NOT NULL,
+  from_position bigint,                   -- the commit_position interval covered, both ends in;
+  to_position bigint,                     -- NULL for a prune seal
+  change_count integer NOT NULL,
+  change_ids uuid[] NOT NULL,             -- the covered changes in trail order ...
+  change_hashes bytea[] NOT NULL,         -- ... and bemi.change_hash of each
+  pruned jsonb,                           -- a prune seal's record of what it removed
+  prev_hash bytea,                        -- the previous seal's hash (NULL for the first)
+  hash bytea NOT NULL,
+  PRIMARY KEY (source, seal_no)
+);
+
+-- Ids and hashes do not compress: stored out of line without trying (a seal holds up to about
+-- 10000 of each).
+ALTER TABLE bemi.seal ALTER COLUMN change_ids SET STORAGE EXTERNAL, ALTER COLUMN change_hashes SET STORAGE EXTERNAL;
+
+-- Where the next seal of each capture mode starts (bemi.seal), and which seal covers a position
+-- (verify, prune): a probe each, however long the chain.
+CREATE INDEX IF NOT EXISTS seal_source_to_position_idx ON bemi.seal (source, to_position);
+CREATE INDEX IF NOT EXISTS seal_source_from_position_idx ON bemi.seal (source, from_position);
+
+-- One change's hash: SHA-256 of the binary form PostgreSQL gives a row of these columns, in
+-- this order (record_send, the binary COPY format of a composite value): the column count, then
+-- for each its type's OID, its length (-1 for NULL) and its bytes (uuid: 16 bytes; text: UTF-8;
+-- jsonb: byte 1 and jsonb's own text; timestamptz: microseconds since 2000-01-01 UTC; integers
+-- big-endian). Independent of any session setting; docs/verify_trail.py recomputes it.
+CREATE OR REPLACE FUNCTION bemi.change_hash(c public.changes) RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $fn$
+  SELECT pg_catalog.sha256(pg_catalog.record_send(ROW(
+    c.id, c.source, c."database", c."schema", c."table", c.primary_key, c.operation,
+    c.before, c.after, c.context, c.committed_at, c.queued_at, c.created_at,
+    c.transaction_id, c."position", c.commit_position, c.seq)))
+$fn$;
+
+-- A seal's hash: SHA-256 of the previous seal's hash, the covered changes' hashes in order, and
+-- the UTF-8 of the JSON array of its own fields (source, seal_no, kind, sealed_at, from_position,
+-- to_position, change_count, pruned as jsonb's text).
+CREATE OR REPLACE FUNCTION bemi.seal_hash(prev_hash bytea, change_hashes bytea[], source text, seal_no bigint, kind text,
+                                          sealed_at timestamptz, from_position bigint, to_position bigint,
+                                          change_count integer, pruned jsonb) RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $fn$
+  SELECT pg_catalog.sha256(
+    coalesce(prev_hash, ''::bytea)
+    || coalesce((SELECT pg_catalog.string_agg(u.h, ''::bytea ORDER BY u.o)
+                   FROM pg_catalog.unnest(change_hashes) WITH ORDINALITY AS u(h, o)), ''::bytea)
+    || pg_catalog.convert_to(pg_catalog.json_build_array(
+         source, seal_no, kind, pg_catalog.to_char(sealed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+         from_position, to_position, change_count, pruned::text)::text, 'UTF8'))
+$fn$;
+
+-- Appends a seal to a source's chain (after its head); returns the new head hash.
+CREATE OR REPLACE FUNCTION bemi.append_seal(source text, kind text, from_position bigint, to_position bigint,
+                                            change_ids uuid[], change_hashes bytea[], pruned jsonb) RETURNS bytea
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  head_no bigint;
+  head_hash bytea;
+  new_hash bytea;
+BEGIN
+  SELECT h.seal_no, h.hash INTO head_no, head_hash
+    FROM bemi.seal AS h WHERE h.source = append_seal.source ORDER BY h.seal_no DESC LIMIT 1;
+  new_hash := bemi.seal_hash(head_hash, change_hashes, source, coalesce(head_no, 0) + 1, kind, pg_catalog.now(),
+                             from_position, to_position, pg_catalog.cardinality(change_ids), pruned);
+  INSERT INTO bemi.seal (source, seal_no, kind, sealed_at, from_position, to_position, change_count,
+                         change_ids, change_hashes, pruned, prev_hash, hash)
+  VALUES (source, coalesce(head_no, 0) + 1, kind, pg_catalog.now(), from_position, to_position,
+          pg_catalog.cardinality(change_ids), change_ids, change_hashes, pruned, head_hash, new_hash);
+  RETURN new_hash;
+END
+$fn$;
+
+-- Seals a source's changes with commit_position in [lo, hi] that no seal covers, in runs of
+-- about 10000 changes (whole transactions), upwards (wal mode) or downwards (trigger mode); a
+-- closed wal-mode interval (the poller's batch, about batch_size changes) in one seal.
+CREATE OR REPLACE FUNCTION bemi.seal_interval(source text, lo bigint, hi bigint, upwards boolean) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  run constant integer := 10000;
+  a bigint;
+  b bigint;
+  ids uuid[];
+  hashes bytea[];
+  top bigint;
+BEGIN
+  WHILE lo <= hi LOOP
+    a := lo;
+    b := hi;
+    IF NOT (upwards AND hi < 9223372036854775807)  -- the poller's batch: sealed whole, however long
+       AND (SELECT pg_catalog.count(*) FROM (SELECT FROM public.changes AS c
+         WHERE c.source = seal_interval.source AND c.commit_position BETWEEN lo AND hi LIMIT run + 1) AS x) > run THEN
+      -- A long stretch (sealing at upgrade): cut it after the transaction holding the run's edge.
+      IF upwards THEN
+        b := (SELECT c.commit_position FROM public.changes AS c
+               WHERE c.source = seal_interval.source AND c.commit_position BETWEEN lo AND hi
+               ORDER BY c.commit_position, c.seq OFFSET run - 1 LIMIT 1);
+      ELSE
+        a := (SELECT c.commit_position FROM public.changes AS c
+               WHERE c.source = seal_interval.source AND c.commit_position BETWEEN lo AND hi
+               ORDER BY c.commit_position DESC, c.seq DESC OFFSET run - 1 LIMIT 1);
+      END IF;
+    END IF;
+    -- The changes in trail order, as the unique key's index gives them.
+    SELECT pg_catalog.array_agg(r.id), pg_catalog.array_agg(r.h), pg_catalog.max(r.commit_position)
+      INTO ids, hashes, top
+      FROM (SELECT c.id, bemi.change_hash(c) AS h, c.commit_position FROM public.changes AS c
+             WHERE c.source = seal_interval.source AND c.commit_position BETWEEN a AND b
+             ORDER BY c.commit_position, c.seq) AS r;
+    IF ids IS NULL THEN
+      RETURN;  -- nothing to seal: the next seal covers this stretch too
+    END IF;
+    IF b = 9223372036854775807 THEN
+      b := top;  -- an open interval ends at the last change sealed
+    END IF;
+    PERFORM bemi.append_seal(source, 'changes', a, b, ids, hashes, NULL);
+    IF upwards THEN
+      lo := b + 1;
+    ELSE
+      hi := a - 1;
+    END IF;
+  END LOOP;
+END
+$fn$;
+
+-- Seals what no seal covers yet of a source's changes and returns the head hash (NULL: no seal).
+-- Wal mode's changes up to wal_upto (the poller passes its batch's last commit position; NULL:
+-- all); trigger mode's of transactions below xid_horizon, which must all have ended (NULL: the
+-- oldest transaction running now, so that a later commit of an older transaction cannot land in
+-- a sealed stretch). Called by the poller in its batch's transaction and by `bemi-pg seal`;
+-- a writer that moves trigger-mode changes in later passes the horizon it has moved up to.
+-- Runs with the installer's rights: the callers need no right on bemi.seal but EXECUTE.
+CREATE OR REPLACE FUNCTION bemi.seal(source text, wal_upto bigint DEFAULT NULL, xid_horizon bigint DEFAULT NULL)
+RETURNS bytea
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  horizon bigint := coalesce(xid_horizon, pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint);
+BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('bemi.seal ' || seal.source, 0));
+  PERFORM bemi.seal_interval(seal.source,
+    coalesce((SELECT pg_catalog.max(s.to_position) FROM bemi.seal AS s
+               WHERE s.source = seal.source AND s.to_position >= 0), -1) + 1,
+    coalesce(wal_upto, 9223372036854775807), true);
+  PERFORM bemi.seal_interval(seal.source, 1 - horizon,
+    coalesce((SELECT pg_catalog.min(s.from_position) FROM bemi.seal AS s
+               WHERE s.source = seal.source AND s.from_position < 0), 0) - 1, false);
+  RETURN (SELECT s.hash FROM bemi.seal AS s WHERE s.source = seal.source ORDER BY s.seal_no DESC LIMIT 1);
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION bemi.seal(text, bigint, bigint) FROM PUBLIC;
+
+-- Removes, for `bemi-pg prune`, the oldest seals (in chain order) whose changes all committed
+-- before cutoff, with their changes, until about max_changes are gone; then appends a prune seal
+-- recording what went and the hash the first remaining seal continues from. Returns the count.
+CREATE OR REPLACE FUNCTION bemi.prune_sealed(source text, cutoff timestamptz, max_changes bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  s record;
+  first_no bigint;
+  last_no bigint;
+  resume bytea;
+  removed bigint := 0;
+  n bigint;
+  waiting bigint[] := '{}';
+BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('bemi.seal ' || prune_sealed.source, 0));
+  FOR s IN SELECT x.seal_no, x.kind, x.from_position, x.to_position, x.hash
+             FROM bemi.seal AS x WHERE x.source = prune_sealed.source ORDER BY x.seal_no LOOP
+    EXIT WHEN removed >= max_changes;
+    IF s.kind = 'prune' THEN
+      waiting := waiting || s.seal_no;  -- an earlier prune's record goes only with changes after it
+      CONTINUE;
+    END IF;
+    EXIT WHEN EXISTS (SELECT FROM public.changes AS c
+                       WHERE c.source = prune_sealed.source AND c.commit_position BETWEEN s.from_position AND s.to_position
+                         AND c.committed_at >= cutoff);
+    DELETE FROM public.changes AS c
+     WHERE c.source = prune_sealed.source AND c.commit_position BETWEEN s.from_position AND s.to_position;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    removed := removed + n;
+    DELETE FROM bemi.seal AS x WHERE x.source = prune_sealed.source AND (x.seal_no = s.seal_no OR x.seal_no = ANY (waiting));
+    first_no := coalesce(first_no, (SELECT pg_catalog.min(w) FROM pg_catalog.unnest(waiting || s.seal_no) AS w));
+    waiting := '{}';
+    last_no := s.seal_no;
+    resume := s.hash;
+  END LOOP;
+  IF last_no IS NULL THEN
+    RETURN 0;
+  END IF;
+  PERFORM bemi.append_seal(source, 'prune', NULL, NULL, '{}', '{}', pg_catalog.jsonb_build_object(
+    'first_seal', first_no, 'last_seal', last_no, 'changes', removed,
+    'before', pg_catalog.to_char(cutoff AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    'resume_hash', pg_catalog.encode(resume, 'hex')));
+  RETURN removed;
+END
+$fn$;
+
+-- The trail is append-only: UPDATE, DELETE and TRUNCATE of the changes and the seals are
+-- refused for every role without the rights of the table's owner (the installer, who runs
+-- `bemi-pg prune`; a superuser). The owner could drop this trigger; what it does then is caught
+-- by `bemi-pg verify`, and a rewrite of the whole chain by a head hash kept elsewhere. The one
+-- UPDATE allowed is of a change its own transaction wrote, before it is sealed (the poller
+-- restores NaN and Infinity values that way).
+CREATE OR REPLACE FUNCTION bemi.refuse_rewrite() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+  IF pg_catalog.pg_has_role(current_user, (SELECT c.relowner FROM pg_catalog.pg_class AS c WHERE c.oid = TG_RELID), 'USAGE') THEN
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+  END IF;
+  IF TG_OP = 'UPDATE' AND TG_ARGV[0] = 'changes' THEN
+    IF OLD.xmin::text = (pg_catalog.pg_current_xact_id()::text::bigint % 4294967296)::text THEN
+      RETURN NEW;
+    END IF;
+  END IF;
+  RAISE EXCEPTION 'bemi: % on %.% refused: the audit trail is append-only', TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
+    USING ERRCODE = 'insufficient_privilege',
+          HINT = 'Only the table''s owner changes it (bemi-pg prune removes old changes); see README "A sealed trail".';
+END
+$fn$;
+
+DO $do$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid = 'public.changes'::regclass
+                                                     AND tgname = 'bemi_append_only') THEN
+    CREATE TRIGGER bemi_append_only BEFORE UPDATE OR DELETE ON public.changes
+      FOR EACH ROW EXECUTE FUNCTION bemi.refuse_rewrite('changes');
+    CREATE TRIGGER bemi_append_only_truncate BEFORE TRUNCATE ON public.changes
+      FOR EACH STATEMENT EXECUTE FUNCTION bemi.refuse_rewrite('changes');
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid = 'bemi.seal'::regclass AND tgname = 'bemi_append_only') THEN
+    CREATE TRIGGER bemi_append_only BEFORE UPDATE OR DELETE ON bemi.seal
+      FOR EACH ROW EXECUTE FUNCTION bemi.refuse_rewrite('seal');
+    CREATE TRIGGER bemi_append_only_truncate BEFORE TRUNCATE ON bemi.seal
+      FOR EACH STATEMENT EXECUTE FUNCTION bemi.refuse_rewrite('seal');
+  END IF;
+END
+$do$;
 
 -- Time travel over the audit trail: history, as-of, blame (in the destination database).
 -- A table is named 'table' or 'schema.table' (parse_ident rules: quote mixed case).

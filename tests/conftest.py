@@ -103,22 +103,23 @@ def drop_database(server_dsn: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def db(server_dsn: str) -> Iterator[Database]:
-    name = create_database(server_dsn)
+def own_database(server_dsn: str, prefix: str = "t") -> Iterator[Database]:
+    """A database of the test's own, dropped after it (for a fixture to yield from)."""
+    name = create_database(server_dsn, prefix)
     try:
         yield Database(server_dsn, name)
     finally:
         drop_database(server_dsn, name)
+
+
+@pytest.fixture
+def db(server_dsn: str) -> Iterator[Database]:
+    yield from own_database(server_dsn)
 
 
 @pytest.fixture
 def other_db(server_dsn: str) -> Iterator[Database]:
-    name = create_database(server_dsn, "dest")
-    try:
-        yield Database(server_dsn, name)
-    finally:
-        drop_database(server_dsn, name)
+    yield from own_database(server_dsn, "dest")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,

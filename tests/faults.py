@@ -46,14 +46,21 @@ def canonical(context: dict[str, Any] | str) -> str:
 
 @dataclass
 class Ledger:
-    """What each writer's transactions did; only those whose marker row committed count."""
+    """What each writer's transactions did; only those whose marker row committed count.
+    ``confirmed``: the transactions whose COMMIT returned to the writer (what the application saw
+    committed); a commit cut off by a crash is neither confirmed nor, by itself, lost."""
 
     attempted: dict[tuple[int, int], list[Key]] = field(default_factory=dict)
+    confirmed: set[tuple[int, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, w: int, n: int, changes: list[Key]) -> None:
         with self.lock:
             self.attempted[(w, n)] = changes
+
+    def confirm(self, w: int, n: int) -> None:
+        with self.lock:
+            self.confirmed.add((w, n))
 
     def expected(self, committed: set[tuple[int, int]]) -> Counter[Key]:
         out: Counter[Key] = Counter()
@@ -146,8 +153,20 @@ class Writer(threading.Thread):
             conn.rollback()
             return mine
         conn.commit()
+        self.ledger.confirm(w, n)
         self.committed += 1
         return after_commit
+
+
+def stop_workload(stop: threading.Event, writers: list[Writer], poller: subprocess.Popen[str], *,
+                  settle: float = 0.0) -> str:
+    """Stop the writers, give the poller ``settle`` seconds to catch up, stop it (SIGTERM); its stderr."""
+    stop.set()
+    for writer in writers:
+        writer.join()
+    time.sleep(settle)
+    poller.send_signal(signal.SIGTERM)
+    return poller.communicate(timeout=120)[1]
 
 
 def excluding_config() -> str:
@@ -196,7 +215,9 @@ def kill_pollers(dsn: str, kills: int, *, seed: int = 0, config: str = "", fault
 
 def compare(source_dsn: str, destination_dsn: str, ledger: Ledger, *, source: str | None = None) -> dict[str, int]:
     """Figures: rows expected, found, lost, duplicated, misattributed (right row, wrong context);
-    with ``source``, of that source's rows in a shared destination (another source's are phantoms)."""
+    with ``source``, of that source's rows in a shared destination (another source's are phantoms).
+    ``unconfirmed``: transactions confirmed to a writer whose marker row the source lacks (a
+    commit lost by the server, e.g. at a failover without synchronous replication)."""
     with psycopg.connect(source_dsn) as conn:
         committed = {(w, n) for w, n in conn.execute("SELECT w, n FROM ledger_tx")}
     expected = ledger.expected(committed)
@@ -211,6 +232,7 @@ def compare(source_dsn: str, destination_dsn: str, ledger: Ledger, *, source: st
     misattributed = sum(v for k, v in extra.items() if expected[k] == 0 and k[:4] in lost_rows)
     return {
         "transactions": len(committed),
+        "unconfirmed": len(ledger.confirmed - committed),
         "expected": sum(expected.values()),
         "found": sum(found.values()),
         "lost": sum(lost.values()),

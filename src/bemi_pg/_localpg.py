@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["LocalCluster", "LocalPgBouncer", "PgInstall", "find_bindir", "throwaway_cluster"]
+__all__ = ["LocalCluster", "LocalPgBouncer", "PgInstall", "find_bindir", "standby_of", "throwaway_cluster"]
 
 # Debian's output_plugin_libraries is a list setting: one element per plugin.
 OUTPUT_PLUGINS = ("pgoutput", "test_decoding", "wal2json")
@@ -256,6 +256,32 @@ def throwaway_cluster(*databases: str, settings: tuple[str, ...] = (), prefix: s
     finally:
         cluster.destroy()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def standby_of(primary: LocalCluster, datadir: Path, slot: str, *settings: str) -> LocalCluster:
+    """A streaming physical standby of ``primary`` in ``datadir`` (a new directory beside the
+    primary's), started: ``pg_basebackup -R`` over 127.0.0.1 creates the physical slot ``slot``
+    and the standby streams from it with ``hot_standby_feedback`` and the slot synchronization
+    of PostgreSQL 17 (``sync_replication_slots``; ``primary_conninfo`` names a database for it).
+    ``settings`` are added to (and win over) those."""
+    standby = LocalCluster(datadir, pg=primary.pg)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    if standby._as_postgres:
+        primary.pg.chown_postgres(datadir.parent)
+    conninfo = f"host=127.0.0.1 port={primary.port} user=postgres dbname=postgres"
+    res = standby._run("pg_basebackup", "-D", standby._inner_datadir, "-d", conninfo, "-R", "-C", "-S", slot,
+                       "-X", "stream", "-c", "fast", "--no-sync", check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"pg_basebackup failed: {res.stdout}{res.stderr}")
+    for copied in ("bemi-port", "server.log"):  # the primary's, copied with its data directory
+        (datadir / copied).unlink(missing_ok=True)
+    # In postgresql.auto.conf, not on the command line: ALTER SYSTEM on the standby can change them.
+    standby_settings = ["hot_standby = on", "hot_standby_feedback = on", "sync_replication_slots = on",
+                        f"primary_slot_name = '{slot}'", f"primary_conninfo = '{conninfo}'"]
+    with (datadir / "postgresql.auto.conf").open("a") as auto:
+        auto.write("".join(f"{line}\n" for line in standby_settings))
+    standby.start(*settings)
+    return standby
 
 
 class LocalPgBouncer:

@@ -22,6 +22,8 @@ from .wal2json import format_lsn
 
 log = logging.getLogger("bemi_pg")
 
+TAMPERED = 6  # `verify`: the trail is not what its seals say
+
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -70,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="slot lag, last position written, tracked tables")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("doctor", parents=[common], help="check the database is ready; one line per check")
+    p = sub.add_parser("doctor", parents=[common], help="check the database is ready; one line per check")
+    p.add_argument("--standby-dsn", action="append", default=[], metavar="DSN",
+                   help="with slot.failover: a standby to check too (repeatable; a multi-host --dsn's other hosts are checked anyway)")
 
     p = sub.add_parser("history", parents=[common], help="a row's changes, newest first, with what each changed")
     p.add_argument("table", help="table or schema.table")
@@ -93,7 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--change", metavar="ID", help="one change, by its id")
     which.add_argument("--transaction", metavar="XID", type=int, help="every change of a transaction")
     which.add_argument("--context", metavar="JSON", help="every change whose context contains this JSON")
+    which.add_argument("--since", metavar="TIMESTAMP", help="every change after this moment: the tables as they were then")
+    p.add_argument("--table", action="append", metavar="TABLE", dest="tables",
+                   help="with --since: only this table (table or schema.table; repeat for more)")
     p.add_argument("--apply", action="store_true", help="run it, in one transaction, instead of printing it")
+    p.add_argument("--skip-conflicts", action="store_true",
+                   help="apply what can be applied and list the rest (default: any conflict, nothing applied)")
 
     p = sub.add_parser("serve", parents=[common], help="the audit-trail explorer in the browser (needs bemi-pg[ui])")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
@@ -104,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="trust this header from a reverse proxy as the user (e.g. X-Forwarded-User); off by default")
     p = sub.add_parser("prune", parents=[common], help="delete changes older than a duration (drops whole partitions)")
     p.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 90d, 12w, 36h")
+    p = sub.add_parser("verify", parents=[common], help="recompute the sealed trail's hashes; exit 6 if anything was altered")
+    p.add_argument("--since", metavar="WHEN", help="compare only the changes sealed since then (a duration, 7d, or an ISO time)")
+    p.add_argument("--head", metavar="HASH", help="a head hash kept elsewhere (from `status` or `poll`): the chain must hold it")
+    sub.add_parser("seal", parents=[common], help="seal the changes no seal covers yet (trigger mode; run it from cron)")
 
     p = sub.add_parser("migration", parents=[common], help="write a migration for your framework that installs bemi-pg")
     msub = p.add_subparsers(dest="migration_command", required=True, metavar="new")
@@ -130,8 +143,9 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
 
     def on_batch(stats: Any) -> None:
         position = format_lsn(stats.end_lsn) if stats.end_lsn else None
-        log.info("bemi-pg: wrote %d changes from %d transactions (slot at %s)", stats.changes, stats.transactions, position or "-",
-                 extra={"changes": stats.changes, "transactions": stats.transactions, "position": position})
+        log.info("bemi-pg: wrote %d changes from %d transactions (slot at %s; trail head %s)", stats.changes, stats.transactions,
+                 position or "-", stats.head or "-",
+                 extra={"changes": stats.changes, "transactions": stats.transactions, "position": position, "head": stats.head})
 
     metrics = None if args.metrics_port is None else commands.MetricsEndpoint(args.metrics_host, args.metrics_port)
     total = commands.poll_follow(dsn, dest, settings, interval=args.interval, stop=stop,
@@ -212,16 +226,20 @@ def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: 
         raise ConfigError(f"--context {args.context!r} is not JSON: pass an object, e.g. '{{\"user_id\": 42}}'") from None
     with connect(dsn, role="source database") as src, connect(dest or dsn, role="destination database") as dconn:
         plan = revert.plan_revert(src, dconn, quote_ident(*settings.destination), change_id=args.change,
-                                  transaction_id=args.transaction, context=context)
-        revert.apply_revert(src, plan, commit=args.apply)
+                                  transaction_id=args.transaction, context=context, since=args.since, tables=args.tables)
+        revert.apply_revert(src, plan, commit=args.apply, skip_conflicts=args.skip_conflicts)
     if not args.apply:
-        sys.stdout.write(plan.script())
-    for step in plan.steps:
-        if step.outcome in ("conflict", "impossible"):
-            print(f"conflict: {step.description}: {step.conflict}", file=sys.stderr)
-    applied = sum(s.outcome == "applied" for s in plan.steps)
+        sys.stdout.write(plan.script(skip_conflicts=args.skip_conflicts))
+    for step in plan.problems:
+        label = "skipped" if args.skip_conflicts else "refused" if step.outcome == "refused" else "conflict"
+        print(f"{label}: {step.description}: {step.conflict}", file=sys.stderr)
+    applied = sum(s.ok for s in plan.steps)
+    if plan.problems and not args.skip_conflicts:
+        log.info("bemi-pg: %d of %d change(s) cannot be reverted as they are now: %s (--skip-conflicts applies the rest)",
+                 len(plan.problems), len(plan.steps), "nothing was applied" if args.apply else "the revert would apply nothing")
+        return 4
     log.info("bemi-pg: %s %d of %d change(s)", "reverted" if args.apply else "would revert", applied, len(plan.steps))
-    return 0 if applied == len(plan.steps) else 4
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -254,7 +272,7 @@ def _run(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(args.dsn)
     dest = resolve_destination_dsn(args.destination_dsn, dsn)
     if args.command == "doctor":
-        checks = commands.doctor(dsn, dest, settings)
+        checks = commands.doctor(dsn, dest, settings, standby_dsns=tuple(args.standby_dsn))
         for check in checks:
             print(check.line())
         return 1 if any(c.status == "FAIL" for c in checks) else 0
@@ -294,6 +312,14 @@ def _run(args: argparse.Namespace) -> int:
         commands.serve(dsn, dest, settings, host=args.host, port=args.port, token=commands.ui_token(args.token_file),
                        allow_revert=args.allow_revert, trusted_user_header=args.trusted_user_header)
         return 0
+    if args.command == "seal":
+        head = commands.seal(dsn, dest, settings)
+        log.info("bemi-pg: sealed; trail head %s", head or "none (nothing to seal yet)", extra={"head": head})
+        return 0
+    if args.command == "verify":
+        verdict = commands.verify(dsn, dest, settings, since=args.since, head=args.head)
+        print("\n".join(verdict.lines()))
+        return 0 if verdict.intact else TAMPERED
     if args.command == "status":
         result = commands.status(dsn, dest, settings)
         if args.json:

@@ -12,12 +12,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import conninfo, sql
 from psycopg.rows import dict_row
 
 from . import __version__
@@ -32,6 +32,7 @@ from .db import (
     installed_capture_mode,
     installed_source,
     pending_capture_switch,
+    replication_command,
     source_identity,
 )
 from .errors import BemiError, ConfigError, ConnectionError, PreflightError, SlotBusy
@@ -39,11 +40,14 @@ from .poller import Poller, PollStats
 from .progress import Progress
 from .queries import query
 from .render import Rendered, quote_ident, render_extension, render_install, render_uninstall
+from .sealing import Verdict
+from .sealing import seal as seal_trail
+from .sealing import verify as verify_trail
 from .service import Health, Monitor, Notifier
 from .wal2json import format_lsn
 
 __all__ = ["Check", "MetricsEndpoint", "doctor", "install", "installed_settings", "uninstall", "poll_once", "poll_follow",
-           "prune", "status", "render", "snapshot", "with_installation", "serve", "explorer_app", "ui_token"]
+           "prune", "seal", "status", "render", "snapshot", "verify", "with_installation", "serve", "explorer_app", "ui_token"]
 
 log = logging.getLogger("bemi_pg")
 
@@ -119,7 +123,7 @@ class Check:
 
 # The checks only wal mode needs: trigger mode works without logical decoding.
 WAL_CHECKS = frozenset({"wal_level", "replication privilege", "replication slots", "replication slot",
-                        "wal2json", "test_decoding"})
+                        "wal2json", "test_decoding", "failover slots", "synchronized_standby_slots"})
 
 
 def _plugin_check(conn: psycopg.Connection[Any], plugin: str, slot: str, slot_exists: bool) -> Check:
@@ -149,8 +153,11 @@ def _plugin_check(conn: psycopg.Connection[Any], plugin: str, slot: str, slot_ex
     return Check("OK", plugin, "loadable as an output plugin")
 
 
-def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> list[Check]:
-    """Check that the databases are ready for bemi-pg; one Check per line."""
+def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
+           standby_dsns: tuple[str, ...] = ()) -> list[Check]:
+    """Check that the databases are ready for bemi-pg; one Check per line. With a failover slot
+    (``slot.failover``, or a slot that has it), the standbys are checked too: ``standby_dsns``
+    and the other servers of a multi-host source DSN."""
     checks: list[Check] = []
     with connect(source_dsn, role="source database") as conn:
         info = fetch_dict(conn, query("role_info"))
@@ -171,6 +178,10 @@ def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
         else:
             checks.append(Check("OK" if free > 0 else "FAIL", "replication slots",
                                 f"{free} of {info['max_slots']} free", "raise max_replication_slots and restart, or drop an unused slot"))
+        if settings.slot_failover or (slot_row is not None and version >= FAILOVER_VERSION
+                                      and conn.execute(query("slot_failover"), {"slot": slot}).fetchone()[0]):  # type: ignore[index]
+            checks += _failover_checks(conn, source_dsn, standby_dsns, slot, version,
+                                       slot_row is not None, settings.slot_failover)
         if info["wal_level"] == "logical" and can_slot and (slot_row is not None or free > 0):
             checks.append(_plugin_check(conn, "wal2json", slot, slot_row is not None))
             if free > 0:
@@ -212,6 +223,115 @@ def doctor(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             checks.append(Check("OK" if ok else "FAIL", "destination", "reachable and writable" if ok else "cannot create schemas",
                                 "GRANT CREATE ON DATABASE <destination> TO <role>"))
             checks.append(_changes_table_check(dconn, settings))
+    return checks
+
+
+FAILOVER_VERSION = 170000  # failover slots, sync_replication_slots, synchronized_standby_slots
+
+
+def _failover_checks(conn: psycopg.Connection[Any], source_dsn: str, standby_dsns: tuple[str, ...], slot: str,
+                     version: int, slot_exists: bool, wanted: bool) -> list[Check]:
+    """What a slot that survives a failover needs of the primary and of each standby (README: Failover)."""
+    if version < FAILOVER_VERSION:
+        return [Check("FAIL", "failover slots", f"slot.failover = true needs PostgreSQL 17 or later; this server is "
+                      f"{version // 10000}.{version % 10000}", "upgrade to PostgreSQL 17 or 18, or remove slot.failover "
+                      "from bemi.toml (after a failover the slot would stay behind and the trail have a hole)")]
+    checks: list[Check] = []
+    if slot_exists:
+        flagged = conn.execute(query("slot_failover"), {"slot": slot}).fetchone()[0]  # type: ignore[index]
+        checks.append(Check("OK" if flagged or not wanted else "WARN", "failover slots",
+                            f"slot {slot} {'has' if flagged else 'does not have'} failover enabled",
+                            "run `bemi-pg install` with slot.failover = true: it enables it"))
+    else:
+        checks.append(Check("OK", "failover slots", f"install creates slot {slot} with failover enabled"))
+    primary = fetch_dict(conn, query("failover_primary"))
+    assert primary is not None
+    named = [n.strip().strip('"') for n in primary["standby_slots"].split(",") if n.strip()]
+    absent = [n for n in named if n not in primary["physical_slots"]]
+    physical = ", ".join(primary["physical_slots"]) or "<the standby's physical slot>"
+    if not named or absent:
+        checks.append(Check("FAIL", "synchronized_standby_slots",
+                            f"names {', '.join(absent)}, which is not a physical slot here" if absent else
+                            "is empty, so the slot may get ahead of the standby and the trail hold changes a promoted "
+                            "standby never had", f"ALTER SYSTEM SET synchronized_standby_slots = '{physical}'; "
+                            "SELECT pg_reload_conf()"))
+    else:
+        checks.append(Check("OK", "synchronized_standby_slots", f"{', '.join(named)}: decoding waits for the standby"))
+    waits = primary["sync_names"].strip() != "" and primary["sync_commit"] in ("on", "remote_write", "remote_apply")
+    checks.append(Check("OK" if waits else "WARN", "synchronous_standby_names",
+                        f"{primary['sync_names']!r}, synchronous_commit {primary['sync_commit']}: a commit returns once "
+                        "a standby has it" if waits else "commits do not wait for a standby: one committed just before a "
+                        "failover may be missing on the promoted standby, and so from the trail",
+                        "ALTER SYSTEM SET synchronous_standby_names = '*' (synchronous_commit on); SELECT pg_reload_conf()"))
+    for dsn in (*standby_dsns, *_other_hosts(source_dsn, conn)):
+        checks += _standby_checks(dsn, slot, named)
+    if not standby_dsns and not _other_hosts(source_dsn, conn):
+        checks.append(Check("WARN", "standby", "none to check", "pass --standby-dsn, or list the standby in the DSN "
+                            "(host=primary,standby port=5432,5432 target_session_attrs=read-write)"))
+    return checks
+
+
+def _other_hosts(source_dsn: str, conn: psycopg.Connection[Any]) -> list[str]:
+    """The DSNs of a multi-host DSN's servers other than the one ``conn`` reached."""
+    params = conninfo.conninfo_to_dict(source_dsn)
+    hosts = str(params.get("host") or "").split(",")
+    ports = str(params.get("port") or "").split(",")
+    if len(hosts) < 2:
+        return []
+    ports = ports if len(ports) == len(hosts) else [ports[0]] * len(hosts)
+    others = []
+    for host, port in zip(hosts, ports, strict=True):
+        if (host, port or "5432") == (conn.info.host, str(conn.info.port)):
+            continue
+        params.update(host=host, port=port, target_session_attrs="any", connect_timeout=params.get("connect_timeout") or "5")
+        others.append(conninfo.make_conninfo("", **params))
+    return others
+
+
+def _standby_checks(dsn: str, slot: str, standby_slots: list[str]) -> list[Check]:
+    """One line per setting slot synchronization needs on the standby at ``dsn``."""
+    params = conninfo.conninfo_to_dict(dsn)
+    where = f"standby {params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+    try:
+        with connect(dsn, role=where) as conn:
+            version = conn.info.server_version
+            info = fetch_dict(conn, query("failover_standby"), {"slot": slot}) if version >= FAILOVER_VERSION else None
+    except BemiError as exc:
+        return [Check("WARN", where, f"unreachable ({str(exc)[:200]})", "start it, or check the DSN; its settings are not checked")]
+    if info is None:
+        return [Check("FAIL", where, f"is PostgreSQL {version // 10000}: slot synchronization needs 17 or later",
+                      "upgrade the standby")]
+    if not info["in_recovery"]:
+        return [Check("WARN", where, "is not a standby (not in recovery)", "point --standby-dsn at the standby")]
+    conninfo_text = info["primary_conninfo"]
+    has_dbname = None if conninfo_text is None else bool(conninfo.conninfo_to_dict(conninfo_text).get("dbname"))
+    primary_slot = info["primary_slot_name"]
+    rows = [
+        ("wal_level", info["wal_level"] == "logical", info["wal_level"],
+         "ALTER SYSTEM SET wal_level = logical on the standby; then restart it"),
+        ("sync_replication_slots", info["sync_replication_slots"] == "on", info["sync_replication_slots"],
+         "ALTER SYSTEM SET sync_replication_slots = on on the standby; SELECT pg_reload_conf()"),
+        ("hot_standby_feedback", info["hot_standby_feedback"] == "on", info["hot_standby_feedback"],
+         "ALTER SYSTEM SET hot_standby_feedback = on on the standby; SELECT pg_reload_conf()"),
+        ("primary_slot_name", bool(primary_slot) and primary_slot in standby_slots,
+         f"{primary_slot or 'empty'}{'' if primary_slot in standby_slots else ', not in the primary synchronized_standby_slots'}",
+         "create a physical slot on the primary (SELECT pg_create_physical_replication_slot('standby1')), set "
+         "primary_slot_name to it on the standby and list it in the primary's synchronized_standby_slots"),
+    ]
+    checks = [Check("OK" if ok else "FAIL", f"{where} {name}", detail, fix) for name, ok, detail, fix in rows]
+    if has_dbname is None:
+        checks.append(Check("WARN", f"{where} primary_conninfo", "cannot be read by this role",
+                            "check as a superuser that it names a dbname (slot synchronization connects to it)"))
+    else:
+        checks.append(Check("OK" if has_dbname else "FAIL", f"{where} primary_conninfo",
+                            "names a dbname" if has_dbname else "names no dbname, so slot synchronization cannot connect",
+                            "add dbname=postgres to primary_conninfo on the standby; SELECT pg_reload_conf()"))
+    ready = info["slot_ready"]
+    checks.append(Check("OK" if ready else "WARN", f"{where} slot",
+                        f"{slot} is synchronized and ready for failover" if ready else
+                        f"{slot} is {'not there' if ready is None else 'not synchronized yet (temporary)'}: "
+                        "a failover now would leave the trail behind",
+                        "wait: the standby keeps it once the poller has advanced the slot past what the standby has"))
     return checks
 
 
@@ -282,6 +402,10 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
         return rendered
     with connect(source_dsn, role="source database") as src:
         _notices(src)
+        if settings.slot_failover and mode == "wal" and src.info.server_version < FAILOVER_VERSION:
+            raise ConfigError(f"slot.failover = true needs PostgreSQL 17 or later; this server is "
+                              f"{src.info.server_version // 10000}: remove slot.failover from "
+                              f"{settings.source_file or 'the settings'}, or upgrade")
         database = src.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         source = source_identity(src)
         adopt = {"source": source, "database": database}
@@ -308,8 +432,10 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
             created = False
             if mode == "wal" and slot_row is None:
                 # The slot comes first, so that no change made during installation is missed.
-                src.execute(query("create_slot"), {"slot": slot})
+                src.execute(query("create_failover_slot" if settings.slot_failover else "create_slot"), {"slot": slot})
                 created = True
+            elif mode == "wal":
+                _set_slot_failover(src, source_dsn, slot, settings.slot_failover)
             try:
                 trail_in = source  # where the trail is written, by its identity
                 if mode == "wal" and destination_dsn is not None:
@@ -319,12 +445,14 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
                         with dst.transaction():
                             dst.execute(rendered.destination)
                             dst.execute(query("adopt_source"), adopt)
+                            dst.execute(query("seal"), {"source": source, "wal_upto": None})  # an upgrade seals the earlier changes
                 with src.transaction():
                     if mode == "wal" and destination_dsn is not None:
                         src.execute(rendered.source)
                     else:
                         src.execute(rendered.combined())
                         src.execute(query("adopt_source"), adopt)
+                        src.execute(query("seal"), {"source": source, "wal_upto": None})
                     src.execute(query("record_destination"), {"destination": trail_in})
                     if switching:  # recorded with the switch itself, so that a poller finishes it if we cannot
                         src.execute(query("record_capture_switch"), {"from_mode": previous, "to_mode": mode})
@@ -337,6 +465,19 @@ def install(source_dsn: str, destination_dsn: str | None, settings: Settings, *,
     if snapshot:
         take_snapshot(source_dsn, None if mode == "triggers" else destination_dsn, settings, missing_only=True)
     return rendered
+
+
+def _set_slot_failover(src: psycopg.Connection[Any], source_dsn: str, slot: str, failover: bool) -> None:
+    """Give an existing slot the failover flag the settings ask for (PostgreSQL 17+): the slot and
+    its position stay, only whether standbys synchronize it changes. ALTER_REPLICATION_SLOT is a
+    replication protocol command, so it goes over a replication connection."""
+    if src.info.server_version < FAILOVER_VERSION:
+        return
+    row = src.execute(query("slot_failover"), {"slot": slot}).fetchone()
+    if row is None or bool(row[0]) == failover:
+        return
+    replication_command(source_dsn, f"ALTER_REPLICATION_SLOT {quote_ident(slot)} (FAILOVER {str(failover).lower()})")
+    log.info("bemi-pg: slot %s: failover %s", slot, "enabled" if failover else "disabled")
 
 
 def snapshot(source_dsn: str, destination_dsn: str | None, settings: Settings, tables: list[str] | None = None) -> list[SnapshotResult]:
@@ -406,7 +547,7 @@ def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, 
 def _stats_fields(poller: Poller, stats: PollStats) -> dict[str, Any]:
     """The fields of a JSON log line about what a poll wrote."""
     return {"source": poller.source_id, "slot": poller.slot, "changes": stats.changes, "transactions": stats.transactions,
-            "batches": stats.batches, "position": format_lsn(stats.end_lsn) if stats.end_lsn else None}
+            "batches": stats.batches, "position": format_lsn(stats.end_lsn) if stats.end_lsn else None, "head": stats.head}
 
 
 @dataclass(frozen=True)
@@ -477,9 +618,12 @@ def parse_duration(text: str) -> timedelta:
 
 
 def prune(dest: psycopg.Connection[Any], settings: Settings, older_than: str, *, batch: int = 10_000) -> dict[str, Any]:
-    """Delete the changes committed before now - ``older_than``. With monthly partitions, whole
-    partitions before the cutoff are dropped; the rest is deleted in batches of ``batch`` rows,
-    each its own transaction."""
+    """Delete the changes committed before now - ``older_than``. A sealed source's changes go a
+    seal at a time, oldest seal first, while all of a seal's changes are older than the cutoff,
+    and each transaction of about ``batch`` changes appends a prune seal recording what it removed
+    (README, "A sealed trail"); a source without seals (an older poller's) loses its old changes in
+    batches of ``batch`` rows. With monthly partitions, the months before the cutoff left empty
+    are then dropped."""
     age = parse_duration(older_than)
     schema, name = settings.destination
     table = sql.Identifier(schema, name)
@@ -489,30 +633,84 @@ def prune(dest: psycopg.Connection[Any], settings: Settings, older_than: str, *,
     except (psycopg.errors.DatetimeFieldOverflow, psycopg.errors.IntervalFieldOverflow):
         raise ConfigError(f"duration {older_than!r} reaches before the earliest timestamp PostgreSQL has: "
                           "write a shorter one") from None
+    deleted = 0
+    sealed = [str(r[0]) for r in dest.execute(query("sealed_sources"))]
+    for source in sealed:
+        while True:
+            with dest.transaction():
+                count = dest.execute(query("prune_sealed"), {"source": source, "cutoff": cutoff, "batch": batch}).fetchone()[0]  # type: ignore[index]
+            deleted += count
+            if not count:
+                break
+    delete = sql.SQL(
+        "DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE committed_at < %s "
+        "AND NOT source = ANY (%s) LIMIT %s))"
+    ).format(t=table)
+    if settings.partition_by_month:  # ctid is per partition: delete by key instead
+        delete = sql.SQL(
+            "DELETE FROM {t} WHERE (id, committed_at) IN (SELECT id, committed_at FROM {t} WHERE committed_at < %s "
+            "AND NOT source = ANY (%s) LIMIT %s)"
+        ).format(t=table)
+    while True:
+        with dest.transaction():
+            count = dest.execute(delete, (cutoff, sealed, batch)).rowcount
+        deleted += count
+        if count < batch:
+            break
     dropped = 0
     if settings.partition_by_month:
         parts = dest.execute(query("changes_partitions"), {"table": f"{quote_ident(schema, name)}"}).fetchall()
         for part_schema, part_name, upper in parts:
+            part = sql.Identifier(part_schema, part_name)
             if upper is not None and upper <= cutoff:
                 with dest.transaction():
-                    dest.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(table, sql.Identifier(part_schema, part_name)))
-                    dest.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(part_schema, part_name)))
+                    if dest.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(part)).fetchone()[0]:  # type: ignore[index]
+                        continue  # sealed changes whose seal holds newer ones: a later prune takes them
+                    dest.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(table, part))
+                    dest.execute(sql.SQL("DROP TABLE {}").format(part))
                 dropped += 1
-    deleted = 0
-    delete = sql.SQL(
-        "DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE committed_at < %s LIMIT %s))"
-    ).format(t=table)
-    if settings.partition_by_month:  # ctid is per partition: delete by key instead
-        delete = sql.SQL(
-            "DELETE FROM {t} WHERE (id, committed_at) IN (SELECT id, committed_at FROM {t} WHERE committed_at < %s LIMIT %s)"
-        ).format(t=table)
-    while True:
-        with dest.transaction():
-            count = dest.execute(delete, (cutoff, batch)).rowcount
-        deleted += count
-        if count < batch:
-            break
     return {"cutoff": cutoff.isoformat(), "deleted": deleted, "partitions_dropped": dropped}
+
+
+def seal(source_dsn: str, destination_dsn: str | None, settings: Settings) -> str | None:
+    """Seal the changes of this source that no seal covers (trigger mode's, for cron; wal mode's
+    poller seals each batch itself); return the head hash, hex (None: nothing sealed yet)."""
+    with connect(source_dsn, role="source database") as src:
+        inst = installation(src)
+        _, source = with_installation(src, settings)
+    with connect(destination_dsn or source_dsn, role="destination database") as dst:
+        check_destination(inst, dst)
+        return seal_trail(dst, source)
+
+
+def verify(source_dsn: str, destination_dsn: str | None, settings: Settings, *, since: str | None = None,
+           head: str | None = None) -> Verdict:
+    """Recompute this source's sealed trail (README, "A sealed trail"): ``since`` (a duration,
+    e.g. 7d, or an ISO time) limits the changes compared to the seals made since; ``head`` is a
+    head hash kept elsewhere, which the chain must hold."""
+    moment = None
+    if since is not None:
+        try:
+            moment = datetime.now(UTC) - parse_duration(since)
+        except ConfigError:
+            try:
+                moment = datetime.fromisoformat(since)
+            except ValueError:
+                raise ConfigError(f"--since {since!r} is neither a duration (7d, 36h) nor an ISO time "
+                                  "(2026-01-31T00:00:00+00:00)") from None
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+    if head is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", head.strip()):
+        raise ConfigError(f"--head {head!r} is not a head hash: give the 64 hex digits `status` or `poll` printed")
+    with connect(source_dsn, role="source database") as src:
+        inst = installation(src)
+        settings, source = with_installation(src, settings)
+    with connect(destination_dsn or source_dsn, role="destination database") as dst:
+        check_destination(inst, dst)
+        if dst.execute("SELECT pg_catalog.to_regclass('bemi.seal') IS NULL").fetchone()[0]:  # type: ignore[index]
+            raise BemiError("the destination has no seals (installed before bemi-pg 0.4.0): run `bemi-pg install` "
+                            "again to upgrade it, which seals the changes it holds")
+        return verify_trail(dst, sql.Identifier(*settings.destination), source, since=moment, head=head)
 
 
 def with_installation(src: psycopg.Connection[Any], settings: Settings) -> tuple[Settings, str]:
@@ -549,6 +747,8 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result.update(slot_exists=True, wal_status=info["wal_status"], lag_bytes=info["lag_bytes"],
                           confirmed_flush_lsn=info["confirmed_flush_lsn"], current_lsn=info["current_lsn"],
                           active_pid=info["active_pid"])
+            if src.info.server_version >= FAILOVER_VERSION:  # whether standbys keep a copy (README: Failover)
+                result["slot_failover"] = bool(src.execute(query("slot_failover"), {"slot": slot}).fetchone()[0])  # type: ignore[index]
         # Logical decoding cannot move past the start of a transaction still open anywhere
         # in the cluster: the oldest one is what holds the slot back.
         result["oldest_open_transaction"] = fetch_dict(src, query("oldest_transaction"))
@@ -572,6 +772,9 @@ def status(source_dsn: str, destination_dsn: str | None, settings: Settings) -> 
             result["change_count"] = dst.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE source = %s").format(sql.Identifier(schema, table)), (source,)
             ).fetchone()[0]  # type: ignore[index]
+            head = (dst.execute(query("seal_head"), {"source": source}).fetchone()
+                    if dst.execute("SELECT pg_catalog.to_regclass('bemi.seal') IS NOT NULL").fetchone()[0] else None)  # type: ignore[index]
+            result["trail_head"] = head[1] if head else None
             result["baselines"] = [f"{name} ({rows} rows as of {taken_at.isoformat()})"
                                    for name, rows, taken_at in dst.execute(query("baselines"), {"source": source})]
         except psycopg.errors.UndefinedTable:

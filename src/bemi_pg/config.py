@@ -60,6 +60,7 @@ class Settings:
     exclude_tables: tuple[str, ...] = ()
     replica_identity_full: bool = True
     slot_name: str | None = None  # None: bemi_<database>
+    slot_failover: bool = False  # PostgreSQL 17+: the slot is synchronized to standbys and survives a failover
     destination_table: str = "public.changes"
     row_gin_indexes: bool = False
     partition_by_month: bool = False
@@ -136,7 +137,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "source": {"schemas": list, "exclude_tables": list},
     "capture": {"mode": str, "replica_identity_full": bool, "max_context_bytes": int, "database_keys": str,
                 "sqlcommenter": bool},
-    "slot": {"name": str},
+    "slot": {"name": str, "failover": bool},
     "destination": {"table": str, "row_gin_indexes": bool, "partition_by_month": bool},
     "columns": {"ignore": list, "exclude": list},
     "poll": {"batch_size": int, "heartbeat_interval": (int, float)},
@@ -194,7 +195,7 @@ _MAPPING = {
     "capture.mode": "capture_mode", "capture.replica_identity_full": "replica_identity_full",
     "capture.max_context_bytes": "max_context_bytes",
     "capture.database_keys": "database_keys", "capture.sqlcommenter": "sqlcommenter",
-    "slot.name": "slot_name", "destination.table": "destination_table",
+    "slot.name": "slot_name", "slot.failover": "slot_failover", "destination.table": "destination_table",
     "destination.row_gin_indexes": "row_gin_indexes", "destination.partition_by_month": "partition_by_month",
     "columns.ignore": "ignore_columns", "columns.exclude": "exclude_columns",
     "poll.batch_size": "batch_size", "poll.heartbeat_interval": "heartbeat_interval",

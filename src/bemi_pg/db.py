@@ -14,7 +14,8 @@ from psycopg.rows import dict_row
 from .errors import BemiError, ConfigError, ConnectionError
 from .queries import query
 
-__all__ = ["Installation", "connect", "fetch_dict", "installation", "resolve_dsn", "resolve_destination_dsn", "scrub",
+__all__ = ["Installation", "connect", "fetch_dict", "installation", "primary_only", "replication_command",
+           "resolve_dsn", "resolve_destination_dsn", "scrub",
            "source_identity", "validate_dsn"]
 
 APPLICATION_NAME = "bemi-pg"
@@ -78,22 +79,61 @@ def fetch_dict(conn: psycopg.Connection[Any], sql_text: str, params: Mapping[str
         return cur.execute(sql_text, params).fetchone()
 
 
-def connect(dsn: str, *, autocommit: bool = True, role: str = "database") -> psycopg.Connection[Any]:
-    """Connect with bemi-pg's session settings (UTC, ISO dates); errors become one clear line."""
+def primary_only(dsn: str, env: Mapping[str, str] | None = None) -> str:
+    """``dsn`` with the connection option that makes libpq pick the primary among a multi-host DSN's servers
+    (``host=a,b``): ``target_session_attrs=read-write`` unless the DSN (or PGTARGETSESSIONATTRS)
+    chooses otherwise. bemi-pg writes to both databases (the slot, the heartbeat, the trail),
+    so a standby listed first must be passed over, and after a failover the promoted one found."""
+    env = os.environ if env is None else env
     try:
-        conn = psycopg.connect(dsn, autocommit=autocommit, application_name=APPLICATION_NAME)
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return dsn
+    hosts = str(params.get("host") or env.get("PGHOST") or "")
+    if "," not in hosts or params.get("target_session_attrs") or env.get("PGTARGETSESSIONATTRS"):
+        return dsn
+    return conninfo.make_conninfo(dsn, target_session_attrs="read-write")
+
+
+def _connect_error(dsn: str, role: str, exc: psycopg.OperationalError) -> ConnectionError:
+    reason = " ".join(str(exc).split())
+    if dsn:
+        reason = reason.replace(dsn, scrub(dsn))
+    return ConnectionError(
+        f"cannot connect to the {role} ({scrub(dsn)}): {reason}; check the DSN (--dsn, BEMI_DSN, DATABASE_URL or PG* variables)",
+        role=role, reason=reason,
+    )
+
+
+def connect(dsn: str, *, autocommit: bool = True, role: str = "database") -> psycopg.Connection[Any]:
+    """Connect with bemi-pg's session settings (UTC, ISO dates); errors become one clear line.
+    Of a multi-host DSN's servers, the primary (:func:`primary_only`)."""
+    try:
+        conn = psycopg.connect(primary_only(dsn), autocommit=autocommit, application_name=APPLICATION_NAME)
     except psycopg.OperationalError as exc:
-        reason = " ".join(str(exc).split())
-        if dsn:
-            reason = reason.replace(dsn, scrub(dsn))
-        raise ConnectionError(
-            f"cannot connect to the {role} ({scrub(dsn)}): {reason}; check the DSN (--dsn, BEMI_DSN, DATABASE_URL or PG* variables)",
-            role=role, reason=reason,
-        ) from None
+        raise _connect_error(dsn, role, exc) from None
     conn.execute(query("session_setup"))
     if not autocommit:
         conn.commit()
     return conn
+
+
+def replication_command(dsn: str, command: str, *, role: str = "source database") -> None:
+    """Run one replication protocol command (e.g. ``ALTER_REPLICATION_SLOT``) over a
+    ``replication=database`` connection to the primary; BemiError in one line if it fails."""
+    try:
+        conn = psycopg.connect(primary_only(dsn), autocommit=True, application_name=APPLICATION_NAME,
+                               replication="database")
+    except psycopg.OperationalError as exc:
+        raise _connect_error(dsn, role, exc) from None
+    try:
+        # The simple query protocol: a replication connection refuses the extended one.
+        result = conn.pgconn.exec_(command.encode())
+        if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
+            message = " ".join(result.error_message.decode(errors="replace").split())
+            raise BemiError(f"{command} failed on the {role}: {message}")
+    finally:
+        conn.close()
 
 
 def _bemi_row(conn: psycopg.Connection[Any], table: str, name: str) -> tuple[Any, ...] | None:

@@ -68,8 +68,14 @@ class PollerMetrics:
         self.slot_exists = Gauge("bemi_pg_slot_exists", "1 while the replication slot exists", names, registry=reg).labels(*values)
         info = Info("bemi_pg_poller", "The poller's version, source, slot and capture mode", registry=reg)
         info.info({"version": version, "source": source, "slot": slot, "capture_mode": capture_mode})
+        # A hash is no number: the head is a label, so that a log or metrics store keeps each one.
+        self.head = Info("bemi_pg_trail_head", "The sealed trail's head hash after the newest batch (`bemi-pg verify --head`)",
+                         names, registry=reg).labels(*values)
 
-    def batch(self, changes: int, transactions: int, seconds: float, committed_at: float | None) -> None:
+    def batch(self, changes: int, transactions: int, seconds: float, committed_at: float | None,
+              head: str | None = None) -> None:
+        if head is not None:
+            self.head.info({"head": head})
         self.changes.inc(changes)
         self.transactions.inc(transactions)
         self.batch_duration.observe(seconds)

@@ -91,6 +91,7 @@ class PollStats:
     skipped: int = 0  # transactions already at or before the checkpoint
     end_lsn: int | None = None
     committed_at: str | None = None  # commit time of the newest transaction written (wal2json's text)
+    head: str | None = None  # the trail's head hash after the newest batch (hex; README "A sealed trail")
     seconds: float = 0.0
 
     def add(self, other: PollStats) -> None:
@@ -102,6 +103,7 @@ class PollStats:
         self.skipped += other.skipped
         self.end_lsn = other.end_lsn or self.end_lsn
         self.committed_at = other.committed_at or self.committed_at
+        self.head = other.head or self.head
 
     def summary(self, slot: str) -> str:
         where = f", slot {slot} at {format_lsn(self.end_lsn)}" if self.end_lsn else f", slot {slot}"
@@ -109,6 +111,7 @@ class PollStats:
             f"bemi-pg: wrote {self.changes} change{'s' * (self.changes != 1)} from "
             f"{self.transactions} transaction{'s' * (self.transactions != 1)} in {self.batches} "
             f"batch{'es' * (self.batches != 1)}{where} ({self.seconds:.1f}s)"
+            + (f"; trail head {self.head}" if self.head else "")
         )
 
 
@@ -314,6 +317,7 @@ class Poller:
         self._recorded_names: dict[tuple[str, str], tuple[str, str] | None] = {}  # for one read
         self._dedupe = False  # write through the staging table (set after a batch met duplicates)
         self._stop = threading.Event()  # run_follow's: a read stops after the batch in hand
+        self.seal = True  # seal each batch (bench/ingest.py turns it off to measure what it costs)
 
     # -- lifecycle -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -359,7 +363,7 @@ class Poller:
         self.finish_switch()
         if installed_capture_mode(self.source) == "triggers":
             raise BemiError("this database captures with triggers (capture mode \"triggers\"): its changes are "
-                            "written as they commit, so there is nothing to poll")
+                            "written as they commit, so there is nothing to poll (`bemi-pg seal`, from cron, seals them)")
         self.check_slot()
 
     def finish_switch(self) -> PollStats:
@@ -612,6 +616,9 @@ class Poller:
                 self._resolve_ambiguous(ambiguous, format_lsn(last.end_lsn))
             stats.batches = 1
             if last_written is not None:
+                if self.seal:  # in the batch's transaction: a kill leaves the batch and its seal, or neither
+                    stats.head = self.destination.execute(query("seal"), {
+                        "source": self.source_id, "wal_upto": last_written.commit_lsn}).fetchone()[0]  # type: ignore[index]
                 self.destination.execute(query("save_checkpoint"), {
                     "source": self.source_id, "database": self.database, "slot": self.slot,
                     "commit_position": last_written.commit_lsn,

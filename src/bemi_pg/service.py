@@ -126,7 +126,7 @@ class Monitor:
     def batch_written(self, stats: PollStats, seconds: float) -> None:
         if self.metrics is not None:
             committed = datetime.fromisoformat(stats.committed_at).timestamp() if stats.committed_at else None
-            self.metrics.batch(stats.changes, stats.transactions, seconds, committed)
+            self.metrics.batch(stats.changes, stats.transactions, seconds, committed, stats.head)
         if self.progress is not None and stats.end_lsn:
             self.progress.update(stats.end_lsn - self._start_lsn)
         self._alive(success=True)

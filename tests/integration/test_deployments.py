@@ -152,6 +152,7 @@ def test_an_installation_from_before_sources_upgrades_and_files_its_rows(db):
         UPDATE changes SET source = NULL; UPDATE bemi.checkpoint SET source = NULL; UPDATE bemi.installation SET source = NULL;
         DROP INDEX bemi.checkpoint_source_slot_name_key;
         ALTER TABLE bemi.checkpoint ADD PRIMARY KEY ("database", slot_name);
+        DROP TABLE bemi.seal; DROP TRIGGER bemi_append_only ON changes; DROP TRIGGER bemi_append_only_truncate ON changes;
     """)
     db.execute("INSERT INTO todo VALUES (2)")
     with pytest.raises(Exception, match="run `bemi-pg install` to upgrade it first"):
@@ -162,6 +163,8 @@ def test_an_installation_from_before_sources_upgrades_and_files_its_rows(db):
     assert db.execute("SELECT attnotnull FROM pg_attribute WHERE attrelid = 'changes'::regclass AND attname = 'source'") == [(True,)]
     assert db.execute("SELECT conname FROM pg_constraint WHERE conrelid = 'changes'::regclass AND contype = 'u'") == [
         ("changes_source_commit_position_seq_key",)]
+    verdict = commands.verify(db.dsn, None, db.settings)  # the upgrade sealed the change 0.3.0 wrote
+    assert verdict.intact and verdict.changes == 2 and verdict.seals == 2, verdict.lines()
 
 
 

@@ -9,7 +9,7 @@ from psycopg import conninfo
 from bemi_pg import commands
 from bemi_pg._localpg import throwaway_cluster
 from bemi_pg.config import load_settings
-from bemi_pg.errors import PreflightError
+from bemi_pg.errors import ConfigError, PreflightError
 
 from ..conftest import run_cli
 
@@ -139,3 +139,29 @@ def test_the_server_line_names_the_supported_versions(db):
     assert commands._server_check(130012).line() == (
         "FAIL server: PostgreSQL 13.12 is not supported (bemi-pg needs 14 or later; tested: 15, 17 and 18) "
         "(fix: upgrade to PostgreSQL 18)")
+
+
+def test_slot_failover_needs_17_and_a_standby_to_wait_for(db, tmp_path):
+    """On 15, slot.failover = true is one clear line from doctor and install; on 17+, a primary
+    whose decoding does not wait for a standby (synchronized_standby_slots) is refused."""
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    (tmp_path / "bemi.toml").write_text("[slot]\nfailover = true\n")
+    env = {"BEMI_DSN": db.dsn, "BEMI_CONFIG": str(tmp_path / "bemi.toml")}
+    doctor = run_cli("doctor", env=env)
+    install = run_cli("install", env=env)
+    assert doctor.returncode == 1 and install.returncode != 0
+    assert install.stderr.startswith("error: ") and len(install.stderr.strip().splitlines()) == 1, install.stderr
+    version = int(db.execute("SHOW server_version_num")[0][0])
+    if version < 170000:
+        assert f"FAIL failover slots: slot.failover = true needs PostgreSQL 17 or later; this server is {version // 10000}." \
+            in doctor.stdout, doctor.stdout
+        assert "slot.failover = true needs PostgreSQL 17 or later" in install.stderr
+        with pytest.raises(ConfigError, match="slot.failover = true needs PostgreSQL 17 or later; this server is 15"):
+            commands.install(db.dsn, None, load_settings(tmp_path / "bemi.toml"), preflight=False)
+    else:
+        assert "FAIL synchronized_standby_slots: is empty" in doctor.stdout, doctor.stdout
+        assert "fix: ALTER SYSTEM SET synchronized_standby_slots = '<the standby's physical slot>'" in doctor.stdout
+        assert "WARN synchronous_standby_names: commits do not wait for a standby" in doctor.stdout
+        assert "WARN standby: none to check" in doctor.stdout
+        assert "synchronized_standby_slots" in install.stderr
+    assert db.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()") == [(0,)]

@@ -6,7 +6,6 @@ duplicated, nothing misattributed. `make soak` runs the same with bigger numbers
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,11 +19,11 @@ import pytest
 
 from bemi_pg import commands
 from bemi_pg._localpg import LocalCluster, throwaway_cluster
-from bemi_pg.config import load_settings
+from bemi_pg.config import Settings, load_settings
 from bemi_pg.render import render_roles
 
 from ..conftest import run_cli
-from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers, poller_env, scaled
+from ..faults import EXCLUDE, SCHEMA, Ledger, Writer, compare, kill_pollers, poller_env, scaled, stop_workload
 
 CLEAN = {"lost": 0, "duplicated": 0, "misattributed": 0, "phantom": 0}
 
@@ -39,6 +38,13 @@ def _writers(dsn: str, count: int, ledger: Ledger, stop: threading.Event, copy_r
     for writer in writers:
         writer.start()
     return writers
+
+
+def _assert_verifies(dsn: str, destination: str | None, settings: Settings) -> None:
+    """The trail the faults left verifies: every change sealed, no seal broken."""
+    verdict = commands.verify(dsn, destination, settings)
+    print("\n".join(verdict.lines()))
+    assert verdict.intact and verdict.changes > 0 and not verdict.unsealed
 
 
 def _wait_for_the_poller(destination_dsn: str, timeout: float = 60) -> None:
@@ -69,6 +75,7 @@ def test_kill_9_and_fault_points_under_a_mixed_workload(db):
     figures.update(result)
     assert figures["kills"] >= scaled(50) and figures["faults"] >= scaled(10) and result["expected"] > scaled(20_000)
     assert _figures(figures) == CLEAN
+    _assert_verifies(db.dsn, None, db.settings)
 
 
 @pytest.fixture
@@ -106,16 +113,13 @@ def test_postgres_crash_under_load(own_cluster):
             cluster.start()
         time.sleep(1.0)
     finally:
-        stop.set()
-        for writer in writers:
-            writer.join()
-        poller.send_signal(signal.SIGTERM)
-        _, err = poller.communicate(timeout=120)
+        err = stop_workload(stop, writers, poller)
     assert "unreachable" in err and "retrying" in err  # the poller said what happened, and kept going
     commands.poll_once(dsn, None, settings)
     result = compare(dsn, dsn, ledger)
     assert result["expected"] > scaled(5_000)
     assert _figures({"crashes": crashes, **result}) == CLEAN
+    _assert_verifies(dsn, None, settings)
 
 
 def test_destination_unreachable_then_back(db, other_db):
@@ -137,16 +141,12 @@ def test_destination_unreachable_then_back(db, other_db):
         db.execute(f'ALTER DATABASE "{during}" ALLOW_CONNECTIONS true')
         time.sleep(4.0)  # backoff is at most a few seconds here; it catches up
     finally:
-        stop.set()
-        for writer in writers:
-            writer.join()
-        time.sleep(1.0)
-        poller.send_signal(signal.SIGTERM)
-        _, err = poller.communicate(timeout=120)
+        err = stop_workload(stop, writers, poller, settle=1.0)
     assert poller.returncode == 0, err
     assert "the destination database is unreachable" in err and "retrying in" in err and "reconnected" in err
     commands.poll_once(db.dsn, other_db.dsn, db.settings)
     assert _figures(compare(db.dsn, other_db.dsn, ledger)) == CLEAN
+    _assert_verifies(db.dsn, other_db.dsn, db.settings)
 
 
 def test_a_lost_slot_is_reported_and_never_recreated(own_cluster):
@@ -244,6 +244,13 @@ def test_a_least_privilege_poller_role(db):
         assert result.returncode == 0, result.stderr
         assert [c["after"] for c in db.changes()] == [{"id": 1, "x": "NaN"}, {"id": 2, "x": None}]
         assert run_cli("status", env={"BEMI_DSN": poller}).returncode == 0
+        verified = run_cli("verify", env={"BEMI_DSN": poller})
+        assert verified.returncode == 0 and "intact: 2 changes in 1 seal" in verified.stdout, verified
+        with psycopg.connect(poller, autocommit=True) as conn:  # it writes the trail, and may not rewrite it
+            for statement in ("UPDATE changes SET after = '{}'", "DELETE FROM changes", "TRUNCATE changes",
+                              "DELETE FROM bemi.seal"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)
     finally:
         db.execute("DROP OWNED BY bemi_poller; DROP ROLE bemi_poller")
     # The only functions running with raised privileges pin their search_path: the event
@@ -251,4 +258,5 @@ def test_a_least_privilege_poller_role(db):
     definers = db.execute("SELECT proname, proconfig FROM pg_proc WHERE prosecdef AND pronamespace = 'bemi'::regnamespace "
                           "ORDER BY 1")
     assert definers == [("capture_changes", ["search_path=pg_catalog, pg_temp"]),
+                        ("seal", ["search_path=pg_catalog, pg_temp"]),
                         ("track_new_tables", ["search_path=pg_catalog, pg_temp"])]

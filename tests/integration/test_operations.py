@@ -114,6 +114,7 @@ def test_metrics_health_and_json_logs_through_a_destination_outage(db, other_db)
         assert before["bemi_pg_changes_written_total{}"] > 0
         assert before["bemi_pg_wal_status{status=reserved}"] == 1
         assert before["bemi_pg_poller_info{capture_mode=wal,version=0.4.0}"] == 1
+        [head_metric] = [k for k in before if k.startswith("bemi_pg_trail_head_info{head=")]  # the sealed trail's head
 
         db.execute(f'ALTER DATABASE "{other_db.name}" ALLOW_CONNECTIONS false')
         db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (other_db.name,))
@@ -162,6 +163,9 @@ def test_metrics_health_and_json_logs_through_a_destination_outage(db, other_db)
         assert PASSWORD not in text
     commands.poll_once(db.dsn, other_db.dsn, db.settings)
     assert {k: v for k, v in compare(db.dsn, other_db.dsn, ledger).items() if k in CLEAN} == CLEAN
+    logged = [e["head"] for e in entries if e.get("head")]
+    assert logged and head_metric[len("bemi_pg_trail_head_info{head="):-1] in logged
+    assert commands.verify(db.dsn, other_db.dsn, db.settings, head=logged[0]).intact  # a head the log kept
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])

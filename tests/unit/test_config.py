@@ -56,3 +56,27 @@ def test_dsn_precedence_and_scrubbing():
     with pytest.raises(ConfigError, match="malformed DSN") as info:
         resolve_dsn("postgresql://u:secret@h:notaport/db", {})
     assert "secret" not in str(info.value)
+
+
+def test_slot_failover_is_read_and_belongs_to_the_installation(tmp_path):
+    path = tmp_path / "bemi.toml"
+    path.write_text("[slot]\nfailover = true\n")
+    s = load_settings(path)
+    assert s.slot_failover and s.summary()["slot_failover"] is True
+    assert not load_settings(None).slot_failover
+    with pytest.raises(ConfigError, match=r'sets slot.failover = true, but the installation was installed with false'):
+        s.with_installed({"slot_failover": False})
+    path.write_text("[slot]\nfailover = 'yes'\n")
+    with pytest.raises(ConfigError, match="slot.failover must be a bool"):
+        load_settings(path)
+
+
+def test_a_multi_host_dsn_asks_for_the_primary():
+    from bemi_pg.db import primary_only
+
+    assert primary_only("host=a,b port=1,2 dbname=x", env={}).endswith("target_session_attrs=read-write")
+    assert "target_session_attrs=read-write" in primary_only("postgresql://u@a:1,b:2/db", env={})
+    assert primary_only("host=a dbname=x", env={}) == "host=a dbname=x"  # one server: as given
+    assert primary_only("host=a,b target_session_attrs=any", env={}) == "host=a,b target_session_attrs=any"
+    assert primary_only("host=a,b", env={"PGTARGETSESSIONATTRS": "primary"}) == "host=a,b"
+    assert "read-write" in primary_only("dbname=x", env={"PGHOST": "a,b"})

@@ -186,7 +186,7 @@ def create_app(explorer: Explorer) -> ASGIApp:
     def apply(what: dict[str, Any], user: str) -> revert.RevertPlan:
         p = plan(what, user)
         with connect(explorer.source_dsn, role="source database") as src:
-            return revert.apply_revert(src, p, commit=True, atomic=True)
+            return revert.apply_revert(src, p, commit=True)
 
     # -- pages -------------------------------------------------------------------------------
 

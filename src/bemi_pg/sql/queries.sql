@@ -37,6 +37,34 @@ SELECT s.wal_status,
 -- name: create_slot
 SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot(%(slot)s, 'wal2json')
 
+-- name: create_failover_slot
+-- PostgreSQL 17+: failover => true, so that standbys with sync_replication_slots keep a copy.
+SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot(%(slot)s, 'wal2json', false, false, true)
+
+-- name: slot_failover
+SELECT s.failover FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = %(slot)s
+
+-- name: failover_primary
+-- What a failover slot needs of the primary (PostgreSQL 17+): the physical slots that logical
+-- decoding waits for, and whether commits wait for a standby.
+SELECT pg_catalog.current_setting('synchronized_standby_slots') AS standby_slots,
+       pg_catalog.current_setting('synchronous_standby_names') AS sync_names,
+       pg_catalog.current_setting('synchronous_commit') AS sync_commit,
+       ARRAY(SELECT s.slot_name::text FROM pg_catalog.pg_replication_slots s WHERE s.slot_type = 'physical'
+              ORDER BY 1) AS physical_slots
+
+-- name: failover_standby
+-- What slot synchronization needs of a standby (PostgreSQL 17+). primary_conninfo is visible
+-- only to superusers and pg_read_all_settings: null for the others.
+SELECT pg_catalog.pg_is_in_recovery() AS in_recovery,
+       pg_catalog.current_setting('wal_level') AS wal_level,
+       pg_catalog.current_setting('sync_replication_slots') AS sync_replication_slots,
+       pg_catalog.current_setting('hot_standby_feedback') AS hot_standby_feedback,
+       pg_catalog.current_setting('primary_slot_name') AS primary_slot_name,
+       (SELECT c.setting FROM pg_catalog.pg_settings c WHERE c.name = 'primary_conninfo') AS primary_conninfo,
+       (SELECT s.synced AND NOT s.temporary AND s.invalidation_reason IS NULL
+          FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = %(slot)s) AS slot_ready
+
 -- name: drop_slot
 SELECT pg_catalog.pg_drop_replication_slot(slot_name)
   FROM pg_catalog.pg_replication_slots WHERE slot_name = %(slot)s
@@ -308,3 +336,25 @@ SELECT "schema", "table" FROM bemi.snapshot WHERE source = %(source)s AND comple
 -- A source's complete baselines, for status.
 SELECT "schema" || '.' || "table", row_count, taken_at FROM bemi.snapshot
  WHERE source = %(source)s AND completed_at IS NOT NULL ORDER BY 1
+
+-- name: seal
+-- Seals what no seal covers of the source's changes (README, "A sealed trail"); the head hash.
+SELECT pg_catalog.encode(bemi.seal(%(source)s, %(wal_upto)s), 'hex')
+
+-- name: seal_head
+SELECT s.seal_no, pg_catalog.encode(s.hash, 'hex') FROM bemi.seal AS s
+ WHERE s.source = %(source)s ORDER BY s.seal_no DESC LIMIT 1
+
+-- name: seals
+-- Every seal of a source in chain order, with the hash recomputed from what it holds.
+SELECT s.seal_no, s.kind, s.sealed_at, s.from_position, s.to_position, s.change_count, s.change_ids,
+       s.change_hashes, s.pruned, s.prev_hash, s.hash,
+       bemi.seal_hash(s.prev_hash, s.change_hashes, s.source, s.seal_no, s.kind, s.sealed_at, s.from_position,
+                      s.to_position, s.change_count, s.pruned) AS recomputed
+  FROM bemi.seal AS s WHERE s.source = %(source)s ORDER BY s.seal_no
+
+-- name: sealed_sources
+SELECT DISTINCT s.source FROM bemi.seal AS s
+
+-- name: prune_sealed
+SELECT bemi.prune_sealed(%(source)s, %(cutoff)s, %(batch)s)
