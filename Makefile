@@ -41,7 +41,7 @@ pgroot:
 	fi
 	@touch $@
 
-.stamp-venv: pyproject.toml
+.stamp-venv: pyproject.toml src/bemi_pg/_fastrow.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/pip install -q -e '.[test,dev,metrics,progress,ui,browser]'

@@ -22,17 +22,26 @@ overlapped.
 First it measures what sealing each batch costs (issue 20): drains of backlogs in
 --per-transaction-row transactions with and without sealing, alternating which goes first. Then
 it measures what ``--metrics-port`` costs: drains of backlogs in --per-transaction-row
-transactions, with and without the metrics (alternating which goes first), and prints the ratio."""
+transactions, with and without the metrics (alternating which goes first), and prints the ratio.
+
+``--shapes realistic,numeric,five`` measures only the table shapes (then exits): a new user's
+table (bigserial key, text, boolean, jsonb, timestamptz), the same with a numeric and a text[],
+and the 5-column one. Per round and shape, alternating the order: the raw decode counted by the
+server and fetched by a client, then ``poll --once`` into the same database, with the CPU each
+process spent per change (the poller's own process time; the decoding backend's and the
+destination backend's from /proc), once for each conversion path (``--paths``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
 import time
 import urllib.request
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psycopg
@@ -43,10 +52,27 @@ from bemi_pg import commands  # noqa: E402
 from bemi_pg._localpg import throwaway_cluster  # noqa: E402
 from bemi_pg.config import Settings, load_settings  # noqa: E402
 from bemi_pg.metrics import PollerMetrics, serve  # noqa: E402
-from bemi_pg.poller import Poller, PollStats, wal2json_options  # noqa: E402
+from bemi_pg.poller import FETCH_ROWS, Poller, PollStats, wal2json_options  # noqa: E402
 from bemi_pg.service import Health, Monitor  # noqa: E402
+from bemi_pg.wal2json import CONVERSION_ENV  # noqa: E402
 
-TABLE = "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, price numeric(12, 2), updated_at timestamptz)"
+SHAPES = {
+    "five": ("item", "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, price numeric(12, 2), updated_at timestamptz)",
+             "INSERT INTO item SELECT g, md5(g::text), g % 1000, g / 100.0, now() FROM generate_series({first}, {last}) g",
+             "UPDATE item SET qty = qty + 1 WHERE id BETWEEN {first} AND {last}"),
+    "realistic": ("task", "CREATE TABLE task (id bigserial PRIMARY KEY, task text, is_completed boolean, payload jsonb, "
+                  "created_at timestamptz)",
+                  "INSERT INTO task (id, task, is_completed, payload, created_at) SELECT g, 'task ' || g, g % 3 = 0, "
+                  "jsonb_build_object('priority', g % 5, 'owner', 'user' || g % 100, 'tags', jsonb_build_array('a', 'b'), "
+                  "'estimate', g / 7.0), now() - g * interval '1 second' FROM generate_series({first}, {last}) g",
+                  "UPDATE task SET is_completed = NOT is_completed WHERE id BETWEEN {first} AND {last}"),
+    "numeric": ("ledger", "CREATE TABLE ledger (id bigserial PRIMARY KEY, task text, is_completed boolean, payload jsonb, "
+                "created_at timestamptz, amount numeric(14, 4), tags text[])",
+                "INSERT INTO ledger SELECT g, 'task ' || g, g % 3 = 0, jsonb_build_object('priority', g % 5, 'owner', 'user' || g % 100), "
+                "now() - g * interval '1 second', g * 1.2345, ARRAY['red', 'x' || g % 10, 'a b'] FROM generate_series({first}, {last}) g",
+                "UPDATE ledger SET amount = amount + 1 WHERE id BETWEEN {first} AND {last}"),
+}
+
 
 
 def backlog(dsn: str, start: int, inserts: int, updates: int, per_transaction: int | None = None) -> int:
@@ -67,6 +93,161 @@ def raw_decode(dsn: str, slot: str, options: list[str]) -> float:
         t0 = time.perf_counter()
         conn.execute("SELECT count(*) FROM pg_logical_slot_peek_changes(%s, NULL, NULL, VARIADIC %s::text[])", (slot, options))
         return time.perf_counter() - t0
+
+
+@contextmanager
+def conversion_path(path: str) -> Iterator[None]:
+    """The poller's conversion path (compiled or pure) for the drains inside."""
+    before = os.environ.get(CONVERSION_ENV)
+    os.environ[CONVERSION_ENV] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[CONVERSION_ENV]
+        else:
+            os.environ[CONVERSION_ENV] = before
+
+
+def shape_backlog(dsn: str, shape: str, start: int, inserts: int, updates: int) -> int:
+    """The shape's inserts then updates, one transaction each (the issue's backlog)."""
+    _, _, insert, update = SHAPES[shape]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(insert.format(first=start, last=start + inserts - 1).encode())
+        conn.execute(update.format(first=start, last=start + updates - 1).encode())
+    return inserts + updates
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def backend_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system) a server process has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def raw_decode_measured(dsn: str, slot: str, options: list[str], *, fetch: bool) -> tuple[float, float]:
+    """Seconds to decode the slot (counted by the server, or every row fetched by this client as
+    the poller fetches them) and the decoding backend's CPU seconds."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        cpu = backend_cpu(pid)
+        t0 = time.perf_counter()
+        if fetch:
+            with conn.transaction(), conn.cursor(name="bench_peek") as cur:
+                cur.itersize = FETCH_ROWS
+                cur.execute("SELECT data FROM pg_logical_slot_peek_changes(%s, NULL, NULL, VARIADIC %s::text[])", (slot, options))
+                n = 0
+                while rows := cur.fetchmany(FETCH_ROWS):
+                    n += len(rows)
+        else:
+            conn.execute("SELECT count(*) FROM pg_logical_slot_peek_changes(%s, NULL, NULL, VARIADIC %s::text[])", (slot, options))
+        return time.perf_counter() - t0, backend_cpu(pid) - cpu
+
+
+def measured_drain(src: str, settings: Settings) -> tuple[PollStats, float, float, float]:
+    """``poll --once`` into the same database; its stats and the CPU seconds of this process (the
+    poller), of its source backend (decoding) and of its destination backend."""
+    with Poller(src, None, settings) as poller:
+        source_pid, destination_pid = poller.source.info.backend_pid, poller.destination.info.backend_pid
+        before = (time.process_time(), backend_cpu(source_pid), backend_cpu(destination_pid))
+        stats = poller.run_once()
+        after = (time.process_time(), backend_cpu(source_pid), backend_cpu(destination_pid))
+    own, decoding, destination = (b - a for a, b in zip(before, after, strict=True))
+    return stats, own, decoding, destination
+
+
+def shapes(src: str, settings: Settings, args: argparse.Namespace) -> None:
+    """Each shape's raw decode and drain, rounds alternating the order of shapes and paths."""
+    slot, options = settings.slot_for("src"), wal2json_options(settings)
+    names = args.shapes.split(",")
+    paths = args.paths.split(",")
+    runs = [(shape, path) for shape in names for path in paths]
+    figures: dict[tuple[str, str], dict[str, list[float]]] = {run: {} for run in runs}
+    next_id = 10_000_000
+    for round_ in range(args.rounds):
+        for shape, path in (runs if round_ % 2 == 0 else runs[::-1]):
+            n = shape_backlog(src, shape, next_id, args.inserts, args.updates)
+            next_id += args.inserts
+            count_s, count_cpu = raw_decode_measured(src, slot, options, fetch=False)
+            fetch_s, _ = raw_decode_measured(src, slot, options, fetch=True)
+            with conversion_path(path):
+                stats, own, decoding, destination = measured_drain(src, settings)
+            assert stats.changes == n, (stats.changes, n)
+            row = figures[(shape, path)]
+            for key, value in (("count", n / count_s), ("fetch", n / fetch_s), ("poll", n / stats.seconds),
+                               ("ratio", count_s / stats.seconds), ("decode_us", 1e6 * count_cpu / n),
+                               ("poller_us", 1e6 * own / n), ("source_us", 1e6 * decoding / n),
+                               ("destination_us", 1e6 * destination / n)):
+                row.setdefault(key, []).append(value)
+    print(f"shapes: {args.inserts:,} inserts + {args.updates:,} updates per drain (one transaction each), same database, "
+          f"{args.rounds} rounds alternating the order; medians (CPU in us per change)")
+    for (shape, path), row in figures.items():
+        m = {key: statistics.median(values) for key, values in row.items()}
+        print(f"{shape:<10} {path:<9} raw decode {m['count']:9,.0f}/s (fetched by a client {m['fetch']:9,.0f}/s)  "
+              f"poll {m['poll']:8,.0f}/s  ratio {m['ratio']:.2f} (rounds {', '.join(f'{v:.2f}' for v in row['ratio'])})  "
+              f"CPU: poller {m['poller_us']:.1f}, its decoding backend {m['source_us']:.1f}, destination backend "
+              f"{m['destination_us']:.1f}, raw decode {m['decode_us']:.1f}")
+
+
+def index_variants(src: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Each variant of the changes table's indexes: the statements that make it from the default
+    set, and those that put the default back."""
+    with psycopg.connect(src, autocommit=True) as conn:
+        rows = conn.execute("""
+            SELECT i.relname, pg_get_indexdef(i.oid), c.conname, pg_get_constraintdef(c.oid)
+              FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+              LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid
+             WHERE x.indrelid = 'public.changes'::regclass ORDER BY 1""").fetchall()
+    variants: dict[str, tuple[list[str], list[str]]] = {"all": ([], [])}
+    for name, definition, constraint, constraint_def in rows:
+        if constraint:
+            variants[f"without {name}"] = ([f"ALTER TABLE changes DROP CONSTRAINT {constraint}"],
+                                           [f"ALTER TABLE changes ADD CONSTRAINT {constraint} {constraint_def}"])
+        else:
+            variants[f"without {name}"] = ([f"DROP INDEX {name}"], [definition])
+        if name.endswith("_committed_at_idx") and "(committed_at)" in definition:
+            brin = "CREATE INDEX changes_committed_at_brin ON changes USING brin (committed_at)"
+            variants["committed_at as BRIN"] = ([f"DROP INDEX {name}", brin], ["DROP INDEX changes_committed_at_brin", definition])
+        if "USING gin" in definition:
+            variants[f"{name} fastupdate off"] = ([f"ALTER INDEX {name} SET (fastupdate = off)"],
+                                                  [f"ALTER INDEX {name} RESET (fastupdate)"])
+    return variants
+
+
+def indexes(src: str, settings: Settings, args: argparse.Namespace) -> None:
+    """The destination backend's CPU per change with each index left out in turn (or changed),
+    on the realistic shape, into an emptied changes table each time; rounds alternate the order."""
+    variants = index_variants(src)
+    figures: dict[str, list[float]] = {name: [] for name in variants}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    next_id = 50_000_000
+    for round_ in range(args.rounds):
+        for name in (list(variants) if round_ % 2 == 0 else list(variants)[::-1]):
+            make, undo = variants[name]
+            with psycopg.connect(src, autocommit=True) as conn:
+                conn.execute("TRUNCATE changes")
+                for statement in make:
+                    conn.execute(statement.encode())
+            n = shape_backlog(src, "realistic", next_id, args.inserts, args.updates)
+            next_id += args.inserts
+            stats, _, _, destination = measured_drain(src, settings)
+            assert stats.changes == n
+            figures[name].append(1e6 * destination / n)
+            rates[name].append(n / stats.seconds)
+            with psycopg.connect(src, autocommit=True) as conn:
+                conn.execute("TRUNCATE changes")
+                for statement in undo:
+                    conn.execute(statement.encode())
+    base = statistics.median(figures["all"])
+    print(f"indexes: destination backend CPU per change (us), realistic shape, {args.inserts + args.updates:,} changes a drain "
+          f"into an emptied changes table, {args.rounds} rounds alternating the order; medians")
+    for name, values in figures.items():
+        m = statistics.median(values)
+        print(f"{name:<58} {m:5.1f} us  ({m - base:+5.1f})  drain {statistics.median(rates[name]):8,.0f}/s   "
+              f"rounds {', '.join(f'{v:.1f}' for v in values)}")
 
 
 def destination_floor(dsn: str, rows: int, rounds: int) -> list[float]:
@@ -176,12 +357,23 @@ def main() -> int:
     parser.add_argument("--only-metrics", action="store_true", help="measure only the metrics' cost")
     parser.add_argument("--sealing-rounds", type=int, default=4, help="drains with and without sealing each batch (0: none)")
     parser.add_argument("--only-sealing", action="store_true", help="measure only what sealing costs")
+    parser.add_argument("--shapes", help="measure only these table shapes, e.g. realistic,numeric,five (see SHAPES)")
+    parser.add_argument("--paths", default="compiled,pure", help="conversion paths for --shapes")
+    parser.add_argument("--indexes", action="store_true", help="measure only each index's share of the destination's CPU")
     args = parser.parse_args()
     with throwaway_cluster("src", "dst", settings=(), prefix="bemi-pg-bench-") as cluster:
         src, dst = cluster.dsn("src"), cluster.dsn("dst")
         with psycopg.connect(src, autocommit=True) as conn:
-            conn.execute(TABLE)
+            for _, create, _, _ in SHAPES.values():
+                conn.execute(create.encode())
         settings = load_settings(None)
+        if args.shapes or args.indexes:
+            commands.install(src, None, settings)
+            if args.shapes:
+                shapes(src, settings, args)
+            if args.indexes:
+                indexes(src, settings, args)
+            return 0
         commands.install(src, None, settings)
         commands.install(src, dst, settings)  # the destination objects in the other database too
         slot, options = settings.slot_for("src"), wal2json_options(settings)

@@ -182,7 +182,8 @@ def excluding_config() -> str:
 
 
 def poller_env(dsn: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMI_", "PG")) and k != "DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items()
+           if (not k.startswith(("BEMI_", "PG")) and k != "DATABASE_URL") or k == "BEMI_PG_CONVERSION"}  # the path under test
     env["BEMI_DSN"] = dsn
     env["BEMI_CONFIG"] = extra.pop("config", "")
     if not env["BEMI_CONFIG"]:

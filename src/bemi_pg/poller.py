@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
-from psycopg.adapt import Buffer, Loader
+from psycopg.types.string import ByteaBinaryLoader
 
 from .config import Settings
 from .db import (
@@ -39,8 +39,8 @@ from .errors import BatchRefused, BemiError, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
-from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, TransactionState, tracked_filter
-from .wal2json import Begin, Change, Commit, Event, Message, TypeRegistry, format_lsn, parse_lsn, parse_row
+from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, ConvertedRow, TransactionState, tracked_filter
+from .wal2json import Begin, Change, Commit, Converted, Event, Message, TypeRegistry, fast_converter, format_lsn, parse_lsn, parse_row
 
 __all__ = ["Observer", "Poller", "PollStats", "wal2json_options"]
 
@@ -64,13 +64,6 @@ SEND_BYTES = 4 * 1024 * 1024
 FETCH_ROWS = 2_000
 
 
-class _BytesLoader(Loader):
-    """Text as the bytes the server sent (UTF-8, see session_setup): msgspec parses them directly."""
-
-    def load(self, data: Buffer) -> bytes:
-        return bytes(data)
-
-
 def _escape_filter(name: str) -> str:
     """Escape a schema or table name for wal2json's add-tables/filter-tables lists."""
     return "".join("\\" + ch if ch in " ',.*" else ch for ch in name)
@@ -89,6 +82,7 @@ def wal2json_options(settings: Settings) -> list[str]:
         "include-timestamp", "1",
         "include-lsn", "1",
         "include-type-oids", "1",
+        "include-types", "0",  # the OID says it all: type names cost the server a format_type per value
         "include-pk", "1",
         "include-typmod", "0",
         "add-msg-prefixes", f"{CONTEXT_PREFIX},{PERIOD_PREFIX}",
@@ -231,7 +225,7 @@ class _Writer:
         return (f"the destination refused {where}: {reason}; nothing of the batch was written and the slot "
                 "stays before it: fix the destination and poll again (README: \"When the destination refuses a batch\")")
 
-    def add(self, row: ChangeRow, tail: bytes) -> None:
+    def add(self, row: ChangeRow | ConvertedRow, tail: bytes) -> None:
         """Queue a row; ``tail``: its transaction's shared fields (TransactionState.copy_tail)."""
         if self.partitioned:  # committed_at is text in UTC: 'YYYY-MM-...'
             month = row.committed_at[:7]
@@ -325,6 +319,9 @@ class Poller:
         self.is_tracked = tracked_filter(settings.schemas, untracked)
         self.types = TypeRegistry(self._load_types)
         self.column_rules = ColumnRules(settings.ignore_columns, settings.exclude_columns)
+        # The compiled conversion of change rows, unless BEMI_PG_CONVERSION=pure, it is not built,
+        # or column rules apply (the pure path keeps those).
+        self._convert = None if self.column_rules else fast_converter(self.types)
         self._fault = fault or _fault_from_env()
         self.observer: Observer = observer or _Unobserved()
         self._keys: dict[tuple[str, str], list[str]] = {}
@@ -533,15 +530,19 @@ class Poller:
         self.source.execute(query("heartbeat"))
 
     # -- one batch -------------------------------------------------------------------
-    def _rows(self, upto_lsn: str | None) -> Iterator[bytes]:
-        with self.source.cursor(name="bemi_peek") as cur:
-            cur.adapters.register_loader("text", _BytesLoader)
-            cur.itersize = FETCH_ROWS
+    def _events(self, upto_lsn: str | None) -> Iterator[Event | Converted]:
+        """The slot's rows, parsed; INSERT, UPDATE and DELETE rows already converted where the
+        compiled path takes them."""
+        convert = self._convert
+        # Binary results: a text value is its UTF-8 bytes, which psycopg's bytea loader (in C) hands over as they are.
+        with self.source.cursor(name="bemi_peek", binary=True) as cur:
+            cur.adapters.register_loader("text", ByteaBinaryLoader)
             cur.execute(query("peek"), {
                 "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.read_size, "options": self.options,
             })
-            for (data,) in cur:
-                yield data
+            while rows := cur.fetchmany(FETCH_ROWS):  # a page at a time: cheaper than the cursor's own iteration
+                for (data,) in rows:
+                    yield (convert and convert(data)) or parse_row(data)
 
     def poll(self, upto_lsn: str | None) -> PollStats:
         """One read: peek up to ``read_size`` rows, write them in batches of about ``batch_size``
@@ -572,7 +573,7 @@ class Poller:
         queued_at = datetime.now(UTC).isoformat()
         last: Commit | None = None
         with self.source.transaction():
-            events = (parse_row(data) for data in self._rows(upto_lsn))
+            events = self._events(upto_lsn)
             while True:
                 began = time.monotonic()
                 stats, commit = self._write_batch(events, queued_at)
@@ -590,7 +591,7 @@ class Poller:
         total.end_lsn = last.end_lsn
         return total
 
-    def _write_batch(self, events: Iterator[Event], queued_at: str) -> tuple[PollStats, Commit | None]:
+    def _write_batch(self, events: Iterator[Event | Converted], queued_at: str) -> tuple[PollStats, Commit | None]:
         """Write the next transactions of ``events`` until about ``batch_size`` rows are read,
         with the checkpoint, in one destination transaction; return its figures and the
         last commit it read (None when ``events`` ran out before any)."""
@@ -611,10 +612,10 @@ class Poller:
             moves: list[tuple[str, str, str, str, str | None, str, int, int]] = []  # UPDATEs of the key
             for event in events:
                 stats.rows += 1
-                if isinstance(event, Change):
+                if isinstance(event, (Change, Converted)):
                     recorded = self._recorded(event.schema, event.table) if state is not None else None
                     if recorded is not None and state is not None:
-                        if event.action == "T":
+                        if isinstance(event, Change) and event.action == "T":
                             # TRUNCATE of a partitioned table: one record for it and one for each
                             # partition, at one position; recorded once, as the statement's trigger does.
                             if truncated == (recorded, event.lsn):
@@ -622,8 +623,7 @@ class Poller:
                             truncated = (recorded, event.lsn)
                         else:
                             truncated = None
-                        event.schema, event.table = recorded
-                        change = state.on_change(event)
+                        change = state.on_change(event, recorded)
                         if change is None:  # an UPDATE of ignored columns only
                             continue
                         if change.ambiguous:

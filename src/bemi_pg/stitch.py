@@ -22,9 +22,9 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 from pglast.parser import scan
 
-from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, TypeInfo, TypeRegistry, parse_lsn, value_json
+from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, Converted, TypeInfo, TypeRegistry, parse_lsn, value_json
 
-__all__ = ["ChangeRow", "TransactionState", "change_id", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
+__all__ = ["ChangeRow", "ConvertedRow", "TransactionState", "change_id", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
 CONTEXT_PREFIX = "_bemi"
 OPERATIONS = {"I": "CREATE", "U": "UPDATE", "D": "DELETE", "T": "TRUNCATE"}
@@ -103,6 +103,29 @@ class ChangeRow:
             _table_fields(self.schema, self.table, self.operation), copy_text(self.primary_key),
             copy_escape(self.before), copy_escape(self.after), b"%d\t%d\t%032x" % (self.position, self.seq, self.id), tail,
         ))
+
+
+@dataclass(slots=True)
+class ConvertedRow:
+    """A change the compiled path converted (wal2json.fast_converter): ``fields`` holds its
+    primary_key, before and after, ready as COPY fields (``Converted.fields``)."""
+
+    schema: str
+    table: str
+    operation: str
+    fields: bytes
+    committed_at: str
+    transaction_id: int
+    position: int
+    commit_position: int
+    seq: int
+    id: int
+    ambiguous: bool
+
+    def copy_line(self, tail: bytes) -> bytes:
+        """The same line as :meth:`ChangeRow.copy_line` gives for this change."""
+        return b"\t".join((_table_fields(self.schema, self.table, self.operation), self.fields,
+                           b"%d\t%d\t%032x" % (self.position, self.seq, self.id), tail))
 
 
 # The order of COPY's fields: a change's own first, then those its transaction's changes share
@@ -499,9 +522,17 @@ class TransactionState:
             fields[col.name] = value
         return fields, ambiguous
 
-    def on_change(self, change: Change) -> ChangeRow | None:
-        """The change row; None for an UPDATE that changed ignored columns only. Either way
-        the change takes its place in the transaction's order (``seq``)."""
+    def on_change(self, change: Change | Converted, recorded: tuple[str, str] | None = None) -> ChangeRow | ConvertedRow | None:
+        """The change row, recorded under ``recorded`` (schema, table; by default the change's own);
+        None for an UPDATE that changed ignored columns only. Either way the change takes its
+        place in the transaction's order (``seq``). A change the compiled path converted
+        (:func:`wal2json.fast_converter`, never used with column rules) only takes its place."""
+        schema, table = recorded or (change.schema, change.table)
+        if not isinstance(change, Change):  # never with column rules (the poller's choice)
+            seq = self.seq
+            self.seq = seq + 1
+            return ConvertedRow(schema, table, OPERATIONS[change.action], change.fields, self.committed_at, self.xid, change.lsn,
+                                self.commit_lsn, seq, self._id_base | seq << _ID_SEQ_SHIFT, change.ambiguous)
         action = change.action
         before, ambiguous_before = self._fields(change.identity)
         after, ambiguous_after = self._fields(change.columns)
@@ -512,7 +543,6 @@ class TransactionState:
             before, after = after, {}
         rules = self.column_rules
         if rules:
-            schema, table = change.schema, change.table
             if action == "U":
                 changed = [k for k in after.keys() | before.keys() if before.get(k) != after.get(k)]
                 if changed and all(rules.ignored(schema, table, k) for k in changed):
@@ -534,7 +564,7 @@ class TransactionState:
                 moved_from = old_key if old_key != primary_key else None
 
         row = ChangeRow(
-            self.database, change.schema, change.table, primary_key, OPERATIONS[action],
+            self.database, schema, table, primary_key, OPERATIONS[action],
             _object_json(before), _object_json(after), self.context, self.committed_at, self.xid,
             parse_lsn(change.lsn), self.commit_lsn, self.seq, self._id_base | self.seq << _ID_SEQ_SHIFT,
             ambiguous_before or ambiguous_after, moved_from,

@@ -15,16 +15,24 @@ One limit of wal2json: it writes the numeric and float specials (NaN, ±Infinity
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import msgspec
 
+try:
+    from ._fastrow import Converted, convert
+except ImportError:  # built without a compiler: the pure path only
+    Converted = None  # type: ignore[assignment,misc]
+    convert = None  # type: ignore[assignment]
+
 __all__ = [
     "Begin", "Change", "Column", "Commit", "Message", "TypeInfo", "TypeRegistry",
-    "parse_lsn", "format_lsn", "parse_row", "value_json", "parse_array",
+    "parse_lsn", "format_lsn", "parse_row", "value_json", "parse_array", "fast_converter", "Converted",
 ]
 
 
@@ -259,7 +267,7 @@ def parse_array(text: str, delimiter: str = ",") -> list[Any]:
                 start = pos
                 while pos < n and text[pos] != delimiter and text[pos] != "}":
                     pos += 1
-                token = text[start:pos].strip()
+                token = text[start:pos].strip(" \t\n\r\v\f")  # array_in's spaces (str.strip's would take U+00A0 too)
                 items.append(None if token.upper() == "NULL" else token)
             while text[pos] == " ":
                 pos += 1
@@ -349,5 +357,52 @@ Event = Begin | Commit | Message | Insert | Update | Delete | Truncate
 
 parse_row: Callable[[bytes | str], Event] = msgspec.json.Decoder(Event).decode
 """Parse one wal2json format-version 2 row (options: include-lsn, include-xids,
-include-timestamp, include-type-oids, include-pk); raises ``msgspec.ValidationError``
+include-timestamp, include-type-oids, include-pk, include-types 0); raises ``msgspec.ValidationError``
 on a row of another shape."""
+
+
+# -- the compiled path -------------------------------------------------------------------
+# bemi_pg._fastrow (C, built by the package's own build when a compiler is there) converts an
+# INSERT, UPDATE or DELETE row straight from wal2json's bytes to before/after, byte for byte what
+# parse_row and TransactionState.on_change give; it hands every other row back (None) to them.
+
+CONVERSION_ENV = "BEMI_PG_CONVERSION"
+"""``pure`` makes the poller use the pure-Python conversion, the reference; ``compiled`` (the
+default when the module is built) the C one."""
+
+# The codes _fastrow.c knows (CODE_*); any other plan is a TypeInfo it hands to value_json.
+_CODES = {TIMESTAMPTZ: 2, TIMESTAMP: 3, JSON: 4}
+_ARRAY_CODES = {STRING: 5, DATE: 5, NUMBER: 6, BOOL: 7}
+
+
+def _code(plan: TypeInfo | Passthrough) -> int | TypeInfo:
+    if plan is PASS:
+        return 0
+    if plan is PASS_SPECIALS:
+        return 1
+    assert isinstance(plan, TypeInfo)
+    if plan.kind in _CODES:
+        return _CODES[plan.kind]
+    if plan.kind == ARRAY and plan.element is not None and plan.delimiter == "," and plan.element.kind in _ARRAY_CODES:
+        return _ARRAY_CODES[plan.element.kind]
+    return plan
+
+
+def compiled_available() -> bool:
+    """Whether the compiled conversion is built (``bemi_pg._fastrow``)."""
+    return convert is not None
+
+
+def fast_converter(types: TypeRegistry) -> Callable[[bytes], Converted | None] | None:
+    """The compiled conversion of a row for these types: a Converted, or None for a row the pure
+    path must parse (:func:`parse_row`). None when the module is not built or
+    ``BEMI_PG_CONVERSION=pure``."""
+    if convert is None or os.environ.get(CONVERSION_ENV, "compiled") == "pure":
+        return None
+    codes: dict[int, int | TypeInfo] = {}
+
+    def plan(oid: int) -> int | TypeInfo:
+        codes[oid] = code = _code(types.plans.get(oid) or types.plan(oid))
+        return code
+
+    return partial(convert, codes, plan, value_json)

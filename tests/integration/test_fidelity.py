@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+
+from bemi_pg.poller import Poller
+from bemi_pg.stitch import TransactionState
+from bemi_pg.wal2json import CONVERSION_ENV, Begin, Change, Converted, compiled_available, fast_converter, parse_row
+
+PATHS = ["compiled", "pure"] if compiled_available() else ["pure"]
+
+
+@pytest.fixture(params=PATHS)
+def conversion(request, monkeypatch):
+    """Each test runs on the compiled conversion and on the pure-Python one."""
+    monkeypatch.setenv(CONVERSION_ENV, request.param)
+    return request.param
+
 MATRIX = """
 CREATE TYPE mood AS ENUM ('happy', 'sad', 'it''s "ok"');
 CREATE TABLE matrix (
@@ -43,9 +58,7 @@ def _snapshot(conn, phase):
     conn.execute("INSERT INTO snapshots.snap SELECT id, %s, to_jsonb(m) FROM matrix m", (phase,))
 
 
-def test_before_and_after_equal_to_jsonb_of_the_row(db):
-    db.execute(MATRIX)
-    db.install()
+def _write_matrix(db):
     with db.connect(autocommit=True) as conn:
         conn.execute(ROWS)
         _snapshot(conn, "inserted")
@@ -54,6 +67,12 @@ def test_before_and_after_equal_to_jsonb_of_the_row(db):
         conn.execute("UPDATE matrix SET c_text = 'was null' WHERE id = 2")
         _snapshot(conn, "updated")
         conn.execute("DELETE FROM matrix")
+
+
+def test_before_and_after_equal_to_jsonb_of_the_row(db, conversion):
+    db.execute(MATRIX)
+    db.install()
+    _write_matrix(db)
     toast = db.execute("SELECT pg_column_size(c_big_text), octet_length(c_big_text) FROM snapshots.snap s, "
                        "jsonb_populate_record(NULL::matrix, s.doc) WHERE s.id = 1 AND phase = 'inserted'")
     assert toast[0][1] == 12800
@@ -90,3 +109,45 @@ def test_before_and_after_equal_to_jsonb_of_the_row(db):
     assert row["c_bytea"] == "\\xdeadbeef00" and row["c_text_arr"][1] is None
     text = db.execute("SELECT after->>'c_bigint', after->>'c_numeric' FROM changes WHERE operation = 'CREATE' AND primary_key = '1'")
     assert text == [("9007199254740993", "123456789012345678901234567890.123456789012")]
+
+
+def _copy_lines(poller, rows, compiled):
+    """The COPY lines the poller would send for these slot rows, on one conversion path."""
+    convert = fast_converter(poller.types) if compiled else None
+    lines, state, converted = [], None, 0
+    for data in rows:
+        event = (convert and convert(data)) or parse_row(data)
+        if isinstance(event, (Change, Converted)) and state is not None:
+            converted += isinstance(event, Converted)
+            lines.append(state.on_change(event).copy_line(state.copy_tail("2026-12-03T00:00:00+00:00")))
+        elif isinstance(event, Begin):
+            state = TransactionState(poller.source_id, poller.database, poller.types, event, 1 << 20)
+    return lines, converted
+
+
+@pytest.mark.skipif(not compiled_available(), reason="bemi_pg._fastrow is not built")
+def test_compiled_and_pure_conversion_give_byte_equal_copy_lines(db):
+    db.execute(MATRIX)
+    db.execute("""CREATE TABLE odd (id text PRIMARY KEY, note text, doc jsonb, tags varchar[], f real[], b boolean[],
+                  t timestamptz, ts timestamp[], n numeric)""")
+    db.execute('CREATE TABLE "we""ird" ("col ""x""" text PRIMARY KEY)')  # names with escapes: the pure path
+    db.install()
+    _write_matrix(db)
+    with db.connect(autocommit=True) as conn:
+        conn.execute("""INSERT INTO odd VALUES
+            (E'k\\"1', E'a\tb', '{"k": "\\u00e9 \\"q\\"", "n": [1.50, null]}', ARRAY['x y', NULL, '', E'q\\"', 'NULL', E'\u00e9'],
+             '{1.5,NaN,-Infinity}', '{t,f,NULL}', '2024-01-01 10:00+05:30', ARRAY['2024-01-01 00:00'::timestamp], 'NaN'),
+            ('k2', NULL, NULL, '{}', NULL, '{{t},{f}}', '0044-03-15 10:00+00 BC', NULL, 1e-20)""")
+        conn.execute("UPDATE odd SET n = n + 1")
+        conn.execute("DELETE FROM odd WHERE id = 'k2'")
+        conn.execute("""INSERT INTO "we""ird" VALUES ('w')""")
+    with Poller(db.dsn, None, db.settings) as poller:
+        with poller.source.transaction():
+            rows = [bytes(r[0], "utf-8") for r in poller.source.execute(
+                "SELECT data FROM pg_logical_slot_peek_changes(%s, NULL, NULL, VARIADIC %s::text[])",
+                (poller.slot, poller.options))]
+        pure, _ = _copy_lines(poller, rows, compiled=False)
+        compiled, converted = _copy_lines(poller, rows, compiled=True)
+    assert len(pure) == 21  # the matrix's 9 changes, 6 of snapshots.snap, 5 of odd, 1 of "we""ird"
+    assert converted == 20  # all but the row of "we""ird"
+    assert compiled == pure

@@ -6,7 +6,18 @@ import pytest
 
 from bemi_pg.specials import parse_change
 from bemi_pg.stitch import TransactionState, change_id, context_json, final_comment
-from bemi_pg.wal2json import Begin, Change, TypeInfo, TypeRegistry, format_lsn, parse_array, parse_lsn, parse_row, value_json
+from bemi_pg.wal2json import (
+    Begin,
+    Change,
+    TypeInfo,
+    TypeRegistry,
+    fast_converter,
+    format_lsn,
+    parse_array,
+    parse_lsn,
+    parse_row,
+    value_json,
+)
 
 TYPES = TypeRegistry()
 
@@ -46,6 +57,12 @@ def test_value_json_matches_to_jsonb(oid, raw, expected):
     state = TransactionState("1/db", "db", TYPES, begin, 1000)
     assert json.loads(state.on_change(change).after) == {"c": json.loads(expected)}
     assert state.on_change(change).after == b'{"c":' + expected.encode() + b"}"
+    # The compiled path, where built, gives the same bytes.
+    convert = fast_converter(TypeRegistry())
+    if convert is not None:
+        data = '{"action":"I","xid":1,"lsn":"0/1","schema":"s","table":"t","columns":[{"name":"c","typeoid":%d,"value":%s}]}'
+        converted = convert((data % (oid, raw)).encode())
+        assert converted is not None and converted.fields == b'\\N\t{}\t{"c":' + expected.encode().replace(b"\\", b"\\\\") + b"}"
 
 
 def test_array_parsing_edge_cases():
@@ -53,6 +70,7 @@ def test_array_parsing_edge_cases():
     assert parse_array("[0:1]={1,2}") == ["1", "2"]
     assert parse_array('{"",NULL,"NULL"}') == ["", None, "NULL"]
     assert parse_array("{(1,2);(3,4)}", ";") == ["(1,2)", "(3,4)"]
+    assert parse_array("{\u00a0x,y\u2028}") == ["\u00a0x", "y\u2028"]  # array_out quotes only ASCII spaces
 
 
 def test_unknown_types_are_looked_up():
@@ -165,3 +183,41 @@ def test_test_decoding_rows():
     trunc = parse_change("table public.a, s.b: TRUNCATE: (no-flags)")
     assert trunc.relations == [("public", "a"), ("s", "b")]
     assert parse_change("BEGIN 12") is None
+
+
+def _row(action, columns, identity=None, pk=()):
+    """A wal2json change row; columns are (name, type oid, raw JSON value)."""
+    def listed(cols):
+        return ",".join('{"name":"' + n + '","type":"x","typeoid":' + str(oid) + ',"value":' + raw + "}" for n, oid, raw in cols)
+    identity_part = ',"identity":[' + listed(identity) + "]" if identity is not None else ""
+    keys = ",".join('{"name":"' + k + '","type":"x","typeoid":23}' for k in pk)
+    return ('{"action":"' + action + '","xid":7,"lsn":"1/A0","schema":"s","table":"t","columns":[' + listed(columns) + "]"
+            + identity_part + ',"pk":[' + keys + "]}")
+
+
+@pytest.mark.parametrize("row", [
+    # an UPDATE whose new row leaves out an unchanged TOASTed column: after takes it from identity
+    _row("U", [("id", 23, "1"), ("n", 1700, "null")], [("id", 23, "1"), ("big", 25, '"x\\ty"'), ("n", 1700, "2.50")], ["id"]),
+    # a DELETE with the old row in columns (no identity), a text key with escapes
+    _row("D", [("k", 25, '"a\\"b\\\\c\\u00e9"'), ("ts", 1184, '"2024-01-01 00:00:00-08"'), ("d", 3802, '"{\\"a\\": \\"\\\\n\\"}"')],
+         pk=["k"]),
+    # a keyless INSERT; arrays and timestamps of every zone form
+    _row("I", [("a", 1009, '"{\\"x y\\",NULL,\\"q\\\\\\\\\\\\\\"\\",\\u00e9}"'), ("b", 1000, '"{{t},{f}}"'),
+               ("c", 1231, '"{1.50,NaN}"'), ("t1", 1184, '"0044-03-15 10:00:00+05:30 BC"'), ("t2", 1184, '"infinity"'),
+               ("t3", 1114, '"2024-01-01 00:00:00"'), ("e", 1185, '"{\\"2024-01-01 00:00:00+00\\"}"'), ("f", 17, '"\\\\xdead"')]),
+    # a null key, a real whose null may be NaN
+    _row("I", [("id", 23, "null"), ("r", 700, "null")], pk=["id"]),
+])
+@pytest.mark.parametrize("typed", [False, True], ids=["poller's options", "with type names"])
+def test_compiled_conversion_gives_the_pure_copy_line(row, typed):
+    row = row if typed else row.replace('"type":"x",', "")  # the poller decodes with include-types 0
+    convert = fast_converter(TypeRegistry())
+    if convert is None:
+        pytest.skip("bemi_pg._fastrow is not built")
+    begin = parse_row('{"action":"B","xid":7,"timestamp":"2026-11-26 10:15:27+00","lsn":"0/1","nextlsn":"0/2"}')
+    pure, compiled = (TransactionState("1/db", "db", TypeRegistry(), begin, 1000) for _ in range(2))
+    converted = convert(row.encode())
+    assert converted is not None
+    expected, got = pure.on_change(parse_row(row)), compiled.on_change(converted)
+    assert got.copy_line(b"tail\n") == expected.copy_line(b"tail\n")
+    assert got.ambiguous == expected.ambiguous
