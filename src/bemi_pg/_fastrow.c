@@ -66,6 +66,8 @@ static int buf_grow(Buf *b, Py_ssize_t more) {
 }
 
 static int buf_put(Buf *b, const char *p, Py_ssize_t n) {
+    if (n == 0) /* memcpy with a NULL b->data (nothing written yet) is undefined even for 0 bytes */
+        return 0;
     if (buf_grow(b, n) < 0)
         return -1;
     memcpy(b->data + b->len, p, n);
