@@ -131,6 +131,36 @@ static const char *skip_value(const char *p, const char *end) {
     return p;
 }
 
+/* Whether a name's bytes (a JSON string, quotes included) are UTF-8 as msgspec demands of a str
+ * field (no overlong form, no surrogate, nothing past U+10FFFF). The pure path refuses a row whose
+ * name is not (msgspec.DecodeError): so does this (wal2json writes such bytes for a SQL_ASCII
+ * database). Values need no check: the pure path keeps them as raw bytes too. */
+static int name_is_utf8(Span s) {
+    const unsigned char *p = (const unsigned char *)s.p, *end = p + s.n;
+    while (p < end) {
+        unsigned c = *p;
+        if (c < 0x80) {
+            p++;
+            continue;
+        }
+        int more = c >= 0xC2 && c <= 0xDF ? 1 : c >= 0xE0 && c <= 0xEF ? 2 : c >= 0xF0 && c <= 0xF4 ? 3 : -1;
+        if (more < 0 || end - p <= more)
+            return 0;
+        unsigned lo = 0x80, hi = 0xBF; /* the second byte's range */
+        if (c == 0xE0) lo = 0xA0;
+        else if (c == 0xED) hi = 0x9F;
+        else if (c == 0xF0) lo = 0x90;
+        else if (c == 0xF4) hi = 0x8F;
+        if (p[1] < lo || p[1] > hi)
+            return 0;
+        for (int i = 2; i <= more; i++)
+            if ((p[i] & 0xC0) != 0x80)
+                return 0;
+        p += more + 1;
+    }
+    return 1;
+}
+
 static int span_is(Span s, const char *literal) {
     Py_ssize_t n = (Py_ssize_t)strlen(literal);
     return s.n == n && memcmp(s.p, literal, n) == 0;
@@ -207,6 +237,8 @@ static const char *column_member(void *ctx, Span key, const char *p, const char 
         if (after == NULL || escaped)
             return NULL; /* a name with an escape: the pure path re-encodes it */
         col->name = (Span){p, after - p};
+        if (!name_is_utf8(col->name))
+            return NULL;
         return after;
     }
     if (span_is(key, "typeoid")) {
@@ -271,6 +303,8 @@ static const char *pk_member(void *ctx, Span key, const char *p, const char *end
         if (after == NULL || escaped)
             return NULL;
         row->pk_name = (Span){p, after - p};
+        if (!name_is_utf8(row->pk_name))
+            return NULL;
         return after;
     }
     return skip_value(p, end);
@@ -306,6 +340,8 @@ static const char *row_member(void *ctx, Span key, const char *p, const char *en
             row->action = text.p[0];
         } else if (span_is(key, "lsn"))
             row->lsn = text;
+        else if (!name_is_utf8(text))
+            return NULL;
         else if (span_is(key, "schema"))
             row->schema = text;
         else
