@@ -444,3 +444,16 @@ def test_names_not_utf8_are_refused_alike(bad, where):
     schema, table, name, key_name = (b'"n' + bad + b'"' if where == w else b'"n"' for w in ("schema", "table", "column", "pk"))
     Paths().check(b'{"action":"I","xid":1,"lsn":"0/A","schema":' + schema + b',"table":' + table + b',"columns":[{"name":' + name
                   + b',"type":"t","typeoid":23,"value":1}],"pk":[{"name":' + key_name + b',"type":"t","typeoid":23}]}')
+
+
+@pytest.mark.parametrize("count", [127, 128, 129, 1600])
+def test_wide_rows(count):
+    """Up to MAX_COLUMNS (128) columns the compiled path's, past it the pure one's: the same line."""
+    rng = random.Random(count)
+    paths = Paths()
+    plain = [16, 20, 23, 25, 1700, 1184, 3802, 1082, 2950, 17]  # values the compiled path always takes
+    columns = [column(f"c{i}", oid, rand_value(rng, oid)) for i, oid in enumerate(rng.choice(plain) for _ in range(count))]
+    paths.check(change_row("I", columns, pk=[]))
+    paths.check(change_row("U", columns[:10], columns, pk=[key("c0")]))
+    paths.check(change_row("U", columns, columns[:count // 2], pk=[key("c0")]))
+    assert paths.taken == (3 if count <= 128 else 0)
