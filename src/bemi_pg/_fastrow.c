@@ -508,10 +508,12 @@ static int timestamp_json(Span raw, int with_zone, Buf *out) {
 }
 
 /* PostgreSQL's array text (wal2json.parse_array) into JSON (wal2json._array_json): 0, or -1
- * for anything this does not take (the caller hands the value to the pure path). */
-static int array_level(const char **pp, const char *end, int code, Buf *out, Buf *item) {
+ * for anything this does not take (the caller hands the value to the pure path). An array has
+ * at most MAXDIM (6) dimensions: deeper nesting, which no server writes, is refused rather than
+ * recursed into (a million '{' overflowed the C stack). */
+static int array_level(const char **pp, const char *end, int code, Buf *out, Buf *item, int depth) {
     const char *p = *pp;
-    if (p >= end || *p != '{')
+    if (p >= end || *p != '{' || depth > 6)
         return -1;
     p++;
     if (buf_putc(out, '[') < 0)
@@ -526,7 +528,7 @@ static int array_level(const char **pp, const char *end, int code, Buf *out, Buf
             return -1;
         first = 0;
         if (*p == '{') {
-            if (array_level(&p, end, code, out, item) < 0)
+            if (array_level(&p, end, code, out, item, depth + 1) < 0)
                 return -1;
         } else {
             int quoted = *p == '"';
@@ -588,7 +590,7 @@ static int array_json(Span raw, int code, Buf *out) {
     Py_ssize_t start = out->len;
     if (unescape(raw, &text) == 0 && text.len > 0 && text.data[0] == '{') {
         const char *p = text.data;
-        result = array_level(&p, text.data + text.len, code, out, &item);
+        result = array_level(&p, text.data + text.len, code, out, &item, 1);
         if (result == 0 && p != text.data + text.len)
             result = -1;
     }

@@ -457,3 +457,10 @@ def test_wide_rows(count):
     paths.check(change_row("U", columns[:10], columns, pk=[key("c0")]))
     paths.check(change_row("U", columns, columns[:count // 2], pk=[key("c0")]))
     assert paths.taken == (3 if count <= 128 else 0)
+
+
+@pytest.mark.parametrize("depth", [6, 7, 100_000])
+def test_deep_arrays(depth):
+    """Six dimensions at most in PostgreSQL; a row nesting deeper (none does) is the pure path's,
+    which raises RecursionError when it is very deep: the compiled one overflowed its C stack."""
+    Paths().check(change_row("I", [column("a", 1009, escape_json("{" * depth + "}" * depth))], pk=[]), strict=depth < 1000)
