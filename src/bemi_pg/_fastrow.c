@@ -668,6 +668,8 @@ static int convert_value(Ctx *ctx, Col *col) {
         return result;
     }
     long c = PyLong_AsLong(code);
+    if (c == -1 && PyErr_Occurred()) /* a code past a long: its OverflowError, not a result with it set */
+        return -1;
     if (c == CODE_PASS)
         return 0;
     if (c == CODE_PASS_SPECIALS) {

@@ -464,3 +464,25 @@ def test_deep_arrays(depth):
     """Six dimensions at most in PostgreSQL; a row nesting deeper (none does) is the pure path's,
     which raises RecursionError when it is very deep: the compiled one overflowed its C stack."""
     Paths().check(change_row("I", [column("a", 1009, escape_json("{" * depth + "}" * depth))], pk=[]), strict=depth < 1000)
+
+
+def test_bad_arguments_raise():
+    """Misuse raises its own error (never a SystemError, never a crash); a code it does not know
+    hands the row back."""
+    from bemi_pg._fastrow import convert
+    from bemi_pg.wal2json import TypeInfo, value_json
+
+    row = change_row("I", [column("c", 23, "1")], pk=[])
+
+    def refuse(oid: int) -> Any:
+        raise KeyError(oid)
+
+    with pytest.raises(TypeError):
+        convert({}, refuse, value_json, row.decode())  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        convert({}, refuse, value_json, row)
+    with pytest.raises(OverflowError):
+        convert({}, lambda oid: 2**70, value_json, row)
+    with pytest.raises(TypeError):
+        convert({}, lambda oid: TypeInfo("string"), lambda info, raw: "not bytes", row)
+    assert convert({}, lambda oid: 99, value_json, row) is None
