@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stdint.h>
 #include <string.h>
 
 #define MAX_COLUMNS 128
@@ -137,6 +138,12 @@ static const char *skip_value(const char *p, const char *end) {
  * database). Values need no check: the pure path keeps them as raw bytes too. */
 static int name_is_utf8(Span s) {
     const unsigned char *p = (const unsigned char *)s.p, *end = p + s.n;
+    uint64_t word;
+    for (; end - p >= 8; p += 8) { /* the usual all-ASCII name, 8 bytes at a time */
+        memcpy(&word, p, 8);
+        if (word & 0x8080808080808080ULL)
+            break;
+    }
     while (p < end) {
         unsigned c = *p;
         if (c < 0x80) {
