@@ -486,3 +486,29 @@ def test_bad_arguments_raise():
     with pytest.raises(TypeError):
         convert({}, lambda oid: TypeInfo("string"), lambda info, raw: "not bytes", row)
     assert convert({}, lambda oid: 99, value_json, row) is None
+
+
+def test_references_are_not_leaked():
+    """Converted, refused and failing rows leave every object's reference count as it was."""
+    import sys
+
+    rng = random.Random(13)
+    rows = [rand_row(rng) for _ in range(60)] + [mutate(rng, rand_row(rng)) for _ in range(60)]
+    rows.append(change_row("I", [column("o", 26, "4000000000"), column("b", 17, '"\\\\xdead"')], pk=[key("o", 26)]))
+    convert = fast_converter(registry())
+    assert convert is not None
+
+    def run() -> None:
+        for data in rows:
+            try:
+                convert(data)
+            except Exception:  # noqa: S110 - a broken row's error is test_broken_rows_fail_alike's business
+                pass
+
+    run()  # codes and the C caches filled
+    codes, plan, value_json = convert.args  # type: ignore[attr-defined]
+    watched = [*rows, codes, plan, value_json, *(c for c in codes.values() if not isinstance(c, int))]  # None and ints: shared
+    before = [sys.getrefcount(o) for o in watched]
+    for _ in range(50):
+        run()
+    assert [sys.getrefcount(o) for o in watched] == before
