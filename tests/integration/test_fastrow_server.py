@@ -101,7 +101,8 @@ def test_server_rows_convert_alike(db):
             rows = conn.execute(query("types"), {"oids": oids}).fetchall()
             return [(int(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4]), int(r[5])) for r in rows]
 
-        for zone in ("UTC", "Asia/Kolkata", "America/St_Johns"):  # the poller's, and zones with odd offsets
+        # the poller's zone and options (no type names), and zones with odd offsets, with type names
+        for zone, types in (("UTC", "0"), ("Asia/Kolkata", "1"), ("America/St_Johns", "0")):
             conn.execute(f"SET TimeZone = '{zone}'")
             paths = fuzz.Paths()
             pure, compiled = TypeRegistry(loader), TypeRegistry(loader)
@@ -109,7 +110,7 @@ def test_server_rows_convert_alike(db):
             paths.pure_state = TransactionState("1/db", "db", pure, fuzz.BEGIN, 1000, fuzz.key_order)
             paths.compiled_state = TransactionState("1/db", "db", compiled, fuzz.BEGIN, 1000, fuzz.key_order)
             rows = conn.execute("SELECT convert_to(data, 'UTF8') FROM pg_logical_slot_peek_changes('fuzz', NULL, NULL, "
-                                + ", ".join("%s" for _ in OPTIONS) + ")", OPTIONS).fetchall()
+                                + ", ".join("%s" for _ in OPTIONS) + ", 'include-types', %s)", [*OPTIONS, types]).fetchall()
             assert len(rows) > 400
             for (data,) in rows:
                 paths.check(bytes(data))

@@ -274,12 +274,16 @@ def rand_name(rng: random.Random, taken: set[str]) -> str:
             return name
 
 
-def column(name: str, oid: int, value: str) -> str:
-    return f'{{"name":{escape_json(name)},"type":"t","typeoid":{oid},"value":{value}}}'
+def column(name: str, oid: int, value: str, typed: bool = False) -> str:
+    """A column object as the poller's options (include-types 0) make wal2json write it; typed:
+    with the type's name too, as without that option."""
+    kind = '"type":"t",' if typed else ""
+    return f'{{"name":{escape_json(name)},{kind}"typeoid":{oid},"value":{value}}}'
 
 
-def key(name: str, oid: int = 23) -> str:
-    return f'{{"name":{escape_json(name)},"type":"t","typeoid":{oid}}}'
+def key(name: str, oid: int = 23, typed: bool = False) -> str:
+    kind = ',"type":"t"' if typed else ""
+    return f'{{"name":{escape_json(name)}{kind},"typeoid":{oid}}}'
 
 
 def change_row(action: str, columns: list[str] | None = None, identity: list[str] | None = None, pk: list[str] | None = None,
@@ -326,9 +330,10 @@ def rand_row(rng: random.Random) -> bytes:
     table = escape_json(rng.choice(["t", "todos", "with space", "日本", "\U0001f600"] * 4 + ['q"t']))
     head = (f'"xid":{rng.randint(1, 2**32 - 1)},"timestamp":"2026-12-03 13:58:24.711408+00",'
             f'"lsn":"{rng.randint(0, 0xFFFFFFFF):X}/{rng.randint(0, 0xFFFFFFFF):X}","schema":{schema},"table":{table}')
-    return change_row(action, None if action == "D" else [column(*c) for c in new],
-                      None if identity is None else [column(*c) for c in identity],
-                      [key(n, o) for n, o in keys] if rng.random() < 0.9 else None, head)
+    typed = rng.random() < 0.3
+    return change_row(action, None if action == "D" else [column(*c, typed=typed) for c in new],
+                      None if identity is None else [column(*c, typed=typed) for c in identity],
+                      [key(n, o, typed) for n, o in keys] if rng.random() < 0.9 else None, head)
 
 
 # -- the comparison ---------------------------------------------------------------------------
