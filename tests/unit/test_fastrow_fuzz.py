@@ -443,12 +443,13 @@ def test_broken_rows_fail_alike():
 
 @pytest.mark.parametrize("bad", [b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82"])
 @pytest.mark.parametrize("where", ["schema", "table", "column", "pk"])
-def test_names_not_utf8_are_refused_alike(bad, where):
+@pytest.mark.parametrize("kind", [b"", b'"type":"t",'])
+def test_names_not_utf8_are_refused_alike(bad, where, kind):
     """wal2json writes a SQL_ASCII database's bytes as they are: a name that is not UTF-8 is the
     pure path's error (msgspec.DecodeError), not a row (a column name) or a UnicodeDecodeError."""
     schema, table, name, key_name = (b'"n' + bad + b'"' if where == w else b'"n"' for w in ("schema", "table", "column", "pk"))
     Paths().check(b'{"action":"I","xid":1,"lsn":"0/A","schema":' + schema + b',"table":' + table + b',"columns":[{"name":' + name
-                  + b',"type":"t","typeoid":23,"value":1}],"pk":[{"name":' + key_name + b',"type":"t","typeoid":23}]}')
+                  + b"," + kind + b'"typeoid":23,"value":1}],"pk":[{"name":' + key_name + b',"typeoid":23}]}')
 
 
 @pytest.mark.parametrize("count", [127, 128, 129, 1600])
