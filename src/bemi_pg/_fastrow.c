@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stdint.h>
 #include <string.h>
 
 #define MAX_COLUMNS 128
@@ -66,6 +67,8 @@ static int buf_grow(Buf *b, Py_ssize_t more) {
 }
 
 static int buf_put(Buf *b, const char *p, Py_ssize_t n) {
+    if (n == 0) /* memcpy with a NULL b->data (nothing written yet) is undefined even for 0 bytes */
+        return 0;
     if (buf_grow(b, n) < 0)
         return -1;
     memcpy(b->data + b->len, p, n);
@@ -131,6 +134,42 @@ static const char *skip_value(const char *p, const char *end) {
     while (p < end && *p != ',' && *p != '}' && *p != ']' && *p != ' ')
         p++;
     return p;
+}
+
+/* Whether a name's bytes (a JSON string, quotes included) are UTF-8 as msgspec demands of a str
+ * field (no overlong form, no surrogate, nothing past U+10FFFF). The pure path refuses a row whose
+ * name is not (msgspec.DecodeError): so does this (wal2json writes such bytes for a SQL_ASCII
+ * database). Values need no check: the pure path keeps them as raw bytes too. */
+static int name_is_utf8(Span s) {
+    const unsigned char *p = (const unsigned char *)s.p, *end = p + s.n;
+    uint64_t word;
+    for (; end - p >= 8; p += 8) { /* the usual all-ASCII name, 8 bytes at a time */
+        memcpy(&word, p, 8);
+        if (word & 0x8080808080808080ULL)
+            break;
+    }
+    while (p < end) {
+        unsigned c = *p;
+        if (c < 0x80) {
+            p++;
+            continue;
+        }
+        int more = c >= 0xC2 && c <= 0xDF ? 1 : c >= 0xE0 && c <= 0xEF ? 2 : c >= 0xF0 && c <= 0xF4 ? 3 : -1;
+        if (more < 0 || end - p <= more)
+            return 0;
+        unsigned lo = 0x80, hi = 0xBF; /* the second byte's range */
+        if (c == 0xE0) lo = 0xA0;
+        else if (c == 0xED) hi = 0x9F;
+        else if (c == 0xF0) lo = 0x90;
+        else if (c == 0xF4) hi = 0x8F;
+        if (p[1] < lo || p[1] > hi)
+            return 0;
+        for (int i = 2; i <= more; i++)
+            if ((p[i] & 0xC0) != 0x80)
+                return 0;
+        p += more + 1;
+    }
+    return 1;
 }
 
 #define span_is(s, literal) ((s).n == (Py_ssize_t)sizeof(literal) - 1 && memcmp((s).p, literal, sizeof(literal) - 1) == 0)
@@ -206,6 +245,8 @@ static const char *column_member(void *ctx, Span key, const char *p, const char 
         if (after == NULL || escaped)
             return NULL; /* a name with an escape: the pure path re-encodes it */
         col->name = (Span){p, after - p};
+        if (!name_is_utf8(col->name))
+            return NULL;
         return after;
     }
     if (span_is(key, "typeoid")) {
@@ -261,6 +302,8 @@ static const char *column_as_written(Col *col, const char *p, const char *end) {
     if (q == NULL || q == value || q >= end || *q != '}')
         return NULL;
     col->name = (Span){name, scan_string(name, end, &escaped) - name};
+    if (!name_is_utf8(col->name))
+        return NULL;
     col->oid = oid;
     col->value = (Span){value, q - value};
     return q + 1;
@@ -301,6 +344,8 @@ static const char *pk_member(void *ctx, Span key, const char *p, const char *end
         if (after == NULL || escaped)
             return NULL;
         row->pk_name = (Span){p, after - p};
+        if (!name_is_utf8(row->pk_name))
+            return NULL;
         return after;
     }
     return skip_value(p, end);
@@ -336,6 +381,8 @@ static const char *row_member(void *ctx, Span key, const char *p, const char *en
             row->action = text.p[0];
         } else if (span_is(key, "lsn"))
             row->lsn = text;
+        else if (!name_is_utf8(text))
+            return NULL;
         else if (span_is(key, "schema"))
             row->schema = text;
         else
@@ -500,10 +547,12 @@ static int timestamp_json(Span raw, int with_zone, Buf *out) {
 }
 
 /* PostgreSQL's array text (wal2json.parse_array) into JSON (wal2json._array_json): 0, or -1
- * for anything this does not take (the caller hands the value to the pure path). */
-static int array_level(const char **pp, const char *end, int code, Buf *out, Buf *item) {
+ * for anything this does not take (the caller hands the value to the pure path). An array has
+ * at most MAXDIM (6) dimensions: deeper nesting, which no server writes, is refused rather than
+ * recursed into (a million '{' overflowed the C stack). */
+static int array_level(const char **pp, const char *end, int code, Buf *out, Buf *item, int depth) {
     const char *p = *pp;
-    if (p >= end || *p != '{')
+    if (p >= end || *p != '{' || depth > 6)
         return -1;
     p++;
     if (buf_putc(out, '[') < 0)
@@ -518,7 +567,7 @@ static int array_level(const char **pp, const char *end, int code, Buf *out, Buf
             return -1;
         first = 0;
         if (*p == '{') {
-            if (array_level(&p, end, code, out, item) < 0)
+            if (array_level(&p, end, code, out, item, depth + 1) < 0)
                 return -1;
         } else {
             int quoted = *p == '"';
@@ -580,7 +629,7 @@ static int array_json(Span raw, int code, Buf *out) {
     Py_ssize_t start = out->len;
     if (unescape(raw, &text) == 0 && text.len > 0 && text.data[0] == '{') {
         const char *p = text.data;
-        result = array_level(&p, text.data + text.len, code, out, &item);
+        result = array_level(&p, text.data + text.len, code, out, &item, 1);
         if (result == 0 && p != text.data + text.len)
             result = -1;
     }
@@ -658,6 +707,8 @@ static int convert_value(Ctx *ctx, Col *col) {
         return result;
     }
     long c = PyLong_AsLong(code);
+    if (c == -1 && PyErr_Occurred()) /* a code past a long: its OverflowError, not a result with it set */
+        return -1;
     if (c == CODE_PASS)
         return 0;
     if (c == CODE_PASS_SPECIALS) {
@@ -848,6 +899,15 @@ static PyObject *convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (slash == NULL || parse_hex((Span){row.lsn.p, slash - row.lsn.p}, &high) < 0 ||
         parse_hex((Span){slash + 1, row.lsn.n - (slash - row.lsn.p) - 1}, &low) < 0)
         goto refuse;
+    /* An UPDATE that changed the key moved the row: the pure path records the key it left
+     * (stitch.ChangeRow.moved_from, written to bemi.key_move), so such a row is its. The same
+     * value has the same text in identity and columns, so the texts tell a change exactly. */
+    if (row.action == 'U' && row.pk_count == 1 && row.pk_name.p != NULL) {
+        Col *old_key = find(&row.identity, row.pk_name), *new_key = find(&row.columns, row.pk_name);
+        if (old_key != NULL && new_key != NULL &&
+            (old_key->value.n != new_key->value.n || memcmp(old_key->value.p, new_key->value.p, (size_t)old_key->value.n) != 0))
+            goto refuse;
+    }
     ColList *before_cols = &row.identity, *after_cols = &row.columns, empty = {NULL, 0, NULL};
     if (row.action == 'D' && row.identity.n == 0 && row.columns.n > 0) {
         before_cols = &row.columns;
