@@ -628,7 +628,8 @@ class Poller:
                             continue
                         if change.ambiguous:
                             ambiguous[state.xid] = state.commit_lsn
-                        if change.moved_from is not None:
+                        # (A compiled row never moved its key: _fastrow hands those to the pure path.)
+                        if isinstance(change, ChangeRow) and change.moved_from is not None:
                             moves.append((self.source_id, change.schema, change.table, change.moved_from, change.primary_key,
                                           state.committed_at, state.commit_lsn, change.seq))
                         writer.add(change, state.copy_tail(queued_at))
