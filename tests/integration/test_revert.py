@@ -160,6 +160,7 @@ def test_revert_since_scopes_tables_to_this_source_and_one_schema(db, other_db):
     commands.install(db.dsn, None, settings)
     moment = db.execute("SELECT clock_timestamp()::text")[0][0]
     db.execute("INSERT INTO a.t VALUES (1); INSERT INTO b.t VALUES (2)")
+    db.poll()  # (trigger mode: the mover moves the queue)
     env = {"BEMI_DSN": db.dsn}
     ambiguous = run_cli("revert", "--since", moment, "--table", "t", env=env)
     assert ambiguous.returncode == 1 and "t is ambiguous (in schemas a, b): name it as schema.table" in ambiguous.stderr
