@@ -296,6 +296,7 @@ def test_a_context_key_with_a_btree_of_its_own_answers_as_containment_does(db):
             with conn.transaction():
                 conn.execute("SELECT bemi.set_context(%s::jsonb)", (json.dumps(context),))
                 conn.execute("INSERT INTO item VALUES (%s, 0)", (n,))
+    db.poll()  # (trigger mode: the mover moves the queue)
     client = _client(db)
     for wanted in [{"user_id": 42}, {"user_id": "42"}, {"user_id": None}, {"user_id": [42]}, {"user_id": {"id": 42}},
                    {"user_id": 42, "tenant": "a"}, {"tenant": "a"}, {"user_id": 7}]:
@@ -313,6 +314,7 @@ def test_the_overview_shows_each_tables_tracking_periods_and_a_real_gap(db):
     db.execute("ALTER TABLE todo SET SCHEMA side")  # leaves tracking: what happens now is not in the trail
     db.execute("UPDATE side.todo SET task = 'unseen'")
     db.execute("ALTER TABLE side.todo SET SCHEMA public")  # back: a new period, after a gap
+    db.poll()  # (trigger mode: the mover moves the queue)
     client = _client(db)
     tracking = {t["table"]: t for t in _api(client, "/api/overview")["tracking"]}
     todo, note = tracking["public.todo"], tracking["public.note"]
