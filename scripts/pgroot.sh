@@ -20,8 +20,13 @@ packages="postgresql-$major postgresql-$major-wal2json postgresql-$major-cron po
 
 if [ -f "$root/.bemi-pg-ready" ]; then echo "$root"; exit 0; fi
 if [ "$(id -u)" != 0 ]; then echo "error: preparing $root needs root (debootstrap, chroot); run: sudo $0 $major" >&2; exit 1; fi
+# Two roots may be prepared at once (.ci/run): one installs debootstrap while the other waits
+# for it, instead of both taking apt's lock and one failing.
+mkdir -p "$parent"
 if ! command -v debootstrap >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  flock "$parent/.debootstrap-install.lock" sh -c 'command -v debootstrap >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }'
+  command -v debootstrap >/dev/null || { echo "error: could not install debootstrap (apt-get install debootstrap)" >&2; exit 1; }
 fi
 # An older debootstrap has no script for the newest suite; `sid` bootstraps any testing suite.
 script=/usr/share/debootstrap/scripts/$suite
