@@ -20,9 +20,14 @@ packages="postgresql-$major postgresql-$major-wal2json postgresql-$major-cron po
 
 if [ -f "$root/.bemi-pg-ready" ]; then echo "$root"; exit 0; fi
 if [ "$(id -u)" != 0 ]; then echo "error: preparing $root needs root (debootstrap, chroot); run: sudo $0 $major" >&2; exit 1; fi
+# One preparation of a root at a time (.ci/run's two lanes both ask for 18): a second caller
+# waits for the first and then finds the root ready.
+mkdir -p "$parent"
+exec 9>"$parent/.pg$major.lock"
+flock 9
+if [ -f "$root/.bemi-pg-ready" ]; then echo "$root"; exit 0; fi
 # Two roots may be prepared at once (.ci/run): one installs debootstrap while the other waits
 # for it, instead of both taking apt's lock and one failing.
-mkdir -p "$parent"
 if ! command -v debootstrap >/dev/null; then
   flock "$parent/.debootstrap-install.lock" sh -c 'command -v debootstrap >/dev/null ||
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }'

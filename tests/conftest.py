@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +160,27 @@ def package_venv(name: str, *requirements: str) -> Path:
 
     key = hashlib.sha1(" ".join(requirements).encode()).hexdigest()[:10]
     path = Path(tempfile.gettempdir()) / f"bemi-pg-venv-{name}-{key}"
-    if not (path / "ready").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(path)], check=True)
-        subprocess.run([str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", *requirements],
-                       check=True, timeout=900)
-        (path / "ready").touch()
+    with build_once(path) as needed:
+        if needed:
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(path)], check=True)
+            subprocess.run([str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", *requirements],
+                           check=True, timeout=900)
     return path / "bin" / "python"
+
+
+@contextmanager
+def build_once(path: Path) -> Iterator[bool]:
+    """For a directory kept in /tmp between runs: whether it still needs building (it has no
+    ``ready`` file), under a lock that other test sessions (.ci/run runs versions side by side)
+    wait on; ``ready`` is written when the block ends without an error."""
+    import fcntl
+
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        needed = not (path / "ready").exists()
+        yield needed
+        if needed:
+            (path / "ready").touch()
 
 
 def django_script(settings: str, body: str) -> str:
@@ -184,3 +200,22 @@ settings.configure(
 )
 '''
     return preamble % settings + body
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``BEMI_TEST_SHARD=k/n`` keeps the k-th of n shares of the test files (every n-th file, in
+    path order): `.ci/run` runs one version's suite as two shares side by side."""
+    shard = os.environ.get("BEMI_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        k, n = (int(part) for part in shard.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"BEMI_TEST_SHARD={shard!r}: expected k/n with 1 <= k <= n, e.g. 1/2") from None
+    files = sorted({item.path for item in items})
+    keep = {path for index, path in enumerate(files) if index % n == k - 1}
+    deselected = [item for item in items if item.path not in keep]
+    items[:] = [item for item in items if item.path in keep]
+    config.hook.pytest_deselected(items=deselected)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from psycopg import conninfo
 
+from ..conftest import build_once
+
 HERE = Path(__file__).resolve().parent / "prisma"
 PACKAGES = ("@bemi-db/prisma@1.1.0", "prisma@6.9.0", "@prisma/client@6.9.0")
 TABLE = "CREATE TABLE todo (id int PRIMARY KEY, task text NOT NULL, done boolean NOT NULL DEFAULT false)"
@@ -28,19 +30,19 @@ def _prisma_project() -> Path:
         pytest.skip("node and npm are needed for Bemi's Prisma client (apt-get install -y nodejs npm)")
     key = hashlib.sha1(" ".join(PACKAGES).encode() + (HERE / "schema.prisma").read_bytes()).hexdigest()[:10]
     path = Path(tempfile.gettempdir()) / f"bemi-pg-npm-prisma-{key}"
-    if not (path / "ready").exists():
-        path.mkdir(exist_ok=True)
-        (path / "package.json").write_text('{"name": "bemi-pg-prisma-test", "private": true}\n')
-        env = {**os.environ, "PRISMA_SKIP_POSTINSTALL_GENERATE": "1"}
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts",
-                        "--cache", str(Path(tempfile.gettempdir()) / "bemi-pg-npm-cache"), *PACKAGES],
-                       cwd=path, env=env, check=True, capture_output=True, timeout=900)
-        shutil.copy(HERE / "schema.prisma", path / "schema.prisma")
-        env.update(PRISMA_SCHEMA_ENGINE_BINARY=sys.executable, PRISMA_QUERY_ENGINE_LIBRARY=sys.executable,
-                   CHECKPOINT_DISABLE="1", PRISMA_HIDE_UPDATE_MESSAGE="1", DATABASE_URL="postgresql://unused@localhost/unused")
-        subprocess.run([str(path / "node_modules" / ".bin" / "prisma"), "generate", "--schema", "schema.prisma"],
-                       cwd=path, env=env, check=True, capture_output=True, timeout=300)
-        (path / "ready").touch()
+    with build_once(path) as needed:
+        if needed:
+            path.mkdir(exist_ok=True)
+            (path / "package.json").write_text('{"name": "bemi-pg-prisma-test", "private": true}\n')
+            env = {**os.environ, "PRISMA_SKIP_POSTINSTALL_GENERATE": "1"}
+            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts",
+                            "--cache", str(Path(tempfile.gettempdir()) / "bemi-pg-npm-cache"), *PACKAGES],
+                           cwd=path, env=env, check=True, capture_output=True, timeout=900)
+            shutil.copy(HERE / "schema.prisma", path / "schema.prisma")
+            env.update(PRISMA_SCHEMA_ENGINE_BINARY=sys.executable, PRISMA_QUERY_ENGINE_LIBRARY=sys.executable,
+                       CHECKPOINT_DISABLE="1", PRISMA_HIDE_UPDATE_MESSAGE="1", DATABASE_URL="postgresql://unused@localhost/unused")
+            subprocess.run([str(path / "node_modules" / ".bin" / "prisma"), "generate", "--schema", "schema.prisma"],
+                           cwd=path, env=env, check=True, capture_output=True, timeout=300)
     return path
 
 

@@ -87,7 +87,10 @@ def page():
 
 def _shot(page, name: str) -> None:
     DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / f"explorer-{name}.png"), full_page=True)
+    target = DOCS / f"explorer-{name}.png"
+    partial = target.with_name(f".{target.name}.{os.getpid()}")  # whole files only: .ci/run's lanes take them too
+    partial.write_bytes(page.screenshot(full_page=True))
+    os.replace(partial, target)
 
 
 def test_a_support_engineer_finds_reads_and_reverts_a_request(explorer, db, page):
