@@ -1429,7 +1429,9 @@ CREATE INDEX IF NOT EXISTS seal_source_from_position_idx ON bemi.seal (source, f
 -- this order (record_send, the binary COPY format of a composite value): the column count, then
 -- for each its type's OID, its length (-1 for NULL) and its bytes (uuid: 16 bytes; text: UTF-8;
 -- jsonb: byte 1 and jsonb's own text; timestamptz: microseconds since 2000-01-01 UTC; integers
--- big-endian). Independent of any session setting; docs/verify_trail.py recomputes it.
+-- big-endian). Text is in the session's client encoding (record_send converts to it): computed
+-- with client_encoding UTF8 (bemi.seal sets it; so do bemi-pg's sessions), it is independent of
+-- any session setting; docs/verify_trail.py recomputes it.
 CREATE OR REPLACE FUNCTION bemi.change_hash(c public.changes) RETURNS bytea
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $fn$
@@ -1537,10 +1539,13 @@ $fn$;
 -- oldest transaction running now, so that a later commit of an older transaction cannot land in
 -- a sealed stretch). Called by the poller in its batch's transaction and by `bemi-pg seal`;
 -- a writer that moves trigger-mode changes in later passes the horizon it has moved up to.
--- Runs with the installer's rights: the callers need no right on bemi.seal but EXECUTE.
+-- Runs with the installer's rights: the callers need no right on bemi.seal but EXECUTE. Runs
+-- with client_encoding UTF8: record_send writes text (and jsonb's text) in the session's client
+-- encoding, and the canonical form is UTF-8 whoever seals (a pg_cron job's mover, a session of a
+-- LATIN1 database); bemi-pg's own sessions are UTF8 already (queries.sql, session_setup).
 CREATE OR REPLACE FUNCTION bemi.seal(source text, wal_upto bigint DEFAULT NULL, xid_horizon bigint DEFAULT NULL)
 RETURNS bytea
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET client_encoding = 'UTF8'
 AS $fn$
 DECLARE
   horizon bigint := coalesce(xid_horizon, pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint);

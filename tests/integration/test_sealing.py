@@ -242,3 +242,19 @@ def test_a_partitioned_trail_seals_refuses_and_prunes_alike(db: Database):
     db.poll()
     verdict = commands.verify(db.dsn, None, db.settings)
     assert verdict.intact and verdict.changes == 1 and verdict.pruned, verdict.lines()
+
+
+def test_a_mover_run_in_a_latin1_session_seals_what_verify_recomputes(db: Database):
+    """record_send writes text in the session's client encoding: a pg_cron job or a session of
+    another encoding that moves (and so seals) trigger-mode changes seals their UTF-8 all the same."""
+    db.execute("CREATE TABLE t (id int PRIMARY KEY, v text, n jsonb)")
+    db.install(capture_mode="triggers")
+    db.execute("INSERT INTO t VALUES (1, 'é ü 東', jsonb_build_object('k', 'é 東')), (2, 'plain', NULL)")
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("SET client_encoding = 'LATIN1'")  # 東 has no LATIN1 form: a seal in LATIN1 could not even be made
+        assert conn.execute("SELECT bemi.move_changes(10000)").fetchone() == (2,)
+        assert conn.execute("SELECT count(*) FROM bemi.seal").fetchone() == (1,)
+    verdict = commands.verify(db.dsn, None, db.settings)
+    assert verdict.intact and verdict.changes == 2 and not verdict.unsealed, verdict.lines()
+    docs = subprocess.run([sys.executable, str(DOCS_SCRIPT), db.dsn, db.source], capture_output=True, text=True)
+    assert docs.returncode == 0 and docs.stdout.startswith("intact 2 "), docs.stdout + docs.stderr
