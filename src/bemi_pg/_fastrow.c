@@ -623,15 +623,41 @@ static int array_level(const char **pp, const char *end, int code, Buf *out, Buf
     return -1;
 }
 
+/* int2vector's and oidvector's text, its elements separated by spaces ('1 2 3', '' when empty),
+ * into JSON (wal2json.parse_array): 0, or -1 for anything else. */
+static int vector_json(const char *p, const char *end, int code, Buf *out) {
+    if (code == CODE_ARRAY_BOOL || buf_putc(out, '[') < 0)
+        return -1;
+    for (const char *s = p; p < end; s = ++p) {
+        while (p < end && *p != ' ') {
+            if (!is_digit(*p) && *p != '-')
+                return -1;
+            p++;
+        }
+        if (p == s || p + 1 == end) /* not one space between two elements */
+            return -1;
+        if ((code == CODE_ARRAY_NUMBER && is_json_number(s, p - s) ? buf_put(out, s, p - s) : dump_string(s, p - s, out)) < 0 ||
+            (p < end && buf_put(out, ", ", 2) < 0))
+            return -1;
+    }
+    return buf_putc(out, ']');
+}
+
 static int array_json(Span raw, int code, Buf *out) {
     Buf text = {0}, item = {0};
     int result = -1;
     Py_ssize_t start = out->len;
-    if (unescape(raw, &text) == 0 && text.len > 0 && text.data[0] == '{') {
-        const char *p = text.data;
-        result = array_level(&p, text.data + text.len, code, out, &item, 1);
-        if (result == 0 && p != text.data + text.len)
-            result = -1;
+    if (unescape(raw, &text) == 0) {
+        const char *p = text.data, *tend = text.data + text.len;
+        int bounds = p != NULL && *p == '['; /* explicit bounds, '[2:3]={1,2}': to_jsonb ignores them */
+        if (bounds)
+            p = (p = memchr(p, '=', text.len)) != NULL ? p + 1 : tend;
+        if (p < tend && *p == '{') {
+            result = array_level(&p, tend, code, out, &item, 1);
+            if (result == 0 && p != tend)
+                result = -1;
+        } else if (!bounds)
+            result = vector_json(p, tend, code, out);
     }
     if (result < 0) {
         if (PyErr_Occurred()) {

@@ -27,7 +27,9 @@ CREATE TABLE matrix (
   c_text text, c_varchar varchar(20), c_char char(5), c_uuid uuid,
   c_date date, c_date_inf date, c_time time, c_timetz timetz, c_timestamp timestamp(6), c_timestamptz timestamptz,
   c_interval interval, c_json json, c_jsonb jsonb, c_text_arr text[], c_int_arr int[], c_2d int[][],
-  c_bytea bytea, c_enum mood, c_numeric_arr numeric[], c_ts_arr timestamptz[], c_big_text text
+  c_bytea bytea, c_enum mood, c_numeric_arr numeric[], c_ts_arr timestamptz[], c_big_text text,
+  c_int2vector int2vector, c_oidvector oidvector, c_vector_arr int2vector[], c_bounds int[], c_range_arr int4range[],
+  c_box_arr box[]
 );
 CREATE SCHEMA snapshots;
 CREATE TABLE snapshots.snap (id integer, phase text, doc jsonb);
@@ -43,13 +45,15 @@ INSERT INTO matrix VALUES
   '1 year 2 mons 3 days 04:05:06.7', '{"b": [1, 2.50, "x"], "a": null}', '{"nested": {"deep": [true, {"k": 1e3}]}}',
   ARRAY['a', NULL, 'b"c', 'd,e', '', 'NULL'], '{1,2,3}', '{{1,2},{3,4}}',
   '\\xdeadbeef00', 'it''s "ok"', '{NaN,1.10,-Infinity}', ARRAY['2020-01-01 00:00+00'::timestamptz, NULL],
-  (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i)),
+  (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i),
+  '1 -2 3', '4 5', ARRAY['1 2'::int2vector, '3'], '[2:3][0:0]={{1},{NULL}}', ARRAY['[1,3)'::int4range, 'empty', NULL],
+  ARRAY[box '((1,2),(3,4))', box '((0,0),(1,1))']),
  (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
  (3, 0, 0, -9223372036854775808, -0.000000000000000000000000000001, 1, '-Infinity', 'NaN', 'NaN', 0, -0.0, false,
   '', '', '', '00000000-0000-0000-0000-000000000000', '0044-03-15 BC', '-infinity', '00:00', '00:00-12',
   '0044-03-15 10:00 BC', 'infinity', '-1 day', E'[\\n\\t1,\\r\\n 2]', '"just a string"', '{}', '{}', '{}', '\\x', 'happy',
-  '{}', '{}', 'short');
+  '{}', '{}', 'short', '', '', '{}', '[5:5]={7}', '{}', '{}');
 """
 
 
@@ -73,9 +77,9 @@ def test_before_and_after_equal_to_jsonb_of_the_row(db, conversion):
     db.execute(MATRIX)
     db.install()
     _write_matrix(db)
-    toast = db.execute("SELECT pg_column_size(c_big_text), octet_length(c_big_text) FROM snapshots.snap s, "
-                       "jsonb_populate_record(NULL::matrix, s.doc) WHERE s.id = 1 AND phase = 'inserted'")
-    assert toast[0][1] == 12800
+    # (jsonb_populate_record does not take int2vector's JSON back: the value is read as text.)
+    toast = db.execute("SELECT octet_length(s.doc ->> 'c_big_text') FROM snapshots.snap s WHERE s.id = 1 AND phase = 'inserted'")
+    assert toast[0][0] == 12800
     db.poll()
 
     ops = db.execute("SELECT operation, count(*) FROM changes GROUP BY 1 ORDER BY 1")
@@ -107,6 +111,8 @@ def test_before_and_after_equal_to_jsonb_of_the_row(db, conversion):
     row = db.execute("SELECT after FROM changes WHERE operation = 'CREATE' AND primary_key = '1'")[0][0]
     assert row["c_numeric_nan"] == "NaN" and row["c_double_ninf"] == "-Infinity"
     assert row["c_bytea"] == "\\xdeadbeef00" and row["c_text_arr"][1] is None
+    assert row["c_int2vector"] == [1, -2, 3] and row["c_oidvector"] == ["4", "5"] and row["c_vector_arr"] == [[1, 2], [3]]
+    assert row["c_bounds"] == [[1], [None]]
     text = db.execute("SELECT after->>'c_bigint', after->>'c_numeric' FROM changes WHERE operation = 'CREATE' AND primary_key = '1'")
     assert text == [("9007199254740993", "123456789012345678901234567890.123456789012")]
 
