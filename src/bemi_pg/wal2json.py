@@ -25,14 +25,15 @@ from typing import Any, ClassVar
 import msgspec
 
 try:
-    from ._fastrow import Converted, convert
+    from ._fastrow import Converted, convert, lines
 except ImportError:  # built without a compiler: the pure path only
     Converted = None  # type: ignore[assignment,misc]
     convert = None  # type: ignore[assignment]
+    lines = None  # type: ignore[assignment]
 
 __all__ = [
     "Begin", "Change", "Column", "Commit", "Message", "TypeInfo", "TypeRegistry",
-    "parse_lsn", "format_lsn", "parse_row", "value_json", "parse_array", "fast_converter", "Converted",
+    "parse_lsn", "format_lsn", "parse_row", "value_json", "parse_array", "fast_converter", "fast_lines", "Converted", "Lines",
 ]
 
 
@@ -428,3 +429,14 @@ def fast_converter(types: TypeRegistry) -> Callable[[bytes], Converted | None] |
         return code
 
     return partial(convert, codes, plan, value_json)
+
+
+Lines = Callable[[list[Any], int, str, str, bytes, int, int, int, bytes, bytearray, int, int], tuple[int, int, bool]]
+"""_fastrow.lines with its codes, plan and value_json bound (see stitch.TransactionState.take_lines)."""
+
+
+def fast_lines(converter: Callable[[bytes], Converted | None]) -> Lines:
+    """The compiled conversion of a run of rows into whole COPY lines, sharing ``converter``'s
+    (:func:`fast_converter`'s) type codes."""
+    assert isinstance(converter, partial) and lines is not None
+    return partial(lines, *converter.args)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bemi_pg.stitch import TransactionState
-from bemi_pg.wal2json import Change, TypeRegistry, fast_converter, parse_row
+from bemi_pg.wal2json import Change, TypeRegistry, fast_converter, fast_lines, parse_row
 
 pytestmark = pytest.mark.skipif(fast_converter(TypeRegistry()) is None, reason="bemi_pg._fastrow is not built")
 
@@ -366,6 +366,8 @@ class Paths:
         assert self.convert is not None
         self.pure_state = TransactionState("1/db", "db", self.pure_types, BEGIN, 1000, key_order)
         self.compiled_state = TransactionState("1/db", "db", compiled_types, BEGIN, 1000, key_order)
+        self.lines = fast_lines(self.convert)
+        self.runs_state = TransactionState("1/db", "db", compiled_types, BEGIN, 1000, key_order)  # take_lines's
         self.taken = 0
         self.lenient = 0  # broken rows the compiled path took anyway
 
@@ -398,6 +400,14 @@ class Paths:
         assert expected is not None and got is not None
         assert got.copy_line(b"tail\n") == expected.copy_line(b"tail\n"), data
         assert got.ambiguous == expected.ambiguous, data
+        # The same row in a run (the poller's batch loop): the whole line, or not taken at all.
+        out, table = bytearray(b"before\n"), (change.schema, change.table)
+        end, ambiguous = self.runs_state.take_lines(self.lines, [(data,)], 0, table, table, b"tail\n", out, 5, 1 << 30)
+        if converted is None:
+            assert (end, out) == (0, b"before\n"), data
+            self.runs_state.on_change(parse_row(data))  # type: ignore[arg-type]
+        else:
+            assert (end, bytes(out), ambiguous) == (1, b"before\n" + expected.copy_line(b"tail\n"), expected.ambiguous), data
 
 
 @pytest.mark.parametrize("seed", range(5))
