@@ -623,15 +623,41 @@ static int array_level(const char **pp, const char *end, int code, Buf *out, Buf
     return -1;
 }
 
+/* int2vector's and oidvector's text, its elements separated by spaces ('1 2 3', '' when empty),
+ * into JSON (wal2json.parse_array): 0, or -1 for anything else. */
+static int vector_json(const char *p, const char *end, int code, Buf *out) {
+    if (code == CODE_ARRAY_BOOL || buf_putc(out, '[') < 0)
+        return -1;
+    for (const char *s = p; p < end; s = ++p) {
+        while (p < end && *p != ' ') {
+            if (!is_digit(*p) && *p != '-')
+                return -1;
+            p++;
+        }
+        if (p == s || p + 1 == end) /* not one space between two elements */
+            return -1;
+        if ((code == CODE_ARRAY_NUMBER && is_json_number(s, p - s) ? buf_put(out, s, p - s) : dump_string(s, p - s, out)) < 0 ||
+            (p < end && buf_put(out, ", ", 2) < 0))
+            return -1;
+    }
+    return buf_putc(out, ']');
+}
+
 static int array_json(Span raw, int code, Buf *out) {
     Buf text = {0}, item = {0};
     int result = -1;
     Py_ssize_t start = out->len;
-    if (unescape(raw, &text) == 0 && text.len > 0 && text.data[0] == '{') {
-        const char *p = text.data;
-        result = array_level(&p, text.data + text.len, code, out, &item, 1);
-        if (result == 0 && p != text.data + text.len)
-            result = -1;
+    if (unescape(raw, &text) == 0) {
+        const char *p = text.data, *tend = text.data + text.len;
+        int bounds = p != NULL && *p == '['; /* explicit bounds, '[2:3]={1,2}': to_jsonb ignores them */
+        if (bounds)
+            p = (p = memchr(p, '=', text.len)) != NULL ? p + 1 : tend;
+        if (p < tend && *p == '{') {
+            result = array_level(&p, tend, code, out, &item, 1);
+            if (result == 0 && p != tend)
+                result = -1;
+        } else if (!bounds)
+            result = vector_json(p, tend, code, out);
     }
     if (result < 0) {
         if (PyErr_Occurred()) {
@@ -864,65 +890,58 @@ static void release(ColList *list) {
         Py_CLEAR(list->cols[i].converted);
 }
 
-static PyObject *convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Col columns[MAX_COLUMNS], identity[MAX_COLUMNS]; /* on the stack: plan() and value_json may release the GIL */
-    if (nargs != 4 || !PyBytes_Check(args[3]) || !PyDict_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "convert(codes: dict, plan, value_json, data: bytes)");
-        return NULL;
-    }
-    const char *data = PyBytes_AS_STRING(args[3]);
-    Py_ssize_t n = PyBytes_GET_SIZE(args[3]);
+/* The row's conversion: 1 with *row read, out holding its primary_key, before and after as COPY
+ * fields, *lsn its position and *ambiguous set; 0 for a row this does not take; -1 with an error.
+ * The caller releases the columns' references (release) and ctx->arena either way. */
+static int convert_row(Ctx *ctx, const char *data, Py_ssize_t n, Row *row, Col *columns, Col *identity, Buf *out,
+                       unsigned long long *lsn, int *ambiguous) {
     /* Begin, commit and message rows are the pure path's: only I, U and D are read further. */
     if (n < 14 || memcmp(data, "{\"action\":\"", 11) != 0 || (data[11] != 'I' && data[11] != 'U' && data[11] != 'D'))
-        Py_RETURN_NONE;
-    Row row = {0};
-    row.columns.cols = columns;
-    row.identity.cols = identity;
-    PyObject *result = NULL;
-    Ctx ctx = {args[0], args[1], args[2], {0}};
-    Buf out = {0};
-    const char *end = read_object(data, data + n, row_member, &row);
-    if (end == NULL || skip_ws(end, data + n) != data + n || !row.action || !row.lsn.p || !row.schema.p || !row.table.p)
-        goto refuse;
+        return 0;
+    row->columns.cols = columns;
+    row->identity.cols = identity;
+    const char *end = read_object(data, data + n, row_member, row);
+    if (end == NULL || skip_ws(end, data + n) != data + n || !row->action || !row->lsn.p || !row->schema.p || !row->table.p)
+        return 0;
     for (int which = 0; which < 2; which++) {
-        ColList *list = which ? &row.identity : &row.columns;
+        ColList *list = which ? &row->identity : &row->columns;
         for (int i = 0; i < list->n; i++) {
-            int r = convert_value(&ctx, &list->cols[i]);
+            int r = convert_value(ctx, &list->cols[i]);
             if (r < 0)
-                goto fail;
+                return -1;
             if (r > 0)
-                goto refuse;
+                return 0;
         }
     }
-    const char *slash = memchr(row.lsn.p, '/', row.lsn.n);
+    const char *slash = memchr(row->lsn.p, '/', row->lsn.n);
     unsigned long long high, low;
-    if (slash == NULL || parse_hex((Span){row.lsn.p, slash - row.lsn.p}, &high) < 0 ||
-        parse_hex((Span){slash + 1, row.lsn.n - (slash - row.lsn.p) - 1}, &low) < 0)
-        goto refuse;
+    if (slash == NULL || parse_hex((Span){row->lsn.p, slash - row->lsn.p}, &high) < 0 ||
+        parse_hex((Span){slash + 1, row->lsn.n - (slash - row->lsn.p) - 1}, &low) < 0)
+        return 0;
     /* An UPDATE that changed the key moved the row: the pure path records the key it left
      * (stitch.ChangeRow.moved_from, written to bemi.key_move), so such a row is its. The same
      * value has the same text in identity and columns, so the texts tell a change exactly. */
-    if (row.action == 'U' && row.pk_count == 1 && row.pk_name.p != NULL) {
-        Col *old_key = find(&row.identity, row.pk_name), *new_key = find(&row.columns, row.pk_name);
+    if (row->action == 'U' && row->pk_count == 1 && row->pk_name.p != NULL) {
+        Col *old_key = find(&row->identity, row->pk_name), *new_key = find(&row->columns, row->pk_name);
         if (old_key != NULL && new_key != NULL &&
             (old_key->value.n != new_key->value.n || memcmp(old_key->value.p, new_key->value.p, (size_t)old_key->value.n) != 0))
-            goto refuse;
+            return 0;
     }
-    ColList *before_cols = &row.identity, *after_cols = &row.columns, empty = {NULL, 0, NULL};
-    if (row.action == 'D' && row.identity.n == 0 && row.columns.n > 0) {
-        before_cols = &row.columns;
+    ColList *before_cols = &row->identity, *after_cols = &row->columns, empty = {NULL, 0, NULL};
+    if (row->action == 'D' && row->identity.n == 0 && row->columns.n > 0) {
+        before_cols = &row->columns;
         after_cols = &empty;
     }
     /* primary_key: the value's text (stitch._pk_text), when the row holds the key column */
     int has_key = 0;
-    if (row.pk_count == 1 && row.pk_name.p != NULL) {
-        ColList *source = row.action == 'D' ? before_cols : after_cols;
-        if (find(source, row.pk_name) != NULL || (row.action == 'U' && row.identity.n > 0 && find(&row.identity, row.pk_name) != NULL)) {
-            ColList *first = row.action == 'D' ? &row.identity : &row.columns;
-            ColList *second = row.action == 'D' ? &row.columns : &row.identity;
-            Col *key = find(first, row.pk_name);
-            if (key == NULL && (key = find(second, row.pk_name)) == NULL)
-                goto refuse;
+    if (row->pk_count == 1 && row->pk_name.p != NULL) {
+        ColList *source = row->action == 'D' ? before_cols : after_cols;
+        if (find(source, row->pk_name) != NULL || (row->action == 'U' && row->identity.n > 0 && find(&row->identity, row->pk_name) != NULL)) {
+            ColList *first = row->action == 'D' ? &row->identity : &row->columns;
+            ColList *second = row->action == 'D' ? &row->columns : &row->identity;
+            Col *key = find(first, row->pk_name);
+            if (key == NULL && (key = find(second, row->pk_name)) == NULL)
+                return 0;
             Span v = key->value;
             if (!(v.n == 4 && memcmp(v.p, "null", 4) == 0)) {
                 has_key = 1;
@@ -930,29 +949,50 @@ static PyObject *convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                     Buf text = {0};
                     int r = unescape(v, &text);
                     if (r == 0)
-                        r = put_copy(&out, text.data ? text.data : "", text.len);
+                        r = put_copy(out, text.data ? text.data : "", text.len);
                     PyMem_Free(text.data);
                     if (r < 0) {
                         if (PyErr_Occurred())
-                            goto fail;
-                        goto refuse;
+                            return -1;
+                        return 0;
                     }
-                } else if (put_copy(&out, v.p, v.n) < 0)
-                    goto fail;
+                } else if (put_copy(out, v.p, v.n) < 0)
+                    return -1;
             }
         }
     }
-    if ((!has_key && buf_put(&out, "\\N", 2) < 0) || buf_putc(&out, '\t') < 0 ||
-        object_json(&out, before_cols, NULL, &ctx.arena) < 0 || buf_putc(&out, '\t') < 0 ||
-        object_json(&out, after_cols, (row.action == 'U' && row.identity.n > 0) ? &row.identity : NULL, &ctx.arena) < 0)
+    if ((!has_key && buf_put(out, "\\N", 2) < 0) || buf_putc(out, '\t') < 0 ||
+        object_json(out, before_cols, NULL, &ctx->arena) < 0 || buf_putc(out, '\t') < 0 ||
+        object_json(out, after_cols, (row->action == 'U' && row->identity.n > 0) ? &row->identity : NULL, &ctx->arena) < 0)
+        return -1;
+    *ambiguous = 0;
+    for (int i = 0; i < row->columns.n; i++)
+        *ambiguous |= row->columns.cols[i].ambiguous;
+    for (int i = 0; i < row->identity.n; i++)
+        *ambiguous |= row->identity.cols[i].ambiguous;
+    *lsn = high << 32 | low;
+    return 1;
+}
+
+static PyObject *convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Col columns[MAX_COLUMNS], identity[MAX_COLUMNS]; /* on the stack: plan() and value_json may release the GIL */
+    if (nargs != 4 || !PyBytes_Check(args[3]) || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "convert(codes: dict, plan, value_json, data: bytes)");
+        return NULL;
+    }
+    Row row = {0};
+    PyObject *result = NULL;
+    Ctx ctx = {args[0], args[1], args[2], {0}};
+    Buf out = {0};
+    unsigned long long lsn;
+    int ambiguous;
+    int taken = convert_row(&ctx, PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]), &row, columns, identity, &out, &lsn, &ambiguous);
+    if (taken < 0)
         goto fail;
-    int ambiguous = 0;
-    for (int i = 0; i < row.columns.n; i++)
-        ambiguous |= row.columns.cols[i].ambiguous;
-    for (int i = 0; i < row.identity.n; i++)
-        ambiguous |= row.identity.cols[i].ambiguous;
+    if (taken == 0)
+        goto refuse;
     PyObject *items[6] = {
-        PyUnicode_FromOrdinal((unsigned char)row.action), PyLong_FromUnsignedLongLong(high << 32 | low),
+        PyUnicode_FromOrdinal((unsigned char)row.action), PyLong_FromUnsignedLongLong(lsn),
         cached_name(&last_schema, row.schema), cached_name(&last_table, row.table),
         PyBytes_FromStringAndSize(out.data, out.len), PyBool_FromLong(ambiguous),
     };
@@ -982,9 +1022,109 @@ done:
     return result;
 }
 
+static const char *OPERATION_OF[] = {"CREATE", "UPDATE", "DELETE"};
+
+static int put_decimal(Buf *b, unsigned long long v) {
+    char digits[24], *p = digits + sizeof digits;
+    do
+        *--p = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    return buf_put(b, p, digits + sizeof digits - p);
+}
+
+static int put_hex64(Buf *b, unsigned long long v) {
+    static const char hexdigits[] = "0123456789abcdef";
+    char digits[16];
+    for (int i = 15; i >= 0; i--, v >>= 4)
+        digits[i] = hexdigits[v & 15];
+    return buf_put(b, digits, 16);
+}
+
+/* lines(codes, plan, value_json, rows, i, schema, table, prefix, seq, id_high, id_low, tail, out, limit, limit_bytes)
+ * converts rows[i:] (bytes, or 1-tuples of bytes as fetchmany gives them) as long as they are
+ * INSERT, UPDATE or DELETE rows of schema.table that convert takes, at most limit of them and
+ * until the lines reach limit_bytes, and appends each one's whole COPY line to the bytearray out (stitch.ConvertedRow.copy_line's
+ * bytes): prefix (the recorded schema and table fields and a tab), the operation, the fields,
+ * the position, seq (counting up from seq), the id (id_high << 64 | id_low | seq << 26, as
+ * stitch.change_id) and tail (the transaction's fields and the newline). Returns (the index of
+ * the first row not taken, the next seq, whether one was ambiguous); the caller takes that row
+ * the one-row way (convert, or the pure path). */
+static PyObject *lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Col columns[MAX_COLUMNS], identity[MAX_COLUMNS];
+    if (nargs != 15 || !PyDict_Check(args[0]) || !PyList_Check(args[3]) || !PyUnicode_Check(args[5]) || !PyUnicode_Check(args[6]) ||
+        !PyBytes_Check(args[7]) || !PyBytes_Check(args[11]) || !PyByteArray_Check(args[12])) {
+        PyErr_SetString(PyExc_TypeError, "lines(codes: dict, plan, value_json, rows: list, i: int, schema: str, table: str, "
+                                         "prefix: bytes, seq: int, id_high: int, id_low: int, tail: bytes, out: bytearray, limit: int, limit_bytes: int)");
+        return NULL;
+    }
+    PyObject *rows = args[3], *out_array = args[12];
+    Py_ssize_t i = PyLong_AsSsize_t(args[4]), limit = PyLong_AsSsize_t(args[13]), limit_bytes = PyLong_AsSsize_t(args[14]);
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[8]);
+    unsigned long long id_high = PyLong_AsUnsignedLongLong(args[9]), id_low = PyLong_AsUnsignedLongLong(args[10]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_ssize_t schema_n, table_n;
+    const char *schema = PyUnicode_AsUTF8AndSize(args[5], &schema_n), *table = PyUnicode_AsUTF8AndSize(args[6], &table_n);
+    if (schema == NULL || table == NULL)
+        return NULL;
+    Span want_schema = {schema, schema_n}, want_table = {table, table_n};
+    Span prefix = {PyBytes_AS_STRING(args[7]), PyBytes_GET_SIZE(args[7])}, tail = {PyBytes_AS_STRING(args[11]), PyBytes_GET_SIZE(args[11])};
+    Buf out = {0}, fields = {0};
+    int any_ambiguous = 0, failed = 0;
+    Py_ssize_t start = i, count = PyList_GET_SIZE(rows);
+    for (; i < count && i - start < limit && out.len < limit_bytes; i++) {
+        PyObject *item = PyList_GET_ITEM(rows, i);
+        if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 1)
+            item = PyTuple_GET_ITEM(item, 0);
+        if (!PyBytes_Check(item))
+            break;
+        Row row = {0};
+        Ctx ctx = {args[0], args[1], args[2], {0}};
+        unsigned long long lsn;
+        int ambiguous;
+        fields.len = 0;
+        int taken = convert_row(&ctx, PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item), &row, columns, identity, &fields, &lsn, &ambiguous);
+        if (taken > 0 && !(span_eq(row.schema, want_schema) && span_eq(row.table, want_table)))
+            taken = 0; /* another table's: the caller finds the name it is recorded under */
+        if (taken > 0) {
+            const char *operation = OPERATION_OF[row.action == 'I' ? 0 : row.action == 'U' ? 1 : 2];
+            if (buf_put(&out, prefix.p, prefix.n) < 0 || buf_put(&out, operation, 6) < 0 || buf_putc(&out, '\t') < 0 ||
+                buf_put(&out, fields.data, fields.len) < 0 || buf_putc(&out, '\t') < 0 || put_decimal(&out, lsn) < 0 ||
+                buf_putc(&out, '\t') < 0 || put_decimal(&out, seq) < 0 || buf_putc(&out, '\t') < 0 ||
+                put_hex64(&out, id_high) < 0 || put_hex64(&out, id_low | seq << 26) < 0 || buf_putc(&out, '\t') < 0 ||
+                buf_put(&out, tail.p, tail.n) < 0)
+                taken = -1;
+            seq++;
+            any_ambiguous |= ambiguous;
+        }
+        release(&row.columns);
+        release(&row.identity);
+        PyMem_Free(ctx.arena.data);
+        if (taken < 0)
+            failed = 1;
+        if (taken <= 0)
+            break;
+    }
+    PyObject *result = NULL;
+    if (!failed && out.len > 0) {
+        Py_ssize_t at = PyByteArray_GET_SIZE(out_array);
+        if (PyByteArray_Resize(out_array, at + out.len) < 0)
+            failed = 1;
+        else
+            memcpy(PyByteArray_AS_STRING(out_array) + at, out.data, out.len);
+    }
+    if (!failed)
+        result = Py_BuildValue("(nKO)", i, seq, any_ambiguous ? Py_True : Py_False);
+    PyMem_Free(out.data);
+    PyMem_Free(fields.data);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"convert", (PyCFunction)(void (*)(void))convert, METH_FASTCALL,
      "convert(codes, plan, value_json, data) -> Converted or None (see the module's source)"},
+    {"lines", (PyCFunction)(void (*)(void))lines, METH_FASTCALL,
+     "lines(codes, plan, value_json, rows, i, schema, table, prefix, seq, id_high, id_low, tail, out, limit, limit_bytes) -> (i, seq, ambiguous)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,3 +16,7 @@ class Converted:
 
 def convert(codes: dict[int, Any], plan: Callable[[int], object], value_json: Callable[..., bytes],
             data: bytes, /) -> Converted | None: ...
+
+def lines(codes: dict[int, Any], plan: Callable[[int], object], value_json: Callable[..., bytes], rows: list[Any], i: int,
+          schema: str, table: str, prefix: bytes, seq: int, id_high: int, id_low: int, tail: bytes, out: bytearray,
+          limit: int, limit_bytes: int, /) -> tuple[int, int, bool]: ...

@@ -15,7 +15,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -40,7 +40,7 @@ from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
 from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, ConvertedRow, TransactionState, tracked_filter
-from .wal2json import Begin, Change, Commit, Converted, Event, Message, TypeRegistry, fast_converter, format_lsn, parse_lsn, parse_row
+from .wal2json import Begin, Change, Commit, Converted, Message, TypeRegistry, fast_converter, fast_lines, format_lsn, parse_lsn, parse_row
 
 __all__ = ["Observer", "Poller", "PollStats", "wal2json_options"]
 
@@ -156,6 +156,24 @@ class _Unobserved:
         pass
 
 
+class _Rows:
+    """The peek's rows, a page (``fetchmany``'s list of 1-tuples) at a time: ``page[at]`` is the next."""
+
+    __slots__ = ("_cursor", "page", "at")
+
+    def __init__(self, cursor: psycopg.Cursor[Any]) -> None:
+        self._cursor = cursor
+        self.page: list[Any] = []
+        self.at = 0
+
+    def more(self) -> bool:
+        """Whether a row is left (fetching the next page when this one is done)."""
+        if self.at < len(self.page):
+            return True
+        self.page, self.at = self._cursor.fetchmany(FETCH_ROWS), 0  # a page at a time: cheaper than the cursor's own iteration
+        return bool(self.page)
+
+
 class _Writer:
     """Streams one batch's change rows into the destination with COPY while the batch is read,
     so that the server writes them while the poller converts the next ones.
@@ -172,8 +190,8 @@ class _Writer:
         self.dedupe = dedupe
         self.partitioned = partitioned
         self.months: set[str] = set()
-        self.lines: list[bytes] = []
-        self.bytes = 0
+        self.buffer = bytearray()  # COPY lines not sent yet
+        self.pending = 0  # how many
         self.sent = 0  # rows sent to the destination
         self.inserted = 0  # rows the changes table gained
         self._copy: psycopg.Copy | None = None
@@ -227,30 +245,39 @@ class _Writer:
 
     def add(self, row: ChangeRow | ConvertedRow, tail: bytes) -> None:
         """Queue a row; ``tail``: its transaction's shared fields (TransactionState.copy_tail)."""
+        self.starting(row.committed_at, row.transaction_id, row.commit_position)
+        self.buffer += row.copy_line(tail)
+        self.added(1)
+
+    def starting(self, committed_at: str, transaction_id: int, commit_position: int) -> None:
+        """Before lines of this transaction are queued (by add, or straight into ``buffer``)."""
         if self.partitioned:  # committed_at is text in UTC: 'YYYY-MM-...'
-            month = row.committed_at[:7]
+            month = committed_at[:7]
             if month not in self.months:
                 self._end_copy()
                 self.conn.execute("SELECT bemi.ensure_changes_partition(%s::date)", (month + "-01",))
                 self.months.add(month)
-        if not self._starts or self._starts[-1][1] != row.transaction_id:
-            self._starts.append((self._copy_rows, row.transaction_id, row.commit_position))
-        self._copy_rows += 1
-        line = row.copy_line(tail)
-        self.lines.append(line)
-        self.bytes += len(line)
-        if len(self.lines) >= SEND_ROWS or self.bytes >= SEND_BYTES:
+        if not self._starts or self._starts[-1][1] != transaction_id:
+            if self._starts and self._starts[-1][0] == self._copy_rows:  # a transaction that queued no line
+                self._starts.pop()
+            self._starts.append((self._copy_rows, transaction_id, commit_position))
+
+    def added(self, count: int) -> None:
+        """``count`` lines were queued in ``buffer`` (after :meth:`starting`)."""
+        self._copy_rows += count
+        self.pending += count
+        if self.pending >= SEND_ROWS or len(self.buffer) >= SEND_BYTES:
             self._send()
 
     def _send(self) -> None:
-        if not self.lines:
+        if not self.pending:
             return
         if self._copy is None:
             self._copy = self._open_copy.enter_context(self._cursor.copy(self._copy_sql))
-        self._copy.write(b"".join(self.lines))
-        self.sent += len(self.lines)
-        self.lines.clear()
-        self.bytes = 0
+        self._copy.write(self.buffer)
+        self.sent += self.pending
+        self.buffer = bytearray()  # a new one: the COPY may hold on to the one it was given
+        self.pending = 0
 
     def _end_copy(self) -> None:
         self._send()
@@ -322,6 +349,7 @@ class Poller:
         # The compiled conversion of change rows, unless BEMI_PG_CONVERSION=pure, it is not built,
         # or column rules apply (the pure path keeps those).
         self._convert = None if self.column_rules else fast_converter(self.types)
+        self._lines = fast_lines(self._convert) if self._convert is not None else None
         self._fault = fault or _fault_from_env()
         self.observer: Observer = observer or _Unobserved()
         self._keys: dict[tuple[str, str], list[str]] = {}
@@ -530,19 +558,16 @@ class Poller:
         self.source.execute(query("heartbeat"))
 
     # -- one batch -------------------------------------------------------------------
-    def _events(self, upto_lsn: str | None) -> Iterator[Event | Converted]:
-        """The slot's rows, parsed; INSERT, UPDATE and DELETE rows already converted where the
-        compiled path takes them."""
-        convert = self._convert
+    @contextmanager
+    def _peek(self, upto_lsn: str | None) -> Iterator[_Rows]:
+        """The slot's rows, a page at a time."""
         # Binary results: a text value is its UTF-8 bytes, which psycopg's bytea loader (in C) hands over as they are.
         with self.source.cursor(name="bemi_peek", binary=True) as cur:
             cur.adapters.register_loader("text", ByteaBinaryLoader)
             cur.execute(query("peek"), {
                 "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.read_size, "options": self.options,
             })
-            while rows := cur.fetchmany(FETCH_ROWS):  # a page at a time: cheaper than the cursor's own iteration
-                for (data,) in rows:
-                    yield (convert and convert(data)) or parse_row(data)
+            yield _Rows(cur)
 
     def poll(self, upto_lsn: str | None) -> PollStats:
         """One read: peek up to ``read_size`` rows, write them in batches of about ``batch_size``
@@ -572,11 +597,10 @@ class Poller:
         self._recorded_names.clear()  # partitions may have been attached or detached since
         queued_at = datetime.now(UTC).isoformat()
         last: Commit | None = None
-        with self.source.transaction():
-            events = self._events(upto_lsn)
+        with self.source.transaction(), self._peek(upto_lsn) as rows:
             while True:
                 began = time.monotonic()
-                stats, commit = self._write_batch(events, queued_at)
+                stats, commit = self._write_batch(rows, queued_at)
                 if commit is not None:
                     stats.end_lsn = commit.end_lsn
                     self.observer.batch_written(stats, time.monotonic() - began)
@@ -591,12 +615,18 @@ class Poller:
         total.end_lsn = last.end_lsn
         return total
 
-    def _write_batch(self, events: Iterator[Event | Converted], queued_at: str) -> tuple[PollStats, Commit | None]:
-        """Write the next transactions of ``events`` until about ``batch_size`` rows are read,
+    def _write_batch(self, rows: _Rows, queued_at: str) -> tuple[PollStats, Commit | None]:
+        """Write the next transactions of ``rows`` until about ``batch_size`` rows are read,
         with the checkpoint, in one destination transaction; return its figures and the
-        last commit it read (None when ``events`` ran out before any)."""
+        last commit it read (None when ``rows`` ran out before any).
+
+        Rows are parsed one at a time (:func:`parse_row`, or the compiled ``convert``), except
+        that on the compiled path, once a change of a table is converted, the changes of that
+        table that follow in the transaction go to COPY lines in runs (TransactionState.take_lines)."""
         stats = PollStats()
         dedupe = self._dedupe
+        convert, lines = self._convert, self._lines
+        run: tuple[tuple[str, str], tuple[str, str]] | None = None  # the table (and its recorded name) of the last change converted
         with self.destination.transaction(), _Writer(self.destination, self.changes, dedupe=dedupe,
                                                       partitioned=self.settings.partition_by_month) as writer:
             row = self.destination.execute(query("checkpoint"), {"source": self.source_id, "slot": self.slot}).fetchone()
@@ -610,7 +640,22 @@ class Poller:
             truncated: tuple[tuple[str, str], str] | None = None  # (table, position) of a TRUNCATE just recorded
             periods: list[tuple[str, str, str, str, str, str, int]] = []  # tracking periods' events, written with the batch
             moves: list[tuple[str, str, str, str, str | None, str, int, int]] = []  # UPDATEs of the key
-            for event in events:
+            while rows.more():
+                if run is not None and state is not None and lines is not None:
+                    start = rows.at
+                    writer.starting(state.committed_at, state.xid, state.commit_lsn)
+                    rows.at, ambiguous_run = state.take_lines(lines, rows.page, start, run[0], run[1], state.copy_tail(queued_at),
+                                                              writer.buffer, SEND_ROWS - writer.pending, SEND_BYTES - len(writer.buffer))
+                    if rows.at > start:
+                        stats.rows += rows.at - start
+                        truncated = None
+                        if ambiguous_run:
+                            ambiguous[state.xid] = state.commit_lsn
+                        writer.added(rows.at - start)
+                        continue
+                data = rows.page[rows.at][0]
+                rows.at += 1
+                event = (convert and convert(data)) or parse_row(data)
                 stats.rows += 1
                 if isinstance(event, (Change, Converted)):
                     recorded = self._recorded(event.schema, event.table) if state is not None else None
@@ -624,6 +669,8 @@ class Poller:
                         else:
                             truncated = None
                         change = state.on_change(event, recorded)
+                        if isinstance(event, Converted):
+                            run = ((event.schema, event.table), recorded)
                         if change is None:  # an UPDATE of ignored columns only
                             continue
                         if change.ambiguous:

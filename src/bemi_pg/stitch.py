@@ -22,7 +22,7 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 from pglast.parser import scan
 
-from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, Converted, TypeInfo, TypeRegistry, parse_lsn, value_json
+from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, Converted, Lines, TypeInfo, TypeRegistry, parse_lsn, value_json
 
 __all__ = ["ChangeRow", "ConvertedRow", "TransactionState", "change_id", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
@@ -47,7 +47,13 @@ def copy_escape(data: bytes) -> bytes:
 @lru_cache(maxsize=4096)
 def _table_fields(schema: str, table: str, operation: str) -> bytes:
     """The schema, table and operation fields, which many rows share: escaped once."""
-    return b"\t".join((copy_text(schema), copy_text(table), operation.encode()))
+    return _table_prefix(schema, table) + operation.encode()
+
+
+@lru_cache(maxsize=4096)
+def _table_prefix(schema: str, table: str) -> bytes:
+    """The schema and table fields and the tab after them (what _fastrow.lines puts before the operation)."""
+    return copy_text(schema) + b"\t" + copy_text(table) + b"\t"
 
 
 _ID_SEQ_SHIFT = 26  # seq's place in change_id, above the source hash
@@ -502,6 +508,19 @@ class TransactionState:
                       b"%d" % self.xid, b"%d" % self.commit_lsn, copy_text(queued_at))
             self._tail = b"\t".join(fields) + b"\n"
         return self._tail
+
+    def take_lines(self, lines: Lines, rows: list[Any], i: int, table: tuple[str, str], recorded: tuple[str, str],
+                   tail: bytes, out: bytearray, limit: int, limit_bytes: int) -> tuple[int, bool]:
+        """The compiled path's run of changes (:func:`wal2json.fast_lines`): rows[i:] of ``table``
+        (schema, table as wal2json names it), recorded under ``recorded``, as whole COPY lines
+        (:meth:`ConvertedRow.copy_line`'s bytes, ``tail`` being :meth:`copy_tail`'s) appended to
+        ``out``, at most ``limit`` of them or until ``out`` holds ``limit_bytes``; each takes its
+        place in the transaction's order. Returns the index of the first row not taken (the
+        caller takes it one row at a time) and whether a taken one holds an ambiguous null."""
+        base = self._id_base
+        end, self.seq, ambiguous = lines(rows, i, table[0], table[1], _table_prefix(*recorded), self.seq, base >> 64,
+                                         base & 0xFFFF_FFFF_FFFF_FFFF, tail, out, limit, limit_bytes)
+        return end, ambiguous
 
     def _fields(self, columns: list[Column] | None) -> tuple[Fields, bool]:
         """The row's fields, and whether one of them is an ambiguous null (maybe NaN)."""

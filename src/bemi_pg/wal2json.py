@@ -25,14 +25,15 @@ from typing import Any, ClassVar
 import msgspec
 
 try:
-    from ._fastrow import Converted, convert
+    from ._fastrow import Converted, convert, lines
 except ImportError:  # built without a compiler: the pure path only
     Converted = None  # type: ignore[assignment,misc]
     convert = None  # type: ignore[assignment]
+    lines = None  # type: ignore[assignment]
 
 __all__ = [
     "Begin", "Change", "Column", "Commit", "Message", "TypeInfo", "TypeRegistry",
-    "parse_lsn", "format_lsn", "parse_row", "value_json", "parse_array", "fast_converter", "Converted",
+    "parse_lsn", "format_lsn", "parse_row", "value_json", "parse_array", "fast_converter", "fast_lines", "Converted", "Lines",
 ]
 
 
@@ -90,7 +91,9 @@ _ARRAYS: dict[int, int] = {
     1000: 16, 1005: 21, 1007: 23, 1016: 20, 1028: 26, 1021: 700, 1022: 701, 1231: 1700,
     199: 114, 3807: 3802, 1182: 1082, 1115: 1114, 1185: 1184, 1001: 17,
     1009: 25, 1015: 1043, 1014: 1042, 2951: 2950, 1183: 1083, 1270: 1266, 1187: 1186,
+    22: 21, 30: 26,  # int2vector, oidvector: arrays whose text is '1 2 3' (parse_array)
 }
+_VECTOR_ARRAYS = {1006: 22, 1013: 30}  # int2vector[], oidvector[]
 
 
 class Passthrough:
@@ -117,6 +120,8 @@ class TypeRegistry:
             self._known[oid] = info
         for array_oid, elem in _ARRAYS.items():
             self._known[array_oid] = TypeInfo(ARRAY, element=_SCALARS[elem])
+        for array_oid, elem in _VECTOR_ARRAYS.items():
+            self._known[array_oid] = TypeInfo(ARRAY, element=self._known[elem])
         self._loader = loader
         self.plans: dict[int, TypeInfo | Passthrough] = {}  # every column type met so far: see plan()
 
@@ -158,6 +163,7 @@ class TypeRegistry:
 # -- values ------------------------------------------------------------------------------
 
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?\Z")
+_VECTOR = re.compile(r"[0-9 -]*")  # int2vector's and oidvector's text
 _TZ_OFFSET = re.compile(rb'([+-]\d\d)((?::\d\d){0,2})( BC)?"\Z')
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -196,7 +202,11 @@ def _from_text(info: TypeInfo, text: str) -> str:
         return _dumps(text if text.startswith("\\x") else "\\x" + text)
     if kind == ARRAY:
         assert info.element is not None
-        return _array_json(parse_array(text, info.delimiter), info.element)
+        try:
+            items = parse_array(text, info.delimiter)
+        except ValueError:  # text no array type writes: kept as the text, rather than failing the batch
+            return _dumps(text)
+        return _array_json(items, info.element)
     return _dumps(text)
 
 
@@ -230,55 +240,68 @@ def _array_json(items: list[Any], element: TypeInfo) -> str:
 
 
 def parse_array(text: str, delimiter: str = ",") -> list[Any]:
-    """Parse PostgreSQL's array text output into nested lists of str (None for NULL)."""
+    """Parse PostgreSQL's array text output into nested lists of str (None for NULL); ValueError
+    for text not in that form. int2vector and oidvector, arrays whose text is their elements
+    separated by spaces (``'1 2 3'``), parse too."""
     if text.startswith("["):  # explicit bounds, e.g. '[0:1]={1,2}': to_jsonb ignores them
-        text = text[text.index("=") + 1 :]
-    pos = 0
+        text = text[text.find("=") + 1 :]
+    elif not text.startswith("{"):
+        if not _VECTOR.fullmatch(text):
+            raise ValueError(f"not an array's text: {text[:40]!r}")
+        return text.split()
+    try:
+        items, pos = _parse_level(text, 0, delimiter)
+    except IndexError:
+        raise ValueError(f"an array's text cut short: {text[:40]!r}") from None
+    if pos != len(text):
+        raise ValueError(f"text after an array: {text[pos : pos + 40]!r}")
+    return items
+
+
+def _parse_level(text: str, pos: int, delimiter: str) -> tuple[list[Any], int]:
+    """One level of braces of parse_array, from ``text[pos]``; the items and the position after it."""
+    if text[pos] != "{":
+        raise ValueError(f"not an array's text at {pos}: {text[pos : pos + 40]!r}")
+    pos += 1
     n = len(text)
-
-    def parse_level() -> list[Any]:
-        nonlocal pos
-        assert text[pos] == "{"
-        pos += 1
-        items: list[Any] = []
-        if text[pos] == "}":
+    items: list[Any] = []
+    if text[pos] == "}":
+        return items, pos + 1
+    while True:
+        ch = text[pos]
+        if ch == "{":
+            nested, pos = _parse_level(text, pos, delimiter)
+            items.append(nested)
+        elif ch == '"':
             pos += 1
-            return items
-        while True:
-            ch = text[pos]
-            if ch == "{":
-                items.append(parse_level())
-            elif ch == '"':
-                pos += 1
-                buf = []
-                while True:
-                    c = text[pos]
-                    if c == "\\":
-                        buf.append(text[pos + 1])
-                        pos += 2
-                    elif c == '"':
-                        pos += 1
-                        break
-                    else:
-                        buf.append(c)
-                        pos += 1
-                items.append("".join(buf))
-            else:
-                start = pos
-                while pos < n and text[pos] != delimiter and text[pos] != "}":
+            buf = []
+            while True:
+                c = text[pos]
+                if c == "\\":
+                    buf.append(text[pos + 1])
+                    pos += 2
+                elif c == '"':
                     pos += 1
-                token = text[start:pos].strip(" \t\n\r\v\f")  # array_in's spaces (str.strip's would take U+00A0 too)
-                items.append(None if token.upper() == "NULL" else token)
-            while text[pos] == " ":
+                    break
+                else:
+                    buf.append(c)
+                    pos += 1
+            items.append("".join(buf))
+        else:
+            start = pos
+            while pos < n and text[pos] != delimiter and text[pos] != "}":
                 pos += 1
-            if text[pos] == "}":
-                pos += 1
-                return items
-            pos += 1  # the delimiter
-            while text[pos] == " ":
-                pos += 1
-
-    return parse_level()
+            token = text[start:pos].strip(" \t\n\r\v\f")  # array_in's spaces (str.strip's would take U+00A0 too)
+            items.append(None if token.upper() == "NULL" else token)
+        while text[pos] == " ":
+            pos += 1
+        if text[pos] == "}":
+            return items, pos + 1
+        if text[pos] != delimiter:
+            raise ValueError(f"no delimiter at {pos}: {text[pos : pos + 40]!r}")
+        pos += 1
+        while text[pos] == " ":
+            pos += 1
 
 
 # -- rows --------------------------------------------------------------------------------
@@ -406,3 +429,14 @@ def fast_converter(types: TypeRegistry) -> Callable[[bytes], Converted | None] |
         return code
 
     return partial(convert, codes, plan, value_json)
+
+
+Lines = Callable[[list[Any], int, str, str, bytes, int, int, int, bytes, bytearray, int, int], tuple[int, int, bool]]
+"""_fastrow.lines with its codes, plan and value_json bound (see stitch.TransactionState.take_lines)."""
+
+
+def fast_lines(converter: Callable[[bytes], Converted | None]) -> Lines:
+    """The compiled conversion of a run of rows into whole COPY lines, sharing ``converter``'s
+    (:func:`fast_converter`'s) type codes."""
+    assert isinstance(converter, partial) and lines is not None
+    return partial(lines, *converter.args)

@@ -17,7 +17,7 @@ import psycopg
 
 from bemi_pg.queries import query
 from bemi_pg.stitch import TransactionState
-from bemi_pg.wal2json import TypeRegistry, fast_converter
+from bemi_pg.wal2json import TypeRegistry, fast_converter, fast_lines
 from tests.unit import test_fastrow_fuzz as fuzz
 
 pytestmark = fuzz.pytestmark
@@ -109,6 +109,8 @@ def test_server_rows_convert_alike(db):
             paths.convert = fast_converter(compiled)
             paths.pure_state = TransactionState("1/db", "db", pure, fuzz.BEGIN, 1000, fuzz.key_order)
             paths.compiled_state = TransactionState("1/db", "db", compiled, fuzz.BEGIN, 1000, fuzz.key_order)
+            paths.lines = fast_lines(paths.convert)
+            paths.runs_state = TransactionState("1/db", "db", compiled, fuzz.BEGIN, 1000, fuzz.key_order)
             rows = conn.execute("SELECT convert_to(data, 'UTF8') FROM pg_logical_slot_peek_changes('fuzz', NULL, NULL, "
                                 + ", ".join("%s" for _ in OPTIONS) + ", 'include-types', %s)", [*OPTIONS, types]).fetchall()
             assert len(rows) > 400

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bemi_pg.stitch import TransactionState
-from bemi_pg.wal2json import Change, TypeRegistry, fast_converter, parse_row
+from bemi_pg.wal2json import Change, TypeRegistry, fast_converter, fast_lines, parse_row
 
 pytestmark = pytest.mark.skipif(fast_converter(TypeRegistry()) is None, reason="bemi_pg._fastrow is not built")
 
@@ -188,6 +188,12 @@ def rand_bool_text(rng: random.Random) -> str:
     return rng.choice(["t", "f"])
 
 
+def rand_vector(rng: random.Random, oid: int) -> str:
+    """int2vector's or oidvector's text."""
+    low, high = (-(2**15), 2**15 - 1) if oid == 22 else (0, 2**32 - 1)
+    return " ".join(str(rng.randint(low, high)) for _ in range(rng.choice([0, 1, 3])))
+
+
 def rand_value(rng: random.Random, oid: int) -> str:
     """wal2json's JSON for a random non-null value of the type."""
     if oid == 16:
@@ -248,18 +254,24 @@ def rand_value(rng: random.Random, oid: int) -> str:
         text = array_out(rand_array(rng, lambda: "(1," + rng.choice(['"a b"', "x", ""]) + ")"))
     elif oid == 1020:
         text = array_out(rand_array(rng, lambda: "(1,2),(0,0)", 1), ";")
+    elif oid in (22, 30):  # int2vector, oidvector: elements separated by spaces, no braces
+        text = rand_vector(rng, oid)
+    elif oid in (1006, 1013):
+        text = array_out(rand_array(rng, lambda: rand_vector(rng, 22 if oid == 1006 else 30), 1))
     else:  # pragma: no cover - every OID in TYPES is handled
         raise AssertionError(oid)
     if rng.random() < 0.1 and oid in (1009, 1007, 1231, 1000):
         text = array_out([])
     if rng.random() < 0.03 and oid in (1007, 1009):
         text = "[0:1]=" + array_out([array_item("1"), array_item("2")])  # explicit lower bounds
+    if rng.random() < 0.03 and oid in (1007, 1009):
+        text = "[-2:-1][1:1]=" + array_out([[array_item("1")], [array_item(None)]])
     return escape_json(text)
 
 
 TYPES = [16, 20, 21, 23, 26, 700, 701, 1700, 25, 1043, 1042, 19, 2950, 1082, 1114, 1184, 1083, 1266, 1186, 114, 3802, 17,
          16400, 16402, 16404, 16405, 1009, 1015, 1014, 16401, 1005, 1007, 1016, 1231, 16406, 1021, 1022, 1000, 1115, 1185,
-         1182, 1001, 3807, 16403, 1020]
+         1182, 1001, 3807, 16403, 1020, 22, 30, 1006, 1013]
 
 
 def rand_name(rng: random.Random, taken: set[str]) -> str:
@@ -354,6 +366,8 @@ class Paths:
         assert self.convert is not None
         self.pure_state = TransactionState("1/db", "db", self.pure_types, BEGIN, 1000, key_order)
         self.compiled_state = TransactionState("1/db", "db", compiled_types, BEGIN, 1000, key_order)
+        self.lines = fast_lines(self.convert)
+        self.runs_state = TransactionState("1/db", "db", compiled_types, BEGIN, 1000, key_order)  # take_lines's
         self.taken = 0
         self.lenient = 0  # broken rows the compiled path took anyway
 
@@ -386,6 +400,14 @@ class Paths:
         assert expected is not None and got is not None
         assert got.copy_line(b"tail\n") == expected.copy_line(b"tail\n"), data
         assert got.ambiguous == expected.ambiguous, data
+        # The same row in a run (the poller's batch loop): the whole line, or not taken at all.
+        out, table = bytearray(b"before\n"), (change.schema, change.table)
+        end, ambiguous = self.runs_state.take_lines(self.lines, [(data,)], 0, table, table, b"tail\n", out, 5, 1 << 30)
+        if converted is None:
+            assert (end, out) == (0, b"before\n"), data
+            self.runs_state.on_change(parse_row(data))  # type: ignore[arg-type]
+        else:
+            assert (end, bytes(out), ambiguous) == (1, b"before\n" + expected.copy_line(b"tail\n"), expected.ambiguous), data
 
 
 @pytest.mark.parametrize("seed", range(5))
