@@ -20,6 +20,12 @@ from .errors import BemiError, ConfigError
 from .render import quote_ident, render_roles
 from .wal2json import format_lsn
 
+
+def _json(value: Any, indent: int | None = None) -> str:
+    """JSON for the terminal: characters as they are (jsonb's text does the same), not \\u escapes."""
+    return json.dumps(value, default=str, indent=indent, ensure_ascii=False)
+
+
 log = logging.getLogger("bemi_pg")
 
 TAMPERED = 6  # `verify`: the trail is not what its seals say
@@ -219,15 +225,15 @@ def _timetravel(args: argparse.Namespace, dsn: str, dest: str | None, settings: 
                 raise BemiError(f"{args.table} {args.primary_key} does not exist now (or neither a change nor the "
                                 "baseline records it: `bemi-pg snapshot TABLE` takes one)")
             if args.json:
-                print(json.dumps(rows, default=str, indent=2))
+                print(_json(rows, indent=2))
                 return 0
             width = max(len(r["column"]) for r in rows)
             for r in rows:
                 if r["id"] is None:
-                    print(f"{r['column']:<{width}}  {json.dumps(r['value'], default=str):<30} from before tracking began")
+                    print(f"{r['column']:<{width}}  {_json(r['value']):<30} from before tracking began")
                     continue
-                print(f"{r['column']:<{width}}  {json.dumps(r['value'], default=str):<30} {r['operation']:<8} "
-                      f"{r['committed_at'].isoformat()}  {r['id']}  {json.dumps(r['context'], default=str)}")
+                print(f"{r['column']:<{width}}  {_json(r['value']):<30} {r['operation']:<8} "
+                      f"{r['committed_at'].isoformat()}  {r['id']}  {_json(r['context'])}")
             return 0
         if args.command == "prune":
             result = commands.prune(conn, settings, args.older_than)
@@ -339,7 +345,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "status":
         result = commands.status(dsn, dest, settings)
         if args.json:
-            print(json.dumps(result, indent=2, default=str))
+            print(_json(result, indent=2))
         else:
             for key, value in result.items():
                 if key in ("tracked_tables", "baselines", "tracking", "gaps"):
