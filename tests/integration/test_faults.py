@@ -256,8 +256,10 @@ def test_a_least_privilege_poller_role(db):
     # The functions running with raised privileges pin their search_path (the event trigger's, the
     # mover's, the sealing's), all but trigger mode's capture trigger, which names every type,
     # function, operator and table with its schema instead (a SET clause cost each call 5-20%).
+    # The sealing also pins its client_encoding: it hashes the text of the changes.
     definers = db.execute("SELECT proname, proconfig FROM pg_proc WHERE prosecdef AND pronamespace = 'bemi'::regnamespace "
                           "ORDER BY 1")
     pinned = ["search_path=pg_catalog, pg_temp"]
     assert definers == [("capture_changes", None), ("move_changes", pinned), ("move_queued", pinned),
-                        ("queue_backlog", pinned), ("queue_holds", pinned), ("seal", pinned), ("track_new_tables", pinned)]
+                        ("queue_backlog", pinned), ("queue_holds", pinned), ("seal", [*pinned, "client_encoding=UTF8"]),
+                        ("track_new_tables", pinned)]
