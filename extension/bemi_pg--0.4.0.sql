@@ -2011,7 +2011,7 @@ BEGIN
     'SELECT CASE WHEN pg_catalog.cardinality($1) = 1 THEN r.data ->> $1[1] '
     '            WHEN pg_catalog.cardinality($1) > 1 THEN (SELECT pg_catalog.jsonb_agg(r.data -> k.name ORDER BY k.n) '
     '                   FROM pg_catalog.unnest($1) WITH ORDINALITY AS k(name, n))::text END, r.data '
-    '  FROM (SELECT pg_catalog.to_jsonb(t) - $2 AS data FROM %s AS t) AS r', rel)
+    '  FROM (SELECT pg_catalog.to_jsonb(t.*) - $2 AS data FROM %s AS t) AS r', rel)
     USING coalesce(keys, '{}'), coalesce(excluded, '{}');
 END
 $fn$;
@@ -2205,14 +2205,52 @@ AS $fn$
   SELECT a.primary_key, a.row_data FROM bemi.as_of_all(bemi.trail_source(), table_name, at) AS a
 $fn$;
 
+-- An int2vector's or oidvector's text (is_array: an array of them) from its JSON as to_jsonb
+-- gives it: [1, 2] is '1 2'; [[1, 2], [], null] is '{"1 2","",NULL}' (a vector's list holds
+-- numbers or strings; an array level holds lists and nulls, and no level but the top is empty).
+-- jsonb_populate_record reads a JSON array as an array: '[]' would make an int2vector no server
+-- can print; from its text the type's input function builds it.
+CREATE OR REPLACE FUNCTION bemi.vector_text(value jsonb, is_array boolean, top boolean DEFAULT true)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+BEGIN
+  IF value IS NULL OR pg_catalog.jsonb_typeof(value) = 'null' THEN
+    RETURN CASE WHEN top THEN NULL ELSE 'NULL' END;
+  ELSIF pg_catalog.jsonb_typeof(value) <> 'array' THEN
+    RETURN value #>> '{}';
+  ELSIF NOT is_array THEN
+    RETURN pg_catalog.array_to_string(ARRAY(SELECT pg_catalog.jsonb_array_elements_text(value)), ' ');
+  ELSIF top OR EXISTS (SELECT FROM pg_catalog.jsonb_array_elements(value) AS e(v)
+                        WHERE pg_catalog.jsonb_typeof(e.v) IN ('array', 'null')) THEN
+    RETURN '{' || coalesce((SELECT pg_catalog.string_agg(bemi.vector_text(e.v, true, false), ',' ORDER BY e.n)
+                              FROM pg_catalog.jsonb_array_elements(value) WITH ORDINALITY AS e(v, n)), '') || '}';
+  END IF;
+  RETURN '"' || bemi.vector_text(value, false) || '"';
+END
+$fn$;
+
 -- Typed rows: SELECT * FROM bemi.as_of(NULL::public.todo, '2024-05-01 12:00+00');
 CREATE OR REPLACE FUNCTION bemi.as_of(row_type anyelement, at timestamptz)
 RETURNS SETOF anyelement
 LANGUAGE sql STABLE
 AS $fn$
+  WITH vectors AS (  -- the type's int2vector and oidvector columns (and arrays of them), if any
+    SELECT pg_catalog.jsonb_object_agg(a.attname, b.base IN ('pg_catalog.int2vector[]'::regtype, 'pg_catalog.oidvector[]'::regtype)) AS is_array
+      FROM pg_catalog.pg_type AS rt
+      JOIN pg_catalog.pg_attribute AS a ON a.attrelid = rt.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+      JOIN pg_catalog.pg_type AS ty ON ty.oid = a.atttypid
+      CROSS JOIN LATERAL (SELECT coalesce(nullif(ty.typbasetype, 0), ty.oid)::regtype AS base) AS b
+     WHERE rt.oid = pg_catalog.pg_typeof(row_type)
+       AND b.base IN ('pg_catalog.int2vector'::regtype, 'pg_catalog.oidvector'::regtype,
+                      'pg_catalog.int2vector[]'::regtype, 'pg_catalog.oidvector[]'::regtype))
   SELECT r.*
-    FROM bemi.as_of_all(pg_catalog.pg_typeof(row_type)::text, at) AS a,
-         pg_catalog.jsonb_populate_record(row_type, a.row_data) AS r
+    FROM bemi.as_of_all(pg_catalog.pg_typeof(row_type)::text, at) AS a
+   CROSS JOIN vectors AS v
+   CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(row_type, CASE WHEN v.is_array IS NULL THEN a.row_data ELSE
+           a.row_data || coalesce((SELECT pg_catalog.jsonb_object_agg(k.name, bemi.vector_text(a.row_data -> k.name, k.is_array::boolean))
+                                     FROM pg_catalog.jsonb_each_text(v.is_array) AS k(name, is_array)
+                                    WHERE a.row_data ? k.name), '{}') END) AS r
 $fn$;
 
 -- (0.4.0's first last_recorded matched every source and schema.)

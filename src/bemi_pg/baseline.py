@@ -85,9 +85,9 @@ def _tracked(src: psycopg.Connection[Any]) -> list[BaselineTable]:
 def _row_query(table: BaselineTable, excluded: set[str]) -> sql.Composed:
     """primary_key as the changes table writes it, and the row as to_jsonb gives it less the
     excluded columns (the trigger mode's own expressions, so both agree)."""
-    row: sql.Composable = sql.SQL("pg_catalog.to_jsonb(t)")
+    row: sql.Composable = sql.SQL("pg_catalog.to_jsonb(t.*)")
     if excluded:
-        row = sql.SQL("(pg_catalog.to_jsonb(t) - {}::text[])").format(sql.Literal(sorted(excluded)))
+        row = sql.SQL("(pg_catalog.to_jsonb(t.*) - {}::text[])").format(sql.Literal(sorted(excluded)))
     keys = table.key_columns
     if not keys:
         key: sql.Composable = sql.SQL("NULL::text")

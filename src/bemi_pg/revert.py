@@ -34,7 +34,11 @@ __all__ = ["RevertStep", "RevertPlan", "context_filter", "plan_revert", "apply_r
 _COLUMNS = """
 SELECT a.attname::text, a.attgenerated <> '' AS generated, a.attidentity = 'a' AS identity_always,
        coalesce(a.attnum = ANY (i.indkey), false) AS key, pg_catalog.array_position(i.indkey::int2[], a.attnum) AS key_order,
-       t.typnamespace = 'pg_catalog'::regnamespace AS builtin
+       t.typnamespace = 'pg_catalog'::regnamespace AS builtin,
+       CASE WHEN coalesce(nullif(t.typbasetype, 0), t.oid) IN ('pg_catalog.int2vector'::regtype, 'pg_catalog.oidvector'::regtype)
+            THEN 'vector'
+            WHEN coalesce(nullif(t.typbasetype, 0), t.oid) IN ('pg_catalog.int2vector[]'::regtype, 'pg_catalog.oidvector[]'::regtype)
+            THEN 'vector array' END AS vector
   FROM pg_catalog.pg_attribute a
   JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
   LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
@@ -208,6 +212,27 @@ def _check_covered(dest: psycopg.Connection[Any], source: str, since: str, table
                             "so undoing the later ones would not bring it back to that moment")
 
 
+def vector_text(value: Any, array: bool) -> str:
+    """The text of an int2vector or oidvector (``array``: an array of them) from its JSON as
+    to_jsonb gives it: [1, 2] is '1 2'; [[1, 2], [], null] is '{"1 2","",NULL}' (a vector's list
+    holds numbers or strings; an array level holds lists and nulls, and no level but the top is empty)."""
+    def vector(items: list[Any]) -> str:
+        return " ".join(str(i) for i in items)
+
+    def level(items: Any, top: bool) -> str:
+        if items is None:
+            return "NULL"
+        if not isinstance(items, list):
+            return str(items)
+        if top or any(isinstance(i, list) or i is None for i in items):
+            return "{" + ",".join(level(i, False) for i in items) + "}"
+        return '"' + vector(items) + '"'
+
+    if not isinstance(value, list):
+        return str(value)
+    return level(value, True) if array else vector(value)
+
+
 def _raw(value: Any) -> str:
     """A JSON value's text as to_jsonb wrote it (numbers keep their scale: 2.50 is not 2.5)."""
     return json.dumps(value, sort_keys=True, default=str)
@@ -245,15 +270,25 @@ def _step(source: psycopg.Connection[Any], change: dict[str, Any], columns_cache
     rowtype = f"NULL::{table}"
     populate = "pg_catalog.jsonb_populate_record"
 
+    vectors = {c["attname"]: c["vector"] for c in columns if c["vector"]}
+
     def lit(text: str) -> str:
-        return f"{quote_literal(text)}::pg_catalog.jsonb"
+        """The change's row as jsonb that jsonb_populate_record reads back exactly: int2vector and
+        oidvector values (and arrays of them) as their text, which their input function validates
+        (populate reads a JSON array as an array: '[]' makes an int2vector no server can print)."""
+        value = f"{quote_literal(text)}::pg_catalog.jsonb"
+        held = json.loads(text, parse_float=Decimal)
+        texts = {n: vector_text(held[n], kind == "vector array") for n, kind in vectors.items() if held.get(n) is not None}
+        if not texts:
+            return value
+        return f"({value} || {quote_literal(json.dumps(texts, ensure_ascii=False))}::pg_catalog.jsonb)"
 
     def same(alias: str, other: str) -> str:
         """The row ``alias`` as ``other`` (a record of the change's values), on the columns the trail holds."""
         less = f" {MINUS} ARRAY[{', '.join(quote_literal(n) for n in unheld)}]::pg_catalog.text[]" if unheld else ""
         if not less:
-            return f"pg_catalog.to_jsonb({alias}) {EQ} pg_catalog.to_jsonb({other})"
-        return f"(pg_catalog.to_jsonb({alias}){less}) {EQ} (pg_catalog.to_jsonb({other}){less})"
+            return f"pg_catalog.to_jsonb({alias}.*) {EQ} pg_catalog.to_jsonb({other}.*)"
+        return f"(pg_catalog.to_jsonb({alias}.*){less}) {EQ} (pg_catalog.to_jsonb({other}.*){less})"
 
     def key_match(alias: str, other: str) -> str:
         return " AND ".join(f"{alias}.{quote_ident(k['attname'])} {EQ if k['builtin'] else '='} {other}.{quote_ident(k['attname'])}"

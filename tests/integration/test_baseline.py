@@ -156,3 +156,29 @@ def test_snapshot_is_consistent_and_does_not_block_writers(db):
     assert rows == [("a", 0), ("b", 0)]
     assert db.execute("SELECT sum(v) FROM a") == [(1,)]
     assert seen[-1] == ("b", 50000)
+
+
+@pytest.mark.parametrize("mode", ["wal", "triggers"])
+def test_a_column_named_as_the_row_alias_and_the_history_of_an_unchanged_row(db, mode):
+    """A column named t (the alias the baseline and trigger mode's live rows read the table as: a
+    bare to_jsonb(t) is the column); history of a row the baseline holds and no change touched."""
+    db.execute("CREATE TABLE odd (id int PRIMARY KEY, t text); INSERT INTO odd VALUES (1, 'one'), (2, 'two')")
+    db.install(capture_mode=mode)
+    with psycopg.connect(db.dsn) as conn:
+        assert _baseline(conn, "odd") == {"1": ['{"t": "one", "id": 1}'], "2": ['{"t": "two", "id": 2}']}
+    db.execute("UPDATE odd SET t = 'uno' WHERE id = 1")
+    db.poll()
+    env = {"BEMI_DSN": db.dsn}
+    unchanged = run_cli("history", "odd", "2", env=env)
+    assert unchanged.returncode == 1 and "no changes recorded for odd 2 since tracking began at " in unchanged.stderr
+    assert "the baseline taken at " in unchanged.stderr and "holds it" in unchanged.stderr, unchanged.stderr
+    unknown = run_cli("history", "odd", "3", env=env)
+    assert unknown.returncode == 1 and "holds it" not in unknown.stderr and "since tracking began at" in unknown.stderr, unknown
+    db.execute("DELETE FROM bemi.snapshot")  # trigger mode then reads the live rows; wal mode cannot say
+    at = db.execute("SELECT clock_timestamp()::text")[0][0]
+    db.poll()  # the trail knows up to now
+    as_of = run_cli("as-of", "odd", "--all", at, env=env)
+    if mode == "triggers":
+        assert as_of.returncode == 0 and as_of.stdout.splitlines() == ['{"t": "uno", "id": 1}', '{"t": "two", "id": 2}'], as_of
+    else:
+        assert as_of.returncode != 0 and "Traceback" not in as_of.stderr, as_of
