@@ -179,6 +179,22 @@ def _as_of(conn: psycopg.Connection[Any], args: argparse.Namespace, source: str)
     return 0
 
 
+def _no_history(conn: psycopg.Connection[Any], source: str, table: str, pk: str) -> str:
+    """Why a row has no history: not in the trail at all, or unchanged since tracking began
+    (the baseline, taken then, holds it)."""
+    said = f"no changes recorded for {table} {pk}"
+    extent = conn.execute("SELECT e.began, e.baseline_taken_at, e.baseline_ready, "
+                          "EXISTS (SELECT FROM bemi.snapshot_row AS r WHERE r.snapshot_id = e.baseline_id AND r.primary_key = %s) "
+                          "FROM bemi.trail_extent(%s, %s) AS e", (pk, source, table)).fetchone()
+    if extent is None or extent[0] is None:
+        return f"{said}: the trail does not know {table} (never tracked, or no change of it written yet)"
+    began, taken_at, ready, in_baseline = extent
+    if ready and in_baseline:
+        return (f"{said} since tracking began at {began.isoformat()}: the row is unchanged since; the baseline taken at "
+                f"{taken_at.isoformat()} holds it (bemi-pg as-of {table} {pk} TIMESTAMP shows it)")
+    return f"{said} since tracking began at {began.isoformat()}"
+
+
 def _history(conn: psycopg.Connection[Any], args: argparse.Namespace, source: str) -> int:
     # Straight from the database as JSON text, so numbers print with every digit.
     rows = conn.execute(
@@ -187,7 +203,7 @@ def _history(conn: psycopg.Connection[Any], args: argparse.Namespace, source: st
         "FROM bemi.history(%s, %s, %s, %s) WITH ORDINALITY AS h ORDER BY h.ordinality",
         (source, args.table, args.primary_key, args.limit)).fetchall()
     if not rows:
-        raise BemiError(f"no changes recorded for {args.table} {args.primary_key}")
+        raise BemiError(_no_history(conn, source, args.table, args.primary_key))
     if args.json:
         print("[" + ",\n ".join(r[5] for r in rows) + "]")
         return 0

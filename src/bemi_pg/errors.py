@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["BemiError", "BatchRefused", "CannotSay", "ConfigError", "ConnectionError", "PreflightError", "SlotBusy", "SlotLost"]
+__all__ = ["BemiError", "BatchRefused", "CannotSay", "ConfigError", "ConnectionError", "DecodingFailed", "PreflightError",
+           "SlotBusy", "SlotLost"]
 
 
 class BemiError(Exception):
@@ -39,6 +40,11 @@ class SlotBusy(BemiError):
 class BatchRefused(BemiError):
     """The destination refused a batch for a reason the poller cannot fix (a constraint or
     trigger the user added, a full disk): nothing of it was written and the slot stays before it."""
+
+
+class DecodingFailed(BemiError):
+    """The source could not decode the WAL at the slot (wal2json failed on a change, e.g. on a
+    value its type cannot print): nothing of the read was written and the slot stays before it."""
 
 
 class SlotLost(BemiError):

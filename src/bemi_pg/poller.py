@@ -35,7 +35,7 @@ from .db import (
     pending_capture_switch,
     source_identity,
 )
-from .errors import BatchRefused, BemiError, SlotBusy, SlotLost
+from .errors import BatchRefused, BemiError, DecodingFailed, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
@@ -170,8 +170,30 @@ class _Rows:
         """Whether a row is left (fetching the next page when this one is done)."""
         if self.at < len(self.page):
             return True
-        self.page, self.at = self._cursor.fetchmany(FETCH_ROWS), 0  # a page at a time: cheaper than the cursor's own iteration
+        with decoding_errors():
+            self.page, self.at = self._cursor.fetchmany(FETCH_ROWS), 0  # a page at a time: cheaper than the cursor's own iteration
         return bool(self.page)
+
+
+@contextmanager
+def decoding_errors() -> Iterator[None]:
+    """A source error in reading the slot (not its connection's loss) as DecodingFailed, which
+    names the source and the position, not the destination (a _Writer calls a psycopg error in
+    its batch the destination's refusal)."""
+    try:
+        yield
+    except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.QueryCanceled):
+        raise
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split())
+        context = " ".join((exc.diag.context or "").split())
+        lsn = re.search(r"associated LSN ([0-9A-F]+/[0-9A-F]+)", context)
+        at = f" at {lsn.group(1)}" if lsn else ""
+        where = f" ({context})" if context else ""
+        raise DecodingFailed(
+            f"the source could not read the slot's changes{at}: {reason}{where}; nothing of the read was written and "
+            "the slot stays before it: no poll gets past that change until the source decodes it "
+            "(README: \"When the source cannot decode a change\")") from exc
 
 
 class _Writer:
@@ -564,9 +586,10 @@ class Poller:
         # Binary results: a text value is its UTF-8 bytes, which psycopg's bytea loader (in C) hands over as they are.
         with self.source.cursor(name="bemi_peek", binary=True) as cur:
             cur.adapters.register_loader("text", ByteaBinaryLoader)
-            cur.execute(query("peek"), {
-                "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.read_size, "options": self.options,
-            })
+            with decoding_errors():
+                cur.execute(query("peek"), {
+                    "slot": self.slot, "upto_lsn": upto_lsn, "upto_nchanges": self.read_size, "options": self.options,
+                })
             yield _Rows(cur)
 
     def poll(self, upto_lsn: str | None) -> PollStats:
@@ -586,7 +609,7 @@ class Poller:
                 log.info("bemi-pg: the destination already holds some changes of this batch; writing it again without those")
                 self._dedupe = True
                 return self._read(upto_lsn)
-        except BatchRefused as exc:
+        except (BatchRefused, DecodingFailed) as exc:
             with self.destination.transaction():  # for `status`, once the batch is rolled back
                 self.destination.execute(query("save_refusal"), {
                     "source": self.source_id, "database": self.database, "slot": self.slot, "refused": str(exc)})
