@@ -288,11 +288,15 @@ DELETE FROM bemi.capture_switch
 -- (each a parameter), all ANDed after the source's own; newest first on an index-backed order.
 
 -- name: explorer_changes
-SELECT to_jsonb(c)::text AS change, c.committed_at, c.commit_position, c.seq
-  FROM {changes} AS c
- WHERE c.source = %(source)s AND {where}
- ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
- LIMIT %(limit)s
+-- The page's rows are chosen first and only they are turned into JSON: with the select list
+-- beside the ORDER BY ... LIMIT, every row the sort takes in (all of a filter's matches when they
+-- come from a bitmap, the GIN's) would be.
+SELECT to_jsonb(p.*)::text AS change, p.committed_at, p.commit_position, p.seq
+  FROM (SELECT c.* FROM {changes} AS c
+         WHERE c.source = %(source)s AND {where}
+         ORDER BY c.committed_at DESC, c.commit_position DESC, c.seq DESC
+         LIMIT %(limit)s) AS p
+ ORDER BY p.committed_at DESC, p.commit_position DESC, p.seq DESC
 
 -- name: explorer_transaction_position
 -- xids wrap: a transaction id names the most recent transaction that had it.
