@@ -7,6 +7,7 @@ checkpoint, and the unique key ``(source, commit_position, seq)`` absorbs anythi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +40,17 @@ from .errors import BatchRefused, BemiError, DecodingFailed, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
-from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, ConvertedRow, TransactionState, tracked_filter
+from .stitch import (
+    COLUMNS,
+    CONTEXT_PREFIX,
+    ChangeRow,
+    ColumnRules,
+    ConvertedRow,
+    TransactionState,
+    seal_entry,
+    timestamp_us,
+    tracked_filter,
+)
 from .wal2json import Begin, Change, Commit, Converted, Message, TypeRegistry, fast_converter, fast_lines, format_lsn, parse_lsn, parse_row
 
 __all__ = ["Observer", "Poller", "PollStats", "wal2json_options"]
@@ -380,6 +391,10 @@ class Poller:
         self._stop = threading.Event()  # run_follow's: a read stops after the batch in hand
         self.mode = "wal"  # the installation's capture mode, read again by start()
         self.seal = True  # seal each batch (bench/ingest.py turns it off to measure what it costs)
+        # Compute the batch's hashes here where the compiled path can (README "A sealed trail"):
+        # start() checks that the destination allows it.
+        self.supply_hashes = True
+        self._supplied = False
 
     # -- lifecycle -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -427,6 +442,9 @@ class Poller:
         self.mode = installed_capture_mode(self.source) or "wal"
         if self.mode == "wal":
             self.check_slot()
+            row = self.destination.execute(query("seal_supplied"), {
+                "schema": self.settings.destination[0], "table": self.settings.destination[1]}).fetchone()
+            self._supplied = bool(row and row[0])
 
     def finish_switch(self) -> PollStats:
         """Hand the changes over at a capture-mode switch recorded in ``bemi.capture_switch``.
@@ -654,6 +672,12 @@ class Poller:
                                                       partitioned=self.settings.partition_by_month) as writer:
             row = self.destination.execute(query("checkpoint"), {"source": self.source_id, "slot": self.slot}).fetchone()
             done_until = row[1] if row else -1
+            # The batch's seal entries (stitch.seal_entry), in trail order, when this computes hashes.
+            seal = bytearray() if self.seal and self._supplied and self.supply_hashes and lines is not None and not dedupe else None
+            sealing = None
+            if seal is not None:
+                created_at = self.destination.execute(query("batch_started")).fetchone()[0]  # type: ignore[index]
+                sealing = (hashlib.sha256, (timestamp_us(queued_at), timestamp_us(created_at)), seal)
             # Transactions holding a float/numeric null that may be NaN or ±Infinity: xid -> commit position.
             ambiguous: dict[int, int] = {}
             last: Commit | None = None
@@ -668,7 +692,8 @@ class Poller:
                     start = rows.at
                     writer.starting(state.committed_at, state.xid, state.commit_lsn)
                     rows.at, ambiguous_run = state.take_lines(lines, rows.page, start, run[0], run[1], state.copy_tail(queued_at),
-                                                              writer.buffer, SEND_ROWS - writer.pending, SEND_BYTES - len(writer.buffer))
+                                                              writer.buffer, SEND_ROWS - writer.pending, SEND_BYTES - len(writer.buffer),
+                                                              sealing)
                     if rows.at > start:
                         stats.rows += rows.at - start
                         truncated = None
@@ -703,6 +728,8 @@ class Poller:
                             moves.append((self.source_id, change.schema, change.table, change.moved_from, change.primary_key,
                                           state.committed_at, state.commit_lsn, change.seq))
                         writer.add(change, state.copy_tail(queued_at))
+                        if seal is not None:
+                            seal += seal_entry(change.id)
                 elif isinstance(event, Message):
                     if state is not None and event.prefix == CONTEXT_PREFIX:
                         state.on_message(event.content)
@@ -743,8 +770,11 @@ class Poller:
             stats.batches = 1
             if last_written is not None:
                 if self.seal:  # in the batch's transaction: a kill leaves the batch and its seal, or neither
-                    stats.head = self.destination.execute(query("seal"), {
-                        "source": self.source_id, "wal_upto": last_written.commit_lsn}).fetchone()[0]  # type: ignore[index]
+                    # A patched NaN or Infinity changed rows after their hashes were computed: the server hashes.
+                    supplied = bytes(seal) if seal is not None and not ambiguous else None
+                    stats.head = self.destination.execute(query("seal" if supplied is None else "seal_batch"), {
+                        "source": self.source_id, "wal_upto": last_written.commit_lsn,
+                        "supplied": supplied}).fetchone()[0]  # type: ignore[index]
                 self.destination.execute(query("save_checkpoint"), {
                     "source": self.source_id, "database": self.database, "slot": self.slot,
                     "commit_position": last_written.commit_lsn,
