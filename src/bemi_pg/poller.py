@@ -43,6 +43,7 @@ from .specials import SPECIALS, parse_change
 from .stitch import (
     COLUMNS,
     CONTEXT_PREFIX,
+    UNSURE,
     ChangeRow,
     ColumnRules,
     ConvertedRow,
@@ -114,6 +115,7 @@ class PollStats:
     end_lsn: int | None = None
     committed_at: str | None = None  # commit time of the newest transaction written (wal2json's text)
     head: str | None = None  # the trail's head hash after the newest batch (hex; README "A sealed trail")
+    hashed: int = 0  # changes sealed with the hash the poller computed (the server hashed the others)
     seconds: float = 0.0
 
     def add(self, other: PollStats) -> None:
@@ -126,6 +128,7 @@ class PollStats:
         self.end_lsn = other.end_lsn or self.end_lsn
         self.committed_at = other.committed_at or self.committed_at
         self.head = other.head or self.head
+        self.hashed += other.hashed
 
     def summary(self, slot: str) -> str:
         where = f", slot {slot} at {format_lsn(self.end_lsn)}" if self.end_lsn else f", slot {slot}"
@@ -395,6 +398,7 @@ class Poller:
         # start() checks that the destination allows it.
         self.supply_hashes = True
         self._supplied = False
+        self.seals_supplied: list[bytes] | None = None  # given a list, each batch's supplied entries go in it (tests)
 
     # -- lifecycle -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -678,6 +682,8 @@ class Poller:
             if seal is not None:
                 created_at = self.destination.execute(query("batch_started")).fetchone()[0]  # type: ignore[index]
                 sealing = (hashlib.sha256, (timestamp_us(queued_at), timestamp_us(created_at)), seal)
+            taken_alone = -1  # the row that take_lines did not take after all (see below)
+            tx_seal = 0  # where the seal entries of the transaction being read start
             # Transactions holding a float/numeric null that may be NaN or ±Infinity: xid -> commit position.
             ambiguous: dict[int, int] = {}
             last: Commit | None = None
@@ -716,6 +722,13 @@ class Poller:
                             truncated = (recorded, event.lsn)
                         else:
                             truncated = None
+                        if isinstance(event, Converted) and seal is not None and rows.at - 1 != taken_alone:
+                            # The run starts here: its first row goes through take_lines too, which hashes it.
+                            run = ((event.schema, event.table), recorded)
+                            rows.at -= 1
+                            stats.rows -= 1
+                            taken_alone = rows.at  # unless take_lines does not take it: then it is taken alone
+                            continue
                         change = state.on_change(event, recorded)
                         if isinstance(event, Converted):
                             run = ((event.schema, event.table), recorded)
@@ -744,10 +757,15 @@ class Poller:
                         stats.skipped += 1
                     else:
                         committed_at = event.timestamp
+                        tx_seal = len(seal) if seal is not None else 0
                         state = TransactionState(self.source_id, self.database, self.types, event, self.settings.max_context_bytes,
                                                  self._key_order, self.settings.database_keys, self.column_rules,
                                                  self.settings.sqlcommenter)
                 elif isinstance(event, Commit):
+                    if seal is not None and state is not None and state.xid in ambiguous:
+                        # Its NaN and Infinity are patched after its hashes were computed: the server hashes it.
+                        for at in range(tx_seal + 16, len(seal), 48):
+                            seal[at:at + 32] = UNSURE
                     if state is not None and state.seq > 0:  # a transaction without changes (the
                         stats.transactions += 1               # checkpoint's own write) needs no checkpoint
                         last_written = event
@@ -770,8 +788,11 @@ class Poller:
             stats.batches = 1
             if last_written is not None:
                 if self.seal:  # in the batch's transaction: a kill leaves the batch and its seal, or neither
-                    # A patched NaN or Infinity changed rows after their hashes were computed: the server hashes.
-                    supplied = bytes(seal) if seal is not None and not ambiguous else None
+                    supplied = bytes(seal) if seal is not None else None
+                    if supplied is not None:
+                        stats.hashed = sum(1 for at in range(16, len(supplied), 48) if supplied[at:at + 32] != UNSURE)
+                        if self.seals_supplied is not None:
+                            self.seals_supplied.append(supplied)
                     stats.head = self.destination.execute(query("seal" if supplied is None else "seal_batch"), {
                         "source": self.source_id, "wal_upto": last_written.commit_lsn,
                         "supplied": supplied}).fetchone()[0]  # type: ignore[index]
