@@ -1519,14 +1519,15 @@ BEGIN
       END IF;
     END IF;
     -- The changes in trail order, as the unique key's index gives them.
-    SELECT pg_catalog.array_agg(r.id), pg_catalog.array_agg(coalesce(r.h, bemi.change_hash(r.c))), pg_catalog.max(r.commit_position)
+    -- (bemi.change_hash(c) is inlined into the columns it reads: no row is copied whole.)
+    SELECT pg_catalog.array_agg(r.id), pg_catalog.array_agg(r.h), pg_catalog.max(r.commit_position)
       INTO ids, hashes, top
-      FROM (SELECT c, c.id, c.commit_position,
-                   CASE WHEN pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 47, 16)
-                             = pg_catalog.uuid_send(c.id)
-                        THEN NULLIF(pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 31, 32),
-                                   '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
-                   END AS h
+      FROM (SELECT c.id, c.commit_position,
+                   coalesce(CASE WHEN pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 47, 16)
+                                      = pg_catalog.uuid_send(c.id)
+                                 THEN NULLIF(pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 31, 32),
+                                            '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
+                            END, bemi.change_hash(c)) AS h
               FROM public.changes AS c
              WHERE c.source = seal_interval.source AND c.commit_position BETWEEN a AND b
             WINDOW w AS (ORDER BY c.commit_position, c.seq)
