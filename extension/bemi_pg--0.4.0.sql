@@ -1500,6 +1500,10 @@ DECLARE
   ids uuid[];
   hashes bytea[];
   top bigint;
+  named bytea;
+  held bytea;
+  unsure boolean;
+  zero constant bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
 BEGIN
   WHILE lo <= hi LOOP
     a := lo;
@@ -1518,20 +1522,44 @@ BEGIN
                ORDER BY c.commit_position DESC, c.seq DESC OFFSET run - 1 LIMIT 1);
       END IF;
     END IF;
-    -- The changes in trail order, as the unique key's index gives them.
-    -- (bemi.change_hash(c) is inlined into the columns it reads: no row is copied whole.)
-    SELECT pg_catalog.array_agg(r.id), pg_catalog.array_agg(r.h), pg_catalog.max(r.commit_position)
-      INTO ids, hashes, top
-      FROM (SELECT c.id, c.commit_position,
-                   coalesce(CASE WHEN pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 47, 16)
-                                      = pg_catalog.uuid_send(c.id)
-                                 THEN NULLIF(pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 31, 32),
-                                            '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
-                            END, bemi.change_hash(c)) AS h
-              FROM public.changes AS c
-             WHERE c.source = seal_interval.source AND c.commit_position BETWEEN a AND b
-            WINDOW w AS (ORDER BY c.commit_position, c.seq)
-             ORDER BY c.commit_position, c.seq) AS r;
+    ids := NULL;
+    IF supplied IS NOT NULL THEN
+      -- The usual batch: when the entries name exactly the changes the table holds here, in its
+      -- order, each with its hash, the hashes are the seal's as supplied (the table is read for
+      -- the ids alone).
+      SELECT pg_catalog.string_agg(pg_catalog.substr(supplied, i * 48 + 1, 16), ''::bytea),
+             pg_catalog.array_agg(pg_catalog.substr(supplied, i * 48 + 17, 32)),
+             pg_catalog.bool_or(pg_catalog.substr(supplied, i * 48 + 17, 32) = zero)
+        INTO named, hashes, unsure
+        FROM pg_catalog.generate_series(0, pg_catalog.length(supplied) / 48 - 1) AS i;
+      IF NOT unsure THEN
+        SELECT pg_catalog.array_agg(r.id), pg_catalog.string_agg(pg_catalog.uuid_send(r.id), ''::bytea), pg_catalog.max(r.commit_position)
+          INTO ids, held, top
+          FROM (SELECT c.id, c.commit_position FROM public.changes AS c
+                 WHERE c.source = seal_interval.source AND c.commit_position BETWEEN a AND b
+                 ORDER BY c.commit_position, c.seq) AS r;
+        IF held IS DISTINCT FROM named THEN
+          ids := NULL;
+        END IF;
+      END IF;
+    END IF;
+    IF ids IS NULL THEN
+      -- The changes in trail order, as the unique key's index gives them, each with the supplied
+      -- hash where the entry at its place names it, else hashed here. (bemi.change_hash(c) is
+      -- inlined into the columns it reads: no row is copied whole.)
+      SELECT pg_catalog.array_agg(r.id), pg_catalog.array_agg(r.h), pg_catalog.max(r.commit_position)
+        INTO ids, hashes, top
+        FROM (SELECT c.id, c.commit_position,
+                     coalesce(CASE WHEN pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 47, 16)
+                                        = pg_catalog.uuid_send(c.id)
+                                   THEN NULLIF(pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 31, 32),
+                                               zero)
+                              END, bemi.change_hash(c)) AS h
+                FROM public.changes AS c
+               WHERE c.source = seal_interval.source AND c.commit_position BETWEEN a AND b
+              WINDOW w AS (ORDER BY c.commit_position, c.seq)
+               ORDER BY c.commit_position, c.seq) AS r;
+    END IF;
     IF ids IS NULL THEN
       RETURN;  -- nothing to seal: the next seal covers this stretch too
     END IF;

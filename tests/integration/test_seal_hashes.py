@@ -171,26 +171,32 @@ def test_no_supplied_hashes_when_the_server_must_hash(db: Database, monkeypatch:
 
 def test_a_supplied_hash_for_a_change_the_table_does_not_hold_there_is_not_taken(db: Database) -> None:
     """bemi.seal_batch takes the n-th supplied hash only for the change the n-th entry names: a
-    wrong or misplaced entry leaves the change to the server's hashing, never in the seal."""
+    wrong or misplaced entry leaves the change to the server's hashing, never in the seal; a
+    forged hash for the right change is sealed as given, and verify names the change."""
     db.execute("CREATE TABLE t (id int PRIMARY KEY)")
     db.install()
     poller = Poller(db.dsn, None, db.settings)
-    poller.seal = False  # the changes go in unsealed; the seal below is made by hand
+    poller.seal = False  # the changes go in unsealed; the seals below are made by hand
     try:
         poller.start()
         db.execute("INSERT INTO t SELECT generate_series(1, 3)")
+        db.execute("INSERT INTO t SELECT generate_series(4, 6)")
         poller.run_once()
     finally:
         poller.close()
     rows = db.execute("SELECT id, bemi.change_hash(c), commit_position FROM changes c ORDER BY commit_position, seq")
-    ids = [r[0].bytes for r in rows]
+    ids, right = [r[0].bytes for r in rows], [bytes(r[1]) for r in rows]
     forged = b"\x01" * 32
-    # entry 1: right id, a forged hash (taken: the id is right, so is the place; verify catches it);
-    # entry 2: the third change's id in the second place; entry 3: an id the table lacks.
-    supplied = ids[0] + forged + ids[2] + forged + b"\x02" * 16 + forged
+    # The first transaction: entry 1 right (id, place), with a forged hash; entry 2 the third
+    # change's id in the second place; entry 3 an id the table lacks.
+    first = ids[0] + forged + ids[2] + right[2] + b"\x02" * 16 + right[2]
+    # The second: every entry right but the last's hash, forged (the table is read for the ids alone).
+    second = ids[3] + right[3] + ids[4] + right[4] + ids[5] + forged
     with psycopg.connect(db.dsn, autocommit=True) as conn:
-        conn.execute("SELECT bemi.seal_batch(%s, %s, NULL, %s)", (db.source, rows[-1][2], supplied))
-        [(hashes,)] = conn.execute("SELECT change_hashes FROM bemi.seal").fetchall()
-    assert [bytes(h) for h in hashes] == [forged, bytes(rows[1][1]), bytes(rows[2][1])]
+        conn.execute("SELECT bemi.seal_batch(%s, %s, NULL, %s)", (db.source, rows[0][2], first))
+        conn.execute("SELECT bemi.seal_batch(%s, %s, NULL, %s)", (db.source, rows[3][2], second))
+        sealed = conn.execute("SELECT change_hashes FROM bemi.seal ORDER BY seal_no").fetchall()
+    assert [[bytes(h) for h in s] for (s,) in sealed] == [[forged, right[1], right[2]], [right[3], right[4], forged]]
     verdict = commands.verify(db.dsn, None, db.settings)
-    assert not verdict.intact and "altered" in "\n".join(verdict.problems)
+    problems = "\n".join(verdict.problems)
+    assert not verdict.intact and str(rows[0][0]) in problems and str(rows[5][0]) in problems, problems
