@@ -1412,7 +1412,10 @@ static int seal_entry(Buf *seal, Buf *record, PyObject *sha256, Span parts[3], u
     PyObject *view = PyMemoryView_FromMemory(record->data, record->len, PyBUF_READ);
     PyObject *hash = view ? PyObject_CallOneArg(sha256, view) : NULL;
     Py_XDECREF(view);
-    PyObject *digest = hash ? PyObject_CallMethod(hash, "digest", NULL) : NULL;
+    static PyObject *digest_name; /* "digest", interned once */
+    if (digest_name == NULL && hash != NULL && (digest_name = PyUnicode_InternFromString("digest")) == NULL)
+        Py_CLEAR(hash);
+    PyObject *digest = hash ? PyObject_CallMethodNoArgs(hash, digest_name) : NULL;
     Py_XDECREF(hash);
     if (digest == NULL)
         return -1;
