@@ -340,7 +340,7 @@ def sealed_drain(src: str, dst: str, settings: Settings, *, sealing: bool) -> tu
         backend_after, own_after = _backend_cpu(pid), time.process_time()
     per = 1e6 / max(stats.changes, 1)
     server = (backend_after - backend) * per if backend is not None and backend_after is not None else None
-    return stats.changes / stats.seconds, server, (own_after - own) * per, getattr(stats, "hashed", 0)  # (0 before 0.4.1)
+    return stats.changes / stats.seconds, server, (own_after - own) * per, getattr(stats, "hashed", 0)  # (none before seal_batch)
 
 
 def sealing_cost(src: str, dst: str, settings: Settings, args: argparse.Namespace, next_id: int) -> int:

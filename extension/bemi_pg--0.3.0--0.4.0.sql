@@ -1489,7 +1489,7 @@ $fn$;
 -- is taken only where the n-th entry names that change's id; every other change (one the
 -- poller did not name, or not where it named it, or named with zeros) is hashed here. So the
 -- seal lists exactly what the table holds, whatever the poller supplied.
-DROP FUNCTION IF EXISTS bemi.seal_interval(text, bigint, bigint, boolean);  -- before 0.4.1: no supplied hashes
+DROP FUNCTION IF EXISTS bemi.seal_interval(text, bigint, bigint, boolean);  -- the one that took no supplied hashes
 CREATE OR REPLACE FUNCTION bemi.seal_interval(source text, lo bigint, hi bigint, upwards boolean, supplied bytea) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $fn$
