@@ -319,30 +319,64 @@ def metrics_cost(src: str, settings: Settings, args: argparse.Namespace, next_id
     print(f"metrics: the poll loop's own metric updates took {100 * statistics.median(shares):.4f}% of the drain's time (median)")
 
 
-def sealed_drain(src: str, dst: str, settings: Settings, *, sealing: bool) -> float:
-    """Changes/s of a drain as ``poll --once`` does it, each batch sealed or not."""
+def _backend_cpu(pid: int) -> float | None:
+    """CPU seconds a server process has used (user and system), where /proc shows it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sealed_drain(src: str, dst: str, settings: Settings, *, sealing: bool) -> tuple[float, float | None, float, int]:
+    """Changes/s of a drain as ``poll --once`` does it, each batch sealed or not; the destination
+    backend's and the poller's CPU µs per change (None where /proc does not show the backend's),
+    and how many changes the poller hashed itself."""
     with Poller(src, dst, settings) as poller:
         poller.seal = sealing
+        pid = poller.destination.info.backend_pid
+        backend, own = _backend_cpu(pid), time.process_time()
         stats = poller.run_once()
-    return stats.changes / stats.seconds
+        backend_after, own_after = _backend_cpu(pid), time.process_time()
+    per = 1e6 / max(stats.changes, 1)
+    server = (backend_after - backend) * per if backend is not None and backend_after is not None else None
+    return stats.changes / stats.seconds, server, (own_after - own) * per, getattr(stats, "hashed", 0)  # (none before seal_batch)
 
 
 def sealing_cost(src: str, dst: str, settings: Settings, args: argparse.Namespace, next_id: int) -> int:
     """Drains with and without sealing (issue 20, budget 5%), alternating which goes first, each
-    of a backlog of its own in --per-transaction-row transactions, into the other database; then one `bemi-pg seal` of the
-    batches left unsealed, so that the trail stays whole."""
+    of a backlog of its own in --per-transaction-row transactions, into the other database. After
+    each drain without sealing, a `bemi-pg seal` (not timed) seals the batches it left, as a
+    poller sealing every batch never leaves any: else the next sealed drain's first seal would
+    cover them too, and the drain with sealing would be charged for hashing the other's changes."""
     rates: dict[bool, list[float]] = {False: [], True: []}
+    server: dict[bool, list[float]] = {False: [], True: []}
+    poller: dict[bool, list[float]] = {False: [], True: []}
+    hashed = changes = 0
     for round_ in range(args.sealing_rounds):
         for sealing in ((False, True) if round_ % 2 == 0 else (True, False)):
             backlog(src, next_id, args.inserts, args.updates, args.per_transaction)
             next_id += args.inserts
-            rates[sealing].append(sealed_drain(src, dst, settings, sealing=sealing))
-    commands.seal(src, dst, settings)
+            rate, backend_us, poller_us, by_poller = sealed_drain(src, dst, settings, sealing=sealing)
+            rates[sealing].append(rate)
+            poller[sealing].append(poller_us)
+            if backend_us is not None:
+                server[sealing].append(backend_us)
+            if sealing:
+                hashed += by_poller
+                changes += args.inserts + args.updates
+            else:
+                commands.seal(src, dst, settings)
     bare, sealed = statistics.median(rates[False]), statistics.median(rates[True])
     paired = statistics.median(s / b for b, s in zip(rates[False], rates[True], strict=True))
     print(f"sealing: without {bare:,.0f} changes/s, with {sealed:,.0f} changes/s: ratio of the medians {sealed / bare:.3f}, "
           f"paired ratio median {paired:.3f}, cost {100 * (1 - sealed / bare):+.1f}%   rounds without "
           f"{', '.join(f'{v:,.0f}' for v in rates[False])}; with {', '.join(f'{v:,.0f}' for v in rates[True])}")
+    if server[False] and server[True]:
+        print(f"sealing: the destination backend's CPU per change (medians): without {statistics.median(server[False]):.2f} µs, "
+              f"with {statistics.median(server[True]):.2f} µs")
+    print(f"sealing: the poller's CPU per change (medians): without {statistics.median(poller[False]):.2f} µs, "
+          f"with {statistics.median(poller[True]):.2f} µs; hashes computed by the poller: {hashed:,} of about {changes:,} changes")
     return next_id
 
 

@@ -1483,7 +1483,14 @@ $fn$;
 -- Seals a source's changes with commit_position in [lo, hi] that no seal covers, in runs of
 -- about 10000 changes (whole transactions), upwards (wal mode) or downwards (trigger mode); a
 -- closed wal-mode interval (the poller's batch, about batch_size changes) in one seal.
-CREATE OR REPLACE FUNCTION bemi.seal_interval(source text, lo bigint, hi bigint, upwards boolean) RETURNS void
+-- supplied (NULL: none): the hashes the poller computed for its batch (bemi.seal_batch), 48
+-- bytes a change in trail order: its id's 16 bytes, then its bemi.change_hash or 32 zero bytes.
+-- The changes are read back from the table all the same, and the n-th change's supplied hash
+-- is taken only where the n-th entry names that change's id; every other change (one the
+-- poller did not name, or not where it named it, or named with zeros) is hashed here. So the
+-- seal lists exactly what the table holds, whatever the poller supplied.
+DROP FUNCTION IF EXISTS bemi.seal_interval(text, bigint, bigint, boolean);  -- the one that took no supplied hashes
+CREATE OR REPLACE FUNCTION bemi.seal_interval(source text, lo bigint, hi bigint, upwards boolean, supplied bytea) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -1493,6 +1500,10 @@ DECLARE
   ids uuid[];
   hashes bytea[];
   top bigint;
+  named bytea;
+  held bytea;
+  unsure boolean;
+  zero constant bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
 BEGIN
   WHILE lo <= hi LOOP
     a := lo;
@@ -1511,12 +1522,44 @@ BEGIN
                ORDER BY c.commit_position DESC, c.seq DESC OFFSET run - 1 LIMIT 1);
       END IF;
     END IF;
-    -- The changes in trail order, as the unique key's index gives them.
-    SELECT pg_catalog.array_agg(r.id), pg_catalog.array_agg(r.h), pg_catalog.max(r.commit_position)
-      INTO ids, hashes, top
-      FROM (SELECT c.id, bemi.change_hash(c) AS h, c.commit_position FROM public.changes AS c
-             WHERE c.source = seal_interval.source AND c.commit_position BETWEEN a AND b
-             ORDER BY c.commit_position, c.seq) AS r;
+    ids := NULL;
+    IF supplied IS NOT NULL THEN
+      -- The usual batch: when the entries name exactly the changes the table holds here, in its
+      -- order, each with its hash, the hashes are the seal's as supplied (the table is read for
+      -- the ids alone).
+      SELECT pg_catalog.string_agg(pg_catalog.substr(supplied, i * 48 + 1, 16), ''::bytea),
+             pg_catalog.array_agg(pg_catalog.substr(supplied, i * 48 + 17, 32)),
+             pg_catalog.bool_or(pg_catalog.substr(supplied, i * 48 + 17, 32) = zero)
+        INTO named, hashes, unsure
+        FROM pg_catalog.generate_series(0, pg_catalog.length(supplied) / 48 - 1) AS i;
+      IF NOT unsure THEN
+        SELECT pg_catalog.array_agg(r.id), pg_catalog.string_agg(pg_catalog.uuid_send(r.id), ''::bytea), pg_catalog.max(r.commit_position)
+          INTO ids, held, top
+          FROM (SELECT c.id, c.commit_position FROM public.changes AS c
+                 WHERE c.source = seal_interval.source AND c.commit_position BETWEEN a AND b
+                 ORDER BY c.commit_position, c.seq) AS r;
+        IF held IS DISTINCT FROM named THEN
+          ids := NULL;
+        END IF;
+      END IF;
+    END IF;
+    IF ids IS NULL THEN
+      -- The changes in trail order, as the unique key's index gives them, each with the supplied
+      -- hash where the entry at its place names it, else hashed here. (bemi.change_hash(c) is
+      -- inlined into the columns it reads: no row is copied whole.)
+      SELECT pg_catalog.array_agg(r.id), pg_catalog.array_agg(r.h), pg_catalog.max(r.commit_position)
+        INTO ids, hashes, top
+        FROM (SELECT c.id, c.commit_position,
+                     coalesce(CASE WHEN pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 47, 16)
+                                        = pg_catalog.uuid_send(c.id)
+                                   THEN NULLIF(pg_catalog.substr(supplied, (pg_catalog.row_number() OVER w)::integer * 48 - 31, 32),
+                                               zero)
+                              END, bemi.change_hash(c)) AS h
+                FROM public.changes AS c
+               WHERE c.source = seal_interval.source AND c.commit_position BETWEEN a AND b
+              WINDOW w AS (ORDER BY c.commit_position, c.seq)
+               ORDER BY c.commit_position, c.seq) AS r;
+    END IF;
     IF ids IS NULL THEN
       RETURN;  -- nothing to seal: the next seal covers this stretch too
     END IF;
@@ -1543,25 +1586,36 @@ $fn$;
 -- with client_encoding UTF8: record_send writes text (and jsonb's text) in the session's client
 -- encoding, and the canonical form is UTF-8 whoever seals (a pg_cron job's mover, a session of a
 -- LATIN1 database); bemi-pg's own sessions are UTF8 already (queries.sql, session_setup).
-CREATE OR REPLACE FUNCTION bemi.seal(source text, wal_upto bigint DEFAULT NULL, xid_horizon bigint DEFAULT NULL)
+-- bemi.seal_batch is the same with the hashes the poller computed for its batch (supplied, as
+-- bemi.seal_interval takes them): the poller's sealing then reads its batch back without
+-- hashing it (bench/README.md, "Sealing's cost").
+CREATE OR REPLACE FUNCTION bemi.seal_batch(source text, wal_upto bigint, xid_horizon bigint, supplied bytea)
 RETURNS bytea
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET client_encoding = 'UTF8'
 AS $fn$
 DECLARE
   horizon bigint := coalesce(xid_horizon, pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint);
 BEGIN
-  PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('bemi.seal ' || seal.source, 0));
-  PERFORM bemi.seal_interval(seal.source,
+  PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('bemi.seal ' || seal_batch.source, 0));
+  PERFORM bemi.seal_interval(seal_batch.source,
     coalesce((SELECT pg_catalog.max(s.to_position) FROM bemi.seal AS s
-               WHERE s.source = seal.source AND s.to_position >= 0), -1) + 1,
-    coalesce(wal_upto, 9223372036854775807), true);
-  PERFORM bemi.seal_interval(seal.source, 1 - horizon,
+               WHERE s.source = seal_batch.source AND s.to_position >= 0), -1) + 1,
+    coalesce(wal_upto, 9223372036854775807), true, supplied);
+  PERFORM bemi.seal_interval(seal_batch.source, 1 - horizon,
     coalesce((SELECT pg_catalog.min(s.from_position) FROM bemi.seal AS s
-               WHERE s.source = seal.source AND s.from_position < 0), 0) - 1, false);
-  RETURN (SELECT s.hash FROM bemi.seal AS s WHERE s.source = seal.source ORDER BY s.seal_no DESC LIMIT 1);
+               WHERE s.source = seal_batch.source AND s.from_position < 0), 0) - 1, false, NULL);
+  RETURN (SELECT s.hash FROM bemi.seal AS s WHERE s.source = seal_batch.source ORDER BY s.seal_no DESC LIMIT 1);
 END
 $fn$;
 
+CREATE OR REPLACE FUNCTION bemi.seal(source text, wal_upto bigint DEFAULT NULL, xid_horizon bigint DEFAULT NULL)
+RETURNS bytea
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET client_encoding = 'UTF8'
+AS $fn$
+  SELECT bemi.seal_batch(source, wal_upto, xid_horizon, NULL)
+$fn$;
+
+REVOKE ALL ON FUNCTION bemi.seal_batch(text, bigint, bigint, bytea) FROM PUBLIC;
 REVOKE ALL ON FUNCTION bemi.seal(text, bigint, bigint) FROM PUBLIC;
 
 -- Removes, for `bemi-pg prune`, the oldest seals (in chain order) whose changes all committed

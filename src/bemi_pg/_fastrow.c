@@ -840,6 +840,301 @@ static int object_json(Buf *b, ColList *cols, ColList *merge, Buf *arena) {
     return buf_putc(b, '}');
 }
 
+/* -- the canonical form of the seal's hashes (README "A sealed trail") ------------------------
+ *
+ * What jsonb's output (jsonb_out, and so record_send) gives for a JSON text the destination
+ * stores as jsonb: object keys sorted by length, then bytewise, a duplicate key's last value
+ * kept, ", " and ": " between items, strings as escape_json writes them, numbers as numeric_out
+ * prints them. canon_value returns the position after the value, or NULL (no error set) where
+ * it cannot be sure of the server's text: a number with an exponent or a negative zero (numeric
+ * prints neither as written), an escape unescape does not take, nesting past CANON_DEPTH. The
+ * seal then leaves that change's hash to the server (bemi.seal_batch). */
+
+#define CANON_DEPTH 64
+
+typedef struct {
+    Span key;   /* the key's text, unescaped (in the object's scratch buffer, or the input) */
+    Py_ssize_t key_at; /* when key.p is NULL: its offset in the scratch buffer */
+    const char *value;
+    int order;
+} CanonMember;
+
+static int key_before(const CanonMember *a, const CanonMember *b) {
+    if (a->key.n != b->key.n)
+        return a->key.n < b->key.n;
+    int c = memcmp(a->key.p, b->key.p, (size_t)a->key.n);
+    return c != 0 ? c < 0 : a->order < b->order;
+}
+
+static void sort_members(CanonMember *m, Py_ssize_t n) { /* insertion sort: objects are small */
+    for (Py_ssize_t i = 1; i < n; i++) {
+        CanonMember x = m[i];
+        Py_ssize_t j = i;
+        for (; j > 0 && key_before(&x, &m[j - 1]); j--)
+            m[j] = m[j - 1];
+        m[j] = x;
+    }
+}
+
+/* A JSON string's text (s at its opening quote, quotes included) as escape_json writes it:
+ * 1 done, 0 cannot be sure, -1 error. */
+static int canon_string(Span s, Buf *out, Buf *scratch) {
+    int plain = 1;
+    for (Py_ssize_t i = 1; i < s.n - 1; i++) {
+        unsigned char c = (unsigned char)s.p[i];
+        if (c == '\\' || c < 0x20) {
+            plain = 0;
+            break;
+        }
+    }
+    if (plain)
+        return buf_put(out, s.p, s.n) < 0 ? -1 : 1;
+    scratch->len = 0;
+    if (unescape(s, scratch) < 0)
+        return PyErr_Occurred() ? -1 : 0;
+    for (Py_ssize_t i = 0; i < scratch->len; i++)
+        if (scratch->data[i] == 0)
+            return 0;
+    return dump_string(scratch->data ? scratch->data : "", scratch->len, out) < 0 ? -1 : 1;
+}
+
+static const char *canon_value(const char *p, const char *end, Buf *out, int depth, int *error);
+
+static const char *canon_object(const char *p, const char *end, Buf *out, int depth, int *error) {
+    CanonMember local[32], *m = local;
+    Py_ssize_t n = 0, cap = 32;
+    Buf keys = {0}, scratch = {0};
+    const char *result = NULL;
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == '}') {
+        if (buf_put(out, "{}", 2) < 0)
+            *error = 1;
+        return *error ? NULL : p + 1;
+    }
+    for (;;) {
+        int escaped;
+        if (p >= end || *p != '"')
+            goto done;
+        const char *after = scan_string(p, end, &escaped);
+        if (after == NULL)
+            goto done;
+        if (n == cap) {
+            CanonMember *grown = PyMem_Malloc(sizeof(CanonMember) * (size_t)cap * 2);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                *error = 1;
+                goto done;
+            }
+            memcpy(grown, m, sizeof(CanonMember) * (size_t)n);
+            if (m != local)
+                PyMem_Free(m);
+            m = grown;
+            cap *= 2;
+        }
+        CanonMember *member = &m[n];
+        member->order = (int)n;
+        if (escaped) {
+            Py_ssize_t at = keys.len;
+            if (unescape((Span){p, after - p}, &keys) < 0) {
+                *error = PyErr_Occurred() != NULL;
+                goto done;
+            }
+            member->key = (Span){NULL, keys.len - at};
+            member->key_at = at;
+        } else {
+            member->key = (Span){p + 1, after - p - 2};
+        }
+        p = skip_ws(after, end);
+        if (p >= end || *p != ':')
+            goto done;
+        member->value = p = skip_ws(p + 1, end);
+        p = skip_value(p, end);
+        if (p == NULL)
+            goto done;
+        n++;
+        p = skip_ws(p, end);
+        if (p < end && *p == ',') {
+            p = skip_ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == '}')
+            break;
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (m[i].key.p == NULL)
+            m[i].key.p = keys.data + m[i].key_at;
+    sort_members(m, n);
+    if (buf_putc(out, '{') < 0)
+        goto fail;
+    int first = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + 1 < n && span_eq(m[i].key, m[i + 1].key))
+            continue; /* a duplicate key: the last one counts */
+        if (!first && buf_put(out, ", ", 2) < 0)
+            goto fail;
+        first = 0;
+        Span key = m[i].key;
+        int r = 1;
+        for (Py_ssize_t j = 0; j < key.n && r; j++)
+            if (key.p[j] == 0)
+                r = 0; /* jsonb refuses \u0000 */
+        if (!r)
+            goto done;
+        if (dump_string(key.p, key.n, out) < 0 || buf_put(out, ": ", 2) < 0)
+            goto fail;
+        if (canon_value(m[i].value, end, out, depth + 1, error) == NULL)
+            goto done;
+    }
+    if (buf_putc(out, '}') < 0)
+        goto fail;
+    result = p + 1;
+    goto done;
+fail:
+    *error = 1;
+done:
+    if (m != local)
+        PyMem_Free(m);
+    PyMem_Free(keys.data);
+    PyMem_Free(scratch.data);
+    return *error ? NULL : result;
+}
+
+static const char *canon_value(const char *p, const char *end, Buf *out, int depth, int *error) {
+    p = skip_ws(p, end);
+    if (p >= end || depth > CANON_DEPTH)
+        return NULL;
+    char c = *p;
+    if (c == '"') {
+        int escaped;
+        const char *after = scan_string(p, end, &escaped);
+        if (after == NULL)
+            return NULL;
+        Buf scratch = {0};
+        int r = canon_string((Span){p, after - p}, out, &scratch);
+        PyMem_Free(scratch.data);
+        if (r < 0)
+            *error = 1;
+        return r > 0 ? after : NULL;
+    }
+    if (c == '{')
+        return canon_object(p, end, out, depth, error);
+    if (c == '[') {
+        p = skip_ws(p + 1, end);
+        if (buf_putc(out, '[') < 0) {
+            *error = 1;
+            return NULL;
+        }
+        if (p < end && *p == ']')
+            return buf_putc(out, ']') < 0 ? (*error = 1, NULL) : p + 1;
+        for (;;) {
+            p = canon_value(p, end, out, depth + 1, error);
+            if (p == NULL)
+                return NULL;
+            p = skip_ws(p, end);
+            if (p < end && *p == ']')
+                return buf_putc(out, ']') < 0 ? (*error = 1, NULL) : p + 1;
+            if (p >= end || *p != ',' || buf_put(out, ", ", 2) < 0) {
+                *error = p < end && *p == ',';
+                return NULL;
+            }
+            p++;
+        }
+    }
+    const char *start = p;
+    if (c == 't' || c == 'f' || c == 'n') {
+        const char *word = c == 't' ? "true" : c == 'f' ? "false" : "null";
+        Py_ssize_t len = (Py_ssize_t)strlen(word);
+        if (end - p < len || memcmp(p, word, (size_t)len) != 0)
+            return NULL;
+        return buf_put(out, p, len) < 0 ? (*error = 1, NULL) : p + len;
+    }
+    /* a number: canonical unless it has an exponent or is a negative zero */
+    int negative = 0, nonzero = 0;
+    if (p < end && *p == '-') {
+        negative = 1;
+        p++;
+    }
+    if (p >= end || !is_digit(*p))
+        return NULL;
+    while (p < end && (is_digit(*p) || *p == '.')) {
+        nonzero |= *p >= '1' && *p <= '9';
+        p++;
+    }
+    if (p < end && (*p == 'e' || *p == 'E'))
+        return NULL;
+    if ((negative && !nonzero) || !is_json_number(start, p - start))
+        return NULL;
+    return buf_put(out, start, p - start) < 0 ? (*error = 1, NULL) : p;
+}
+
+/* The canonical text of a row's object of these columns (with merge, as object_json): 1 done,
+ * 0 cannot be sure, -1 error. Column names hold no escape (column_member refuses those). */
+static int canon_columns(Buf *out, ColList *cols, ColList *merge, Buf *arena) {
+    CanonMember m[2 * MAX_COLUMNS];
+    Col *of[2 * MAX_COLUMNS];
+    int n = 0;
+    if (merge != NULL)
+        for (int i = 0; i < merge->n; i++) {
+            Col *newer = find(cols, merge->cols[i].name);
+            of[n++] = newer ? newer : &merge->cols[i];
+        }
+    for (int i = 0; i < cols->n; i++)
+        if (merge == NULL || find(merge, cols->cols[i].name) == NULL)
+            of[n++] = &cols->cols[i];
+    for (int i = 0; i < n; i++) {
+        Span name = of[i]->name;
+        for (Py_ssize_t j = 1; j < name.n - 1; j++)
+            if ((unsigned char)name.p[j] < 0x20)
+                return 0;
+        m[i] = (CanonMember){{name.p + 1, name.n - 2}, 0, (const char *)of[i], i};
+    }
+    sort_members(m, n);
+    if (buf_putc(out, '{') < 0)
+        return -1;
+    int first = 1;
+    for (int i = 0; i < n; i++) {
+        if (i + 1 < n && span_eq(m[i].key, m[i + 1].key))
+            continue;
+        Col *col = (Col *)m[i].value;
+        Span v = value_of(col, arena);
+        int error = 0;
+        if ((!first && buf_put(out, ", ", 2) < 0) || buf_put(out, col->name.p, col->name.n) < 0 || buf_put(out, ": ", 2) < 0)
+            return -1;
+        const char *after = canon_value(v.p, v.p + v.n, out, 0, &error);
+        if (error)
+            return -1;
+        if (after == NULL || skip_ws(after, v.p + v.n) != v.p + v.n)
+            return 0;
+        first = 0;
+    }
+    return buf_putc(out, '}') < 0 ? -1 : 1;
+}
+
+/* canonical(text: bytes) -> the canonical text of the JSON text, or None where it cannot be sure
+ * (a context's, once per transaction: stitch.TransactionState.hash_parts). */
+static PyObject *canonical(PyObject *self, PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "canonical(text: bytes)");
+        return NULL;
+    }
+    const char *p = PyBytes_AS_STRING(arg), *end = p + PyBytes_GET_SIZE(arg);
+    Buf out = {0};
+    int error = 0;
+    const char *after = canon_value(p, end, &out, 0, &error);
+    PyObject *result = NULL;
+    if (!error) {
+        if (after != NULL && skip_ws(after, end) == end)
+            result = PyBytes_FromStringAndSize(out.data ? out.data : "", out.len);
+        else {
+            result = Py_None;
+            Py_INCREF(result);
+        }
+    }
+    PyMem_Free(out.data);
+    return result;
+}
+
 /* One str per distinct schema or table name met last (a strong reference). */
 static PyObject *cached_name(PyObject **cache, Span name) {
     if (*cache != NULL && PyUnicode_GET_LENGTH(*cache) == name.n && PyUnicode_IS_ASCII(*cache) &&
@@ -893,8 +1188,15 @@ static void release(ColList *list) {
 /* The row's conversion: 1 with *row read, out holding its primary_key, before and after as COPY
  * fields, *lsn its position and *ambiguous set; 0 for a row this does not take; -1 with an error.
  * The caller releases the columns' references (release) and ctx->arena either way. */
+/* What a change's hash needs of the row (lines, when it seals): the primary key's text and the
+ * canonical text of before and after; ok is 0 where the canonical text is not sure. */
+typedef struct {
+    Buf pk, before, after;
+    int has_key, ok;
+} Hashed;
+
 static int convert_row(Ctx *ctx, const char *data, Py_ssize_t n, Row *row, Col *columns, Col *identity, Buf *out,
-                       unsigned long long *lsn, int *ambiguous) {
+                       unsigned long long *lsn, int *ambiguous, Hashed *hashed) {
     /* Begin, commit and message rows are the pure path's: only I, U and D are read further. */
     if (n < 14 || memcmp(data, "{\"action\":\"", 11) != 0 || (data[11] != 'I' && data[11] != 'U' && data[11] != 'D'))
         return 0;
@@ -950,13 +1252,15 @@ static int convert_row(Ctx *ctx, const char *data, Py_ssize_t n, Row *row, Col *
                     int r = unescape(v, &text);
                     if (r == 0)
                         r = put_copy(out, text.data ? text.data : "", text.len);
+                    if (r == 0 && hashed != NULL)
+                        r = buf_put(&hashed->pk, text.data ? text.data : "", text.len);
                     PyMem_Free(text.data);
                     if (r < 0) {
                         if (PyErr_Occurred())
                             return -1;
                         return 0;
                     }
-                } else if (put_copy(out, v.p, v.n) < 0)
+                } else if (put_copy(out, v.p, v.n) < 0 || (hashed != NULL && buf_put(&hashed->pk, v.p, v.n) < 0))
                     return -1;
             }
         }
@@ -965,6 +1269,15 @@ static int convert_row(Ctx *ctx, const char *data, Py_ssize_t n, Row *row, Col *
         object_json(out, before_cols, NULL, &ctx->arena) < 0 || buf_putc(out, '\t') < 0 ||
         object_json(out, after_cols, (row->action == 'U' && row->identity.n > 0) ? &row->identity : NULL, &ctx->arena) < 0)
         return -1;
+    if (hashed != NULL) {
+        hashed->has_key = has_key;
+        int r = canon_columns(&hashed->before, before_cols, NULL, &ctx->arena);
+        if (r > 0)
+            r = canon_columns(&hashed->after, after_cols, (row->action == 'U' && row->identity.n > 0) ? &row->identity : NULL, &ctx->arena);
+        if (r < 0)
+            return -1;
+        hashed->ok = r > 0;
+    }
     *ambiguous = 0;
     for (int i = 0; i < row->columns.n; i++)
         *ambiguous |= row->columns.cols[i].ambiguous;
@@ -986,7 +1299,7 @@ static PyObject *convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Buf out = {0};
     unsigned long long lsn;
     int ambiguous;
-    int taken = convert_row(&ctx, PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]), &row, columns, identity, &out, &lsn, &ambiguous);
+    int taken = convert_row(&ctx, PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]), &row, columns, identity, &out, &lsn, &ambiguous, NULL);
     if (taken < 0)
         goto fail;
     if (taken == 0)
@@ -1049,13 +1362,98 @@ static int put_hex64(Buf *b, unsigned long long v) {
  * stitch.change_id) and tail (the transaction's fields and the newline). Returns (the index of
  * the first row not taken, the next seq, whether one was ambiguous); the caller takes that row
  * the one-row way (convert, or the pure path). */
+static int put_be32(Buf *b, uint32_t v) {
+    char x[4] = {(char)(v >> 24), (char)(v >> 16), (char)(v >> 8), (char)v};
+    return buf_put(b, x, 4);
+}
+
+static int put_be64(Buf *b, unsigned long long v) {
+    return put_be32(b, (uint32_t)(v >> 32)) < 0 ? -1 : put_be32(b, (uint32_t)v);
+}
+
+/* A field of record_send's format: type OID, length, bytes (jsonb: its version byte first). */
+static int put_field(Buf *b, uint32_t oid, const char *p, Py_ssize_t n, int jsonb) {
+    if (put_be32(b, oid) < 0 || put_be32(b, (uint32_t)(n + jsonb)) < 0 || (jsonb && buf_putc(b, 1) < 0))
+        return -1;
+    return buf_put(b, p, n);
+}
+
+enum { OID_UUID = 2950, OID_TEXT = 25, OID_JSONB = 3802, OID_INT8 = 20, OID_INT4 = 23 };
+
+/* One change's entry of the seal the poller supplies (bemi.seal_batch): its id's 16 bytes, then
+ * sha256(record_send(ROW(id, source, database, schema, table, primary_key, operation, before,
+ * after, context, committed_at, queued_at, created_at, transaction_id, position,
+ * commit_position, seq))) (bemi.change_hash), or 32 zero bytes where the canonical text is not
+ * sure. parts: the fields the run shares, record_send's bytes: after the id (source, database,
+ * schema, table), after after (context, committed_at, queued_at, created_at, transaction_id),
+ * after position (commit_position). */
+static const char unsure[32] = {0};
+
+static int seal_entry(Buf *seal, Buf *record, PyObject *sha256, Span parts[3], unsigned long long id_high,
+                      unsigned long long id_low, Hashed *hashed, const char *operation, unsigned long long lsn,
+                      unsigned long long seq) {
+    if (put_be64(seal, id_high) < 0 || put_be64(seal, id_low) < 0)
+        return -1;
+    if (!hashed->ok)
+        return buf_put(seal, unsure, 32);
+    record->len = 0;
+    if (put_be32(record, 17) < 0 || put_be32(record, OID_UUID) < 0 || put_be32(record, 16) < 0 ||
+        buf_put(record, seal->data + seal->len - 16, 16) < 0 || buf_put(record, parts[0].p, parts[0].n) < 0)
+        return -1;
+    if (hashed->has_key ? put_field(record, OID_TEXT, hashed->pk.data ? hashed->pk.data : "", hashed->pk.len, 0) < 0
+                        : (put_be32(record, OID_TEXT) < 0 || put_be32(record, 0xFFFFFFFFu) < 0))
+        return -1;
+    if (put_field(record, OID_TEXT, operation, 6, 0) < 0 || put_field(record, OID_JSONB, hashed->before.data, hashed->before.len, 1) < 0 ||
+        put_field(record, OID_JSONB, hashed->after.data, hashed->after.len, 1) < 0 || buf_put(record, parts[1].p, parts[1].n) < 0 ||
+        put_be32(record, OID_INT8) < 0 || put_be32(record, 8) < 0 || put_be64(record, lsn) < 0 ||
+        buf_put(record, parts[2].p, parts[2].n) < 0 || put_be32(record, OID_INT4) < 0 || put_be32(record, 4) < 0 ||
+        put_be32(record, (uint32_t)seq) < 0)
+        return -1;
+    PyObject *view = PyMemoryView_FromMemory(record->data, record->len, PyBUF_READ);
+    PyObject *hash = view ? PyObject_CallOneArg(sha256, view) : NULL;
+    Py_XDECREF(view);
+    static PyObject *digest_name; /* "digest", interned once */
+    if (digest_name == NULL && hash != NULL && (digest_name = PyUnicode_InternFromString("digest")) == NULL)
+        Py_CLEAR(hash);
+    PyObject *digest = hash ? PyObject_CallMethodNoArgs(hash, digest_name) : NULL;
+    Py_XDECREF(hash);
+    if (digest == NULL)
+        return -1;
+    int r = PyBytes_Check(digest) && PyBytes_GET_SIZE(digest) == 32 ? buf_put(seal, PyBytes_AS_STRING(digest), 32) : -1;
+    if (r < 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "sha256().digest() gave no 32 bytes");
+    Py_DECREF(digest);
+    return r;
+}
+
 static PyObject *lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Col columns[MAX_COLUMNS], identity[MAX_COLUMNS];
-    if (nargs != 15 || !PyDict_Check(args[0]) || !PyList_Check(args[3]) || !PyUnicode_Check(args[5]) || !PyUnicode_Check(args[6]) ||
+    if (nargs != 16 || !PyDict_Check(args[0]) || !PyList_Check(args[3]) || !PyUnicode_Check(args[5]) || !PyUnicode_Check(args[6]) ||
         !PyBytes_Check(args[7]) || !PyBytes_Check(args[11]) || !PyByteArray_Check(args[12])) {
         PyErr_SetString(PyExc_TypeError, "lines(codes: dict, plan, value_json, rows: list, i: int, schema: str, table: str, "
-                                         "prefix: bytes, seq: int, id_high: int, id_low: int, tail: bytes, out: bytearray, limit: int, limit_bytes: int)");
+                                         "prefix: bytes, seq: int, id_high: int, id_low: int, tail: bytes, out: bytearray, limit: int, limit_bytes: int, "
+                                         "sealing: (sha256, parts: (bytes, bytes, bytes), seal: bytearray) | None)");
         return NULL;
+    }
+    PyObject *sha256 = NULL, *seal_array = NULL;
+    Span parts[3];
+    if (args[15] != Py_None) {
+        PyObject *sealing = args[15], *p;
+        if (!PyTuple_Check(sealing) || PyTuple_GET_SIZE(sealing) != 3 || !PyTuple_Check(p = PyTuple_GET_ITEM(sealing, 1)) ||
+            PyTuple_GET_SIZE(p) != 3 || !PyByteArray_Check(PyTuple_GET_ITEM(sealing, 2))) {
+            PyErr_SetString(PyExc_TypeError, "lines: sealing is (sha256, (bytes, bytes, bytes), bytearray) or None");
+            return NULL;
+        }
+        sha256 = PyTuple_GET_ITEM(sealing, 0);
+        seal_array = PyTuple_GET_ITEM(sealing, 2);
+        for (int k = 0; k < 3; k++) {
+            PyObject *part = PyTuple_GET_ITEM(p, k);
+            if (!PyBytes_Check(part)) {
+                PyErr_SetString(PyExc_TypeError, "lines: sealing's parts are bytes");
+                return NULL;
+            }
+            parts[k] = (Span){PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part)};
+        }
     }
     PyObject *rows = args[3], *out_array = args[12];
     Py_ssize_t i = PyLong_AsSsize_t(args[4]), limit = PyLong_AsSsize_t(args[13]), limit_bytes = PyLong_AsSsize_t(args[14]);
@@ -1069,7 +1467,8 @@ static PyObject *lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         return NULL;
     Span want_schema = {schema, schema_n}, want_table = {table, table_n};
     Span prefix = {PyBytes_AS_STRING(args[7]), PyBytes_GET_SIZE(args[7])}, tail = {PyBytes_AS_STRING(args[11]), PyBytes_GET_SIZE(args[11])};
-    Buf out = {0}, fields = {0};
+    Buf out = {0}, fields = {0}, seal = {0}, record = {0};
+    Hashed hashed = {{0}};
     int any_ambiguous = 0, failed = 0;
     Py_ssize_t start = i, count = PyList_GET_SIZE(rows);
     for (; i < count && i - start < limit && out.len < limit_bytes; i++) {
@@ -1082,8 +1481,9 @@ static PyObject *lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         Ctx ctx = {args[0], args[1], args[2], {0}};
         unsigned long long lsn;
         int ambiguous;
-        fields.len = 0;
-        int taken = convert_row(&ctx, PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item), &row, columns, identity, &fields, &lsn, &ambiguous);
+        fields.len = hashed.pk.len = hashed.before.len = hashed.after.len = 0;
+        int taken = convert_row(&ctx, PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item), &row, columns, identity, &fields, &lsn, &ambiguous,
+                                sha256 ? &hashed : NULL);
         if (taken > 0 && !(span_eq(row.schema, want_schema) && span_eq(row.table, want_table)))
             taken = 0; /* another table's: the caller finds the name it is recorded under */
         if (taken > 0) {
@@ -1092,7 +1492,8 @@ static PyObject *lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
                 buf_put(&out, fields.data, fields.len) < 0 || buf_putc(&out, '\t') < 0 || put_decimal(&out, lsn) < 0 ||
                 buf_putc(&out, '\t') < 0 || put_decimal(&out, seq) < 0 || buf_putc(&out, '\t') < 0 ||
                 put_hex64(&out, id_high) < 0 || put_hex64(&out, id_low | seq << 26) < 0 || buf_putc(&out, '\t') < 0 ||
-                buf_put(&out, tail.p, tail.n) < 0)
+                buf_put(&out, tail.p, tail.n) < 0 ||
+                (sha256 && seal_entry(&seal, &record, sha256, parts, id_high, id_low | seq << 26, &hashed, operation, lsn, seq) < 0))
                 taken = -1;
             seq++;
             any_ambiguous |= ambiguous;
@@ -1113,10 +1514,22 @@ static PyObject *lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         else
             memcpy(PyByteArray_AS_STRING(out_array) + at, out.data, out.len);
     }
+    if (!failed && seal.len > 0) {
+        Py_ssize_t at = PyByteArray_GET_SIZE(seal_array);
+        if (PyByteArray_Resize(seal_array, at + seal.len) < 0)
+            failed = 1;
+        else
+            memcpy(PyByteArray_AS_STRING(seal_array) + at, seal.data, seal.len);
+    }
     if (!failed)
         result = Py_BuildValue("(nKO)", i, seq, any_ambiguous ? Py_True : Py_False);
     PyMem_Free(out.data);
     PyMem_Free(fields.data);
+    PyMem_Free(seal.data);
+    PyMem_Free(record.data);
+    PyMem_Free(hashed.pk.data);
+    PyMem_Free(hashed.before.data);
+    PyMem_Free(hashed.after.data);
     return result;
 }
 
@@ -1124,7 +1537,8 @@ static PyMethodDef methods[] = {
     {"convert", (PyCFunction)(void (*)(void))convert, METH_FASTCALL,
      "convert(codes, plan, value_json, data) -> Converted or None (see the module's source)"},
     {"lines", (PyCFunction)(void (*)(void))lines, METH_FASTCALL,
-     "lines(codes, plan, value_json, rows, i, schema, table, prefix, seq, id_high, id_low, tail, out, limit, limit_bytes) -> (i, seq, ambiguous)"},
+     "lines(codes, plan, value_json, rows, i, schema, table, prefix, seq, id_high, id_low, tail, out, limit, limit_bytes, sealing) -> (i, seq, ambiguous)"},
+    {"canonical", (PyCFunction)canonical, METH_O, "canonical(text: bytes) -> jsonb's canonical text of it, or None (see the module's source)"},
     {NULL, NULL, 0, NULL},
 };
 

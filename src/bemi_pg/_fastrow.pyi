@@ -19,4 +19,8 @@ def convert(codes: dict[int, Any], plan: Callable[[int], object], value_json: Ca
 
 def lines(codes: dict[int, Any], plan: Callable[[int], object], value_json: Callable[..., bytes], rows: list[Any], i: int,
           schema: str, table: str, prefix: bytes, seq: int, id_high: int, id_low: int, tail: bytes, out: bytearray,
-          limit: int, limit_bytes: int, /) -> tuple[int, int, bool]: ...
+          limit: int, limit_bytes: int,
+          sealing: tuple[Callable[[bytes], Any], tuple[bytes, bytes, bytes], bytearray] | None, /) -> tuple[int, int, bool]: ...
+
+def canonical(text: bytes, /) -> bytes | None:
+    """jsonb's canonical text of a JSON text, or None where it cannot be sure."""

@@ -7,6 +7,7 @@ checkpoint, and the unique key ``(source, commit_position, seq)`` absorbs anythi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +40,18 @@ from .errors import BatchRefused, BemiError, DecodingFailed, SlotBusy, SlotLost
 from .errors import ConnectionError as Unreachable
 from .queries import query
 from .specials import SPECIALS, parse_change
-from .stitch import COLUMNS, CONTEXT_PREFIX, ChangeRow, ColumnRules, ConvertedRow, TransactionState, tracked_filter
+from .stitch import (
+    COLUMNS,
+    CONTEXT_PREFIX,
+    UNSURE,
+    ChangeRow,
+    ColumnRules,
+    ConvertedRow,
+    TransactionState,
+    seal_entry,
+    timestamp_us,
+    tracked_filter,
+)
 from .wal2json import Begin, Change, Commit, Converted, Message, TypeRegistry, fast_converter, fast_lines, format_lsn, parse_lsn, parse_row
 
 __all__ = ["Observer", "Poller", "PollStats", "wal2json_options"]
@@ -103,6 +115,7 @@ class PollStats:
     end_lsn: int | None = None
     committed_at: str | None = None  # commit time of the newest transaction written (wal2json's text)
     head: str | None = None  # the trail's head hash after the newest batch (hex; README "A sealed trail")
+    hashed: int = 0  # changes sealed with the hash the poller computed (the server hashed the others)
     seconds: float = 0.0
 
     def add(self, other: PollStats) -> None:
@@ -115,6 +128,7 @@ class PollStats:
         self.end_lsn = other.end_lsn or self.end_lsn
         self.committed_at = other.committed_at or self.committed_at
         self.head = other.head or self.head
+        self.hashed += other.hashed
 
     def summary(self, slot: str) -> str:
         where = f", slot {slot} at {format_lsn(self.end_lsn)}" if self.end_lsn else f", slot {slot}"
@@ -380,6 +394,11 @@ class Poller:
         self._stop = threading.Event()  # run_follow's: a read stops after the batch in hand
         self.mode = "wal"  # the installation's capture mode, read again by start()
         self.seal = True  # seal each batch (bench/ingest.py turns it off to measure what it costs)
+        # Compute the batch's hashes here where the compiled path can (README "A sealed trail"):
+        # start() checks that the destination allows it.
+        self.supply_hashes = True
+        self._supplied = False
+        self.seals_supplied: list[bytes] | None = None  # given a list, each batch's supplied entries go in it (tests)
 
     # -- lifecycle -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -427,6 +446,9 @@ class Poller:
         self.mode = installed_capture_mode(self.source) or "wal"
         if self.mode == "wal":
             self.check_slot()
+            row = self.destination.execute(query("seal_supplied"), {
+                "schema": self.settings.destination[0], "table": self.settings.destination[1]}).fetchone()
+            self._supplied = bool(row and row[0])
 
     def finish_switch(self) -> PollStats:
         """Hand the changes over at a capture-mode switch recorded in ``bemi.capture_switch``.
@@ -654,6 +676,14 @@ class Poller:
                                                       partitioned=self.settings.partition_by_month) as writer:
             row = self.destination.execute(query("checkpoint"), {"source": self.source_id, "slot": self.slot}).fetchone()
             done_until = row[1] if row else -1
+            # The batch's seal entries (stitch.seal_entry), in trail order, when this computes hashes.
+            seal = bytearray() if self.seal and self._supplied and self.supply_hashes and lines is not None and not dedupe else None
+            sealing = None
+            if seal is not None:
+                created_at = self.destination.execute(query("batch_started")).fetchone()[0]  # type: ignore[index]
+                sealing = (hashlib.sha256, (timestamp_us(queued_at), timestamp_us(created_at)), seal)
+            taken_alone = -1  # the row that take_lines did not take after all (see below)
+            tx_seal = 0  # where the seal entries of the transaction being read start
             # Transactions holding a float/numeric null that may be NaN or ±Infinity: xid -> commit position.
             ambiguous: dict[int, int] = {}
             last: Commit | None = None
@@ -668,7 +698,8 @@ class Poller:
                     start = rows.at
                     writer.starting(state.committed_at, state.xid, state.commit_lsn)
                     rows.at, ambiguous_run = state.take_lines(lines, rows.page, start, run[0], run[1], state.copy_tail(queued_at),
-                                                              writer.buffer, SEND_ROWS - writer.pending, SEND_BYTES - len(writer.buffer))
+                                                              writer.buffer, SEND_ROWS - writer.pending, SEND_BYTES - len(writer.buffer),
+                                                              sealing)
                     if rows.at > start:
                         stats.rows += rows.at - start
                         truncated = None
@@ -691,6 +722,13 @@ class Poller:
                             truncated = (recorded, event.lsn)
                         else:
                             truncated = None
+                        if isinstance(event, Converted) and seal is not None and rows.at - 1 != taken_alone:
+                            # The run starts here: its first row goes through take_lines too, which hashes it.
+                            run = ((event.schema, event.table), recorded)
+                            rows.at -= 1
+                            stats.rows -= 1
+                            taken_alone = rows.at  # unless take_lines does not take it: then it is taken alone
+                            continue
                         change = state.on_change(event, recorded)
                         if isinstance(event, Converted):
                             run = ((event.schema, event.table), recorded)
@@ -703,6 +741,8 @@ class Poller:
                             moves.append((self.source_id, change.schema, change.table, change.moved_from, change.primary_key,
                                           state.committed_at, state.commit_lsn, change.seq))
                         writer.add(change, state.copy_tail(queued_at))
+                        if seal is not None:
+                            seal += seal_entry(change.id)
                 elif isinstance(event, Message):
                     if state is not None and event.prefix == CONTEXT_PREFIX:
                         state.on_message(event.content)
@@ -717,10 +757,15 @@ class Poller:
                         stats.skipped += 1
                     else:
                         committed_at = event.timestamp
+                        tx_seal = len(seal) if seal is not None else 0
                         state = TransactionState(self.source_id, self.database, self.types, event, self.settings.max_context_bytes,
                                                  self._key_order, self.settings.database_keys, self.column_rules,
                                                  self.settings.sqlcommenter)
                 elif isinstance(event, Commit):
+                    if seal is not None and state is not None and state.xid in ambiguous:
+                        # Its NaN and Infinity are patched after its hashes were computed: the server hashes it.
+                        for at in range(tx_seal + 16, len(seal), 48):
+                            seal[at:at + 32] = UNSURE
                     if state is not None and state.seq > 0:  # a transaction without changes (the
                         stats.transactions += 1               # checkpoint's own write) needs no checkpoint
                         last_written = event
@@ -743,8 +788,14 @@ class Poller:
             stats.batches = 1
             if last_written is not None:
                 if self.seal:  # in the batch's transaction: a kill leaves the batch and its seal, or neither
-                    stats.head = self.destination.execute(query("seal"), {
-                        "source": self.source_id, "wal_upto": last_written.commit_lsn}).fetchone()[0]  # type: ignore[index]
+                    supplied = bytes(seal) if seal is not None else None
+                    if supplied is not None:
+                        stats.hashed = sum(1 for at in range(16, len(supplied), 48) if supplied[at:at + 32] != UNSURE)
+                        if self.seals_supplied is not None:
+                            self.seals_supplied.append(supplied)
+                    stats.head = self.destination.execute(query("seal" if supplied is None else "seal_batch"), {
+                        "source": self.source_id, "wal_upto": last_written.commit_lsn,
+                        "supplied": supplied}).fetchone()[0]  # type: ignore[index]
                 self.destination.execute(query("save_checkpoint"), {
                     "source": self.source_id, "database": self.database, "slot": self.slot,
                     "commit_position": last_written.commit_lsn,

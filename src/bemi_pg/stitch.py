@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
@@ -22,7 +24,21 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 from pglast.parser import scan
 
-from .wal2json import PASS, PASS_SPECIALS, Begin, Change, Column, Converted, Lines, TypeInfo, TypeRegistry, parse_lsn, value_json
+from .wal2json import (
+    PASS,
+    PASS_SPECIALS,
+    Begin,
+    Change,
+    Column,
+    Converted,
+    Lines,
+    Sealing,
+    TypeInfo,
+    TypeRegistry,
+    canonical,
+    parse_lsn,
+    value_json,
+)
 
 __all__ = ["ChangeRow", "ConvertedRow", "TransactionState", "change_id", "context_json", "CONTEXT_PREFIX", "OPERATIONS"]
 
@@ -132,6 +148,49 @@ class ConvertedRow:
         """The same line as :meth:`ChangeRow.copy_line` gives for this change."""
         return b"\t".join((_table_fields(self.schema, self.table, self.operation), self.fields,
                            b"%d\t%d\t%032x" % (self.position, self.seq, self.id), tail))
+
+
+# -- the seal's hashes, computed by the poller (README "A sealed trail") -----------------------
+# bemi.change_hash is sha256(record_send(ROW(id, source, database, schema, table, primary_key,
+# operation, before, after, context, committed_at, queued_at, created_at, transaction_id,
+# position, commit_position, seq))). _fastrow.lines computes it for the changes of its runs from
+# the fields a run shares (SealParts, in record_send's bytes) and its own; the server hashes
+# every other change (bemi.seal_batch). 32 zero bytes say "not computed here".
+
+UNSURE = bytes(32)
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_TEXT, _JSONB, _TIMESTAMPTZ, _INT8 = 25, 3802, 1184, 20
+
+
+def seal_entry(change_id: int) -> bytes:
+    """A change's entry in the seal the poller supplies when the server is to hash it."""
+    return change_id.to_bytes(16, "big") + UNSURE
+
+
+def timestamp_us(value: str | datetime) -> int:
+    """A timestamptz as record_send writes it: microseconds since 2000-01-01 00:00 UTC."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        raise ValueError("a timestamptz without its offset")
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _text_field(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack(">Ii", _TEXT, len(data)) + data
+
+
+@lru_cache(maxsize=256)
+def _seal_head(source: str, database: str, schema: str, table: str) -> bytes:
+    return b"".join(map(_text_field, (source, database, schema, table)))
+
+
+@lru_cache(maxsize=1024)
+def _canonical_context(context: str) -> bytes | None:
+    if canonical is None:
+        return None
+    return canonical(context.encode())
 
 
 # The order of COPY's fields: a change's own first, then those its transaction's changes share
@@ -474,7 +533,7 @@ class TransactionState:
     """Stitches the changes of one transaction, in output order."""
 
     __slots__ = ("source", "database", "types", "key_order", "xid", "commit_lsn", "committed_at", "context", "seq",
-                 "max_bytes", "database_keys", "sqlcommenter", "column_rules", "_tail", "_id_base")
+                 "max_bytes", "database_keys", "sqlcommenter", "column_rules", "_tail", "_id_base", "_seal_tail")
 
     def __init__(self, source: str, database: str, types: TypeRegistry, begin: Begin, max_context_bytes: int,
                  key_order: Callable[[str, str, list[str]], list[str]] | None = None,
@@ -495,10 +554,31 @@ class TransactionState:
         self.max_bytes = max_context_bytes
         self._tail: bytes | None = None  # copy_tail's, until the context changes
         self._id_base = _id_base(source, self.commit_lsn)
+        self._seal_tail: tuple[bytes, bytes] | None = None  # seal_parts's, until the context changes
 
     def on_message(self, content: str) -> None:
         self.context = context_json(content, self.max_bytes, self.database_keys, self.sqlcommenter)
         self._tail = None
+        self._seal_tail = None
+
+    def seal_parts(self, recorded: tuple[str, str], queued_us: int, created_us: int) -> tuple[bytes, bytes, bytes] | None:
+        """What _fastrow.lines needs to hash this transaction's changes of ``recorded``: record_send's
+        bytes of the fields after the id (source, database, schema, table), after ``after``
+        (context, committed_at, queued_at, created_at, transaction_id) and after ``position``
+        (commit_position); None where the context's canonical text is not sure (the server hashes)."""
+        if self._seal_tail is None:
+            context = _canonical_context(self.context)
+            if context is None:
+                return None
+            try:
+                committed_us = timestamp_us(self.committed_at)
+            except ValueError:
+                return None
+            self._seal_tail = (struct.pack(">Ii", _JSONB, len(context) + 1) + b"\x01" + context
+                               + struct.pack(">IiqIiqIiqIiq", _TIMESTAMPTZ, 8, committed_us, _TIMESTAMPTZ, 8, queued_us,
+                                             _TIMESTAMPTZ, 8, created_us, _INT8, 8, self.xid),
+                               struct.pack(">Iiq", _INT8, 8, self.commit_lsn))
+        return _seal_head(self.source, self.database, *recorded), *self._seal_tail
 
     def copy_tail(self, queued_at: str) -> bytes:
         """The COPY fields this transaction's changes share (the end of :data:`COLUMNS`); one
@@ -510,16 +590,27 @@ class TransactionState:
         return self._tail
 
     def take_lines(self, lines: Lines, rows: list[Any], i: int, table: tuple[str, str], recorded: tuple[str, str],
-                   tail: bytes, out: bytearray, limit: int, limit_bytes: int) -> tuple[int, bool]:
+                   tail: bytes, out: bytearray, limit: int, limit_bytes: int, sealing: Sealing | None = None) -> tuple[int, bool]:
         """The compiled path's run of changes (:func:`wal2json.fast_lines`): rows[i:] of ``table``
         (schema, table as wal2json names it), recorded under ``recorded``, as whole COPY lines
         (:meth:`ConvertedRow.copy_line`'s bytes, ``tail`` being :meth:`copy_tail`'s) appended to
         ``out``, at most ``limit`` of them or until ``out`` holds ``limit_bytes``; each takes its
         place in the transaction's order. Returns the index of the first row not taken (the
-        caller takes it one row at a time) and whether a taken one holds an ambiguous null."""
+        caller takes it one row at a time) and whether a taken one holds an ambiguous null. With
+        ``sealing`` (sha256, its times: queued_at's and created_at's microseconds, the seal's
+        bytearray), each taken change's entry of the seal is appended to it (:func:`seal_entry`'s
+        form, or its hash when this can compute it)."""
         base = self._id_base
-        end, self.seq, ambiguous = lines(rows, i, table[0], table[1], _table_prefix(*recorded), self.seq, base >> 64,
-                                         base & 0xFFFF_FFFF_FFFF_FFFF, tail, out, limit, limit_bytes)
+        seq = self.seq
+        hashing = None
+        if sealing is not None:
+            sha256, (queued_us, created_us), seal = sealing
+            parts = self.seal_parts(recorded, queued_us, created_us)
+            hashing = (sha256, parts, seal) if parts is not None else None
+        end, self.seq, ambiguous = lines(rows, i, table[0], table[1], _table_prefix(*recorded), seq, base >> 64,
+                                         base & 0xFFFF_FFFF_FFFF_FFFF, tail, out, limit, limit_bytes, hashing)
+        if sealing is not None and hashing is None:
+            sealing[2].extend(b"".join(seal_entry(base | n << _ID_SEQ_SHIFT) for n in range(seq, self.seq)))
         return end, ambiguous
 
     def _fields(self, columns: list[Column] | None) -> tuple[Fields, bool]:

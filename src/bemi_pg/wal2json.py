@@ -25,15 +25,17 @@ from typing import Any, ClassVar
 import msgspec
 
 try:
-    from ._fastrow import Converted, convert, lines
+    from ._fastrow import Converted, canonical, convert, lines
 except ImportError:  # built without a compiler: the pure path only
     Converted = None  # type: ignore[assignment,misc]
     convert = None  # type: ignore[assignment]
     lines = None  # type: ignore[assignment]
+    canonical = None  # type: ignore[assignment]
 
 __all__ = [
     "Begin", "Change", "Column", "Commit", "Message", "TypeInfo", "TypeRegistry",
     "parse_lsn", "format_lsn", "parse_row", "value_json", "parse_array", "fast_converter", "fast_lines", "Converted", "Lines",
+    "Sealing", "canonical",
 ]
 
 
@@ -431,7 +433,11 @@ def fast_converter(types: TypeRegistry) -> Callable[[bytes], Converted | None] |
     return partial(convert, codes, plan, value_json)
 
 
-Lines = Callable[[list[Any], int, str, str, bytes, int, int, int, bytes, bytearray, int, int], tuple[int, int, bool]]
+Sealing = tuple[Callable[[bytes], Any], tuple[int, int], bytearray]
+"""stitch.TransactionState.take_lines's sealing: sha256, (queued_at, created_at) in microseconds, the seal."""
+
+Lines = Callable[[list[Any], int, str, str, bytes, int, int, int, bytes, bytearray, int, int,
+                  tuple[Callable[[bytes], Any], tuple[bytes, bytes, bytes], bytearray] | None], tuple[int, int, bool]]
 """_fastrow.lines with its codes, plan and value_json bound (see stitch.TransactionState.take_lines)."""
 
 

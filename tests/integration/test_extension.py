@@ -188,4 +188,4 @@ def test_bemi_pg_install_switches_an_extension_to_wal_mode(installed_extension, 
     # (sealing's 7 functions and bemi.seal came with issue 20; tracking periods, key moves and their 9
     # functions with issue 14).
     assert db.execute("SELECT count(*) FROM pg_depend WHERE refobjid = (SELECT oid FROM pg_extension "
-                      "WHERE extname = 'bemi_pg') AND deptype = 'e' AND classid <> 'pg_type'::regclass") == [(78,)]
+                      "WHERE extname = 'bemi_pg') AND deptype = 'e' AND classid <> 'pg_type'::regclass") == [(79,)]

@@ -262,4 +262,5 @@ def test_a_least_privilege_poller_role(db):
     pinned = ["search_path=pg_catalog, pg_temp"]
     assert definers == [("capture_changes", None), ("move_changes", pinned), ("move_queued", pinned),
                         ("queue_backlog", pinned), ("queue_holds", pinned), ("seal", [*pinned, "client_encoding=UTF8"]),
+                        ("seal_batch", [*pinned, "client_encoding=UTF8"]),
                         ("track_new_tables", pinned)]

@@ -386,6 +386,37 @@ SELECT b.queued AS rows, EXTRACT(epoch FROM pg_catalog.clock_timestamp() - b.old
 -- Seals what no seal covers of the source's changes (README, "A sealed trail"); the head hash.
 SELECT pg_catalog.encode(bemi.seal(%(source)s, %(wal_upto)s), 'hex')
 
+-- name: seal_batch
+-- The same with the hashes the poller computed for the batch (bemi.seal_batch checks each against
+-- the table's changes and hashes the rest itself).
+SELECT pg_catalog.encode(bemi.seal_batch(%(source)s, %(wal_upto)s, NULL, %(supplied)b), 'hex')
+
+-- name: seal_supplied
+-- Whether the poller may compute its batches' hashes (README "A sealed trail"): bemi.seal_batch is
+-- installed, the destination's text is UTF-8, the changes table's columns have the types it hashes
+-- them as, created_at defaults to now() (the batch's transaction's start, which it reads), and
+-- no trigger but the trail's own may alter a row on its way in.
+SELECT pg_catalog.to_regprocedure('bemi.seal_batch(text,bigint,bigint,bytea)') IS NOT NULL
+       AND pg_catalog.current_setting('server_encoding') = 'UTF8'
+       AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute AS a
+             WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attname::text || ':' || a.atttypid::text = ANY (ARRAY[
+                 'id:2950', 'source:25', 'database:25', 'schema:25', 'table:25', 'primary_key:25', 'operation:25',
+                 'before:3802', 'after:3802', 'context:3802', 'committed_at:1184', 'queued_at:1184', 'created_at:1184',
+                 'transaction_id:20', 'position:20', 'commit_position:20', 'seq:23'])) = 17
+       AND (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) FROM pg_catalog.pg_attrdef AS d
+              JOIN pg_catalog.pg_attribute AS a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+             WHERE d.adrelid = t.oid AND a.attname = 'created_at') = 'now()'
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger AS g
+                        WHERE g.tgrelid = t.oid AND NOT g.tgisinternal
+                          AND g.tgname NOT IN ('bemi_append_only', 'bemi_append_only_truncate'))
+  FROM pg_catalog.pg_class AS t JOIN pg_catalog.pg_namespace AS n ON n.oid = t.relnamespace
+ WHERE n.nspname = %(schema)s AND t.relname = %(table)s
+
+-- name: batch_started
+-- When the batch's transaction began: the changes' created_at (its default, now()).
+SELECT pg_catalog.now()
+
 -- name: seal_head
 SELECT s.seal_no, pg_catalog.encode(s.hash, 'hex') FROM bemi.seal AS s
  WHERE s.source = %(source)s ORDER BY s.seal_no DESC LIMIT 1
