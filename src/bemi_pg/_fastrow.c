@@ -50,6 +50,17 @@ typedef struct {
     Py_ssize_t len, cap;
 } Buf;
 
+/* Append b's bytes to the bytearray array (nothing when b is empty); -1 with an exception set. */
+static int extend_bytearray(PyObject *array, const Buf *b) {
+    if (b->len == 0)
+        return 0;
+    Py_ssize_t at = PyByteArray_GET_SIZE(array);
+    if (PyByteArray_Resize(array, at + b->len) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(array) + at, b->data, b->len);
+    return 0;
+}
+
 static int buf_grow(Buf *b, Py_ssize_t more) {
     if (b->len + more <= b->cap)
         return 0;
@@ -1507,20 +1518,8 @@ static PyObject *lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             break;
     }
     PyObject *result = NULL;
-    if (!failed && out.len > 0) {
-        Py_ssize_t at = PyByteArray_GET_SIZE(out_array);
-        if (PyByteArray_Resize(out_array, at + out.len) < 0)
-            failed = 1;
-        else
-            memcpy(PyByteArray_AS_STRING(out_array) + at, out.data, out.len);
-    }
-    if (!failed && seal.len > 0) {
-        Py_ssize_t at = PyByteArray_GET_SIZE(seal_array);
-        if (PyByteArray_Resize(seal_array, at + seal.len) < 0)
-            failed = 1;
-        else
-            memcpy(PyByteArray_AS_STRING(seal_array) + at, seal.data, seal.len);
-    }
+    if (!failed && (extend_bytearray(out_array, &out) < 0 || extend_bytearray(seal_array, &seal) < 0))
+        failed = 1;
     if (!failed)
         result = Py_BuildValue("(nKO)", i, seq, any_ambiguous ? Py_True : Py_False);
     PyMem_Free(out.data);
