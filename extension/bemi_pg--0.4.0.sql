@@ -553,60 +553,72 @@ AS $fn$
                   WHERE b.value IS DISTINCT FROM a.value)
      AND NOT EXISTS (SELECT FROM pg_catalog.jsonb_each(before) AS b FULL JOIN pg_catalog.jsonb_each(after) AS a USING (key)
                       WHERE b.value IS DISTINCT FROM a.value AND NOT key = ANY (ignored))
+$fn$;-- The capture triggers. Arguments, set by bemi.track_table: the primary key's columns in key
+-- order, the excluded columns, the ignored columns, the schema and name the changes are
+-- recorded under. They run with the installer's rights (writers need none on the queue) but,
+-- unlike the other such functions, do not pin search_path: a SET clause cost each call 5-20%
+-- of the trigger's time (bench/README.md). So nothing in them is looked up by the caller's
+-- search_path: every type, function and operator is named with its schema.
+--
+-- bemi.capture_rows, for a table without excluded or ignored columns (most of them), is one
+-- statement: each PL/pgSQL statement around it cost about a tenth of the trigger's time
+-- (bench/README.md). OLD is NULL for an INSERT and for TRUNCATE, NEW for a DELETE and TRUNCATE.
+CREATE OR REPLACE FUNCTION bemi.capture_rows() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+AS $fn$
+DECLARE
+  query pg_catalog.text := pg_catalog.current_query();
+BEGIN
+  INSERT INTO bemi.change_queue (schema_name, table_name, key_columns, operation, before, after, session_context,
+                                 transaction_context, comment_query, request, session_user_name, application_name, client_addr,
+                                 query_truncated)
+  VALUES (coalesce(TG_ARGV[3], TG_TABLE_SCHEMA), coalesce(TG_ARGV[4], TG_TABLE_NAME), TG_ARGV[0], TG_OP, pg_catalog.to_jsonb(OLD), pg_catalog.to_jsonb(NEW),
+          pg_catalog.left(pg_catalog.current_setting('bemi.session_context', true), 1048577),
+          pg_catalog.left(pg_catalog.current_setting('bemi.context', true), 1048577),
+          CASE WHEN pg_catalog.strpos(query, '*/') OPERATOR(pg_catalog.>) 0
+               THEN pg_catalog.right(query, 4194304) END,
+          CASE WHEN pg_catalog.current_setting('request.method', true) OPERATOR(pg_catalog.<>) ''
+               THEN pg_catalog.json_build_array(pg_catalog.current_setting('request.method', true),
+                                                pg_catalog.current_setting('request.path', true),
+                                                pg_catalog.left(pg_catalog.current_setting('request.jwt.claims', true), 1048577),
+                                                pg_catalog.left(pg_catalog.current_setting('request.headers', true), 1048577)) END,
+          session_user, pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+          CASE WHEN pg_catalog.strpos(query, '*/') OPERATOR(pg_catalog.>) 0
+               THEN pg_catalog.length(query) OPERATOR(pg_catalog.>) 4194304 END);
+  RETURN NULL;
+END
 $fn$;
 
--- The capture trigger. Arguments, set by bemi.track_table: the primary key's columns in key
--- order, the excluded columns, the ignored columns, the schema and name the changes are
--- recorded under. It runs with the installer's rights (writers need none on the queue) but,
--- unlike the other such functions, does not pin search_path: a SET clause cost each call 5-20%
--- of the trigger's time (bench/README.md). So nothing in it is looked up by the caller's
--- search_path: every type, function and operator is named with its schema.
+-- bemi.capture_changes, for a table with excluded or ignored columns: an UPDATE of ignored
+-- columns alone leaves no change, and the excluded ones are left out of the rows.
 CREATE OR REPLACE FUNCTION bemi.capture_changes() RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 AS $fn$
 DECLARE
-  old_row pg_catalog.jsonb;
-  new_row pg_catalog.jsonb;
+  old_row pg_catalog.jsonb := pg_catalog.to_jsonb(OLD);
+  new_row pg_catalog.jsonb := pg_catalog.to_jsonb(NEW);
   query pg_catalog.text := pg_catalog.current_query();
-  comment_query pg_catalog.text;
-  request pg_catalog.json;
 BEGIN
-  IF TG_OP OPERATOR(pg_catalog.<>) 'TRUNCATE' THEN
-    IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
-      old_row := pg_catalog.to_jsonb(OLD);
-    END IF;
-    IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
-      new_row := pg_catalog.to_jsonb(NEW);
-    END IF;
-    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND TG_ARGV[2] OPERATOR(pg_catalog.<>) '{}'
-       AND bemi.only_ignored_changed(old_row, new_row, TG_ARGV[2]::pg_catalog.text[]) THEN
-      RETURN NULL;
-    END IF;
-    IF TG_ARGV[1] OPERATOR(pg_catalog.<>) '{}' THEN
-      old_row := old_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[];
-      new_row := new_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[];
-    END IF;
-  END IF;
-  -- The context's sources, as capture_context gathers them ('' settings are NULLs to the mover).
-  IF pg_catalog.strpos(query, '*/') OPERATOR(pg_catalog.>) 0 THEN
-    comment_query := pg_catalog.right(query, 4194304);
-  END IF;
-  IF pg_catalog.current_setting('request.method', true) OPERATOR(pg_catalog.<>) '' THEN
-    request := pg_catalog.json_build_array(
-      pg_catalog.current_setting('request.method', true),
-      pg_catalog.current_setting('request.path', true),
-      pg_catalog.left(pg_catalog.current_setting('request.jwt.claims', true), 1048577),
-      pg_catalog.left(pg_catalog.current_setting('request.headers', true), 1048577)
-    );
+  IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND TG_ARGV[2] OPERATOR(pg_catalog.<>) '{}'
+     AND bemi.only_ignored_changed(old_row, new_row, TG_ARGV[2]::pg_catalog.text[]) THEN
+    RETURN NULL;
   END IF;
   INSERT INTO bemi.change_queue (schema_name, table_name, key_columns, operation, before, after, session_context,
                                  transaction_context, comment_query, request, session_user_name, application_name, client_addr,
                                  query_truncated)
-  VALUES (coalesce(TG_ARGV[3], TG_TABLE_SCHEMA), coalesce(TG_ARGV[4], TG_TABLE_NAME), TG_ARGV[0], TG_OP, old_row, new_row,
+  VALUES (coalesce(TG_ARGV[3], TG_TABLE_SCHEMA), coalesce(TG_ARGV[4], TG_TABLE_NAME), TG_ARGV[0], TG_OP, old_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[], new_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[],
           pg_catalog.left(pg_catalog.current_setting('bemi.session_context', true), 1048577),
           pg_catalog.left(pg_catalog.current_setting('bemi.context', true), 1048577),
-          comment_query, request, session_user, pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
-          pg_catalog.length(query) OPERATOR(pg_catalog.>) pg_catalog.length(comment_query));
+          CASE WHEN pg_catalog.strpos(query, '*/') OPERATOR(pg_catalog.>) 0
+               THEN pg_catalog.right(query, 4194304) END,
+          CASE WHEN pg_catalog.current_setting('request.method', true) OPERATOR(pg_catalog.<>) ''
+               THEN pg_catalog.json_build_array(pg_catalog.current_setting('request.method', true),
+                                                pg_catalog.current_setting('request.path', true),
+                                                pg_catalog.left(pg_catalog.current_setting('request.jwt.claims', true), 1048577),
+                                                pg_catalog.left(pg_catalog.current_setting('request.headers', true), 1048577)) END,
+          session_user, pg_catalog.current_setting('application_name'), pg_catalog.inet_client_addr(),
+          CASE WHEN pg_catalog.strpos(query, '*/') OPERATOR(pg_catalog.>) 0
+               THEN pg_catalog.length(query) OPERATOR(pg_catalog.>) 4194304 END);
   RETURN NULL;
 END
 $fn$;
@@ -847,6 +859,7 @@ DECLARE
   key_columns text[];
   excluded text[];
   ignored text[];
+  capture text;
   in_publication boolean;
   other_trigger name;
   old_name record;
@@ -919,6 +932,7 @@ BEGIN
       INTO excluded, ignored
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = rel.oid AND a.attnum > 0 AND NOT a.attisdropped;
+    capture := CASE WHEN excluded = '{}' AND ignored = '{}' THEN 'capture_rows' ELSE 'capture_changes' END;
     -- Row triggers on the tables that hold rows: a partitioned table's partitions have their own.
     FOR other_trigger IN
       SELECT t.tgname FROM pg_catalog.pg_trigger t
@@ -931,20 +945,20 @@ BEGIN
     IF rel.relkind = 'r' THEN
       EXECUTE pg_catalog.format(
         'CREATE OR REPLACE TRIGGER bemi_capture_insert AFTER INSERT ON %I.%I '
-        'FOR EACH ROW EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+        'FOR EACH ROW EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, capture, key_columns, excluded, ignored,
         rel.root_schema, rel.root_name);
       EXECUTE pg_catalog.format(
         'CREATE OR REPLACE TRIGGER bemi_capture_update AFTER UPDATE ON %I.%I '
-        'FOR EACH ROW EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+        'FOR EACH ROW EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, capture, key_columns, excluded, ignored,
         rel.root_schema, rel.root_name);
       EXECUTE pg_catalog.format(
         'CREATE OR REPLACE TRIGGER bemi_capture_delete AFTER DELETE ON %I.%I '
-        'FOR EACH ROW EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+        'FOR EACH ROW EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, capture, key_columns, excluded, ignored,
         rel.root_schema, rel.root_name);
     END IF;
     EXECUTE pg_catalog.format(
       'CREATE OR REPLACE TRIGGER bemi_capture_truncate AFTER TRUNCATE ON %I.%I '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.capture_changes(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, key_columns, excluded, ignored,
+      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, capture, key_columns, excluded, ignored,
       rel.root_schema, rel.root_name);
     RETURN;
   END IF;

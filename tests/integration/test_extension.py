@@ -186,6 +186,6 @@ def test_bemi_pg_install_switches_an_extension_to_wal_mode(installed_extension, 
         commands.uninstall(db.dsn, None, db.settings)
     # 17 and later also record the tables' row types as members: count what every version has
     # (sealing's 7 functions and bemi.seal came with issue 20; tracking periods, key moves and their 9
-    # functions with issue 14).
+    # functions with issue 14; bemi.capture_rows with issue 21).
     assert db.execute("SELECT count(*) FROM pg_depend WHERE refobjid = (SELECT oid FROM pg_extension "
-                      "WHERE extname = 'bemi_pg') AND deptype = 'e' AND classid <> 'pg_type'::regclass") == [(79,)]
+                      "WHERE extname = 'bemi_pg') AND deptype = 'e' AND classid <> 'pg_type'::regclass") == [(80,)]

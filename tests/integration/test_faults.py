@@ -254,13 +254,13 @@ def test_a_least_privilege_poller_role(db):
     finally:
         db.execute("DROP OWNED BY bemi_poller; DROP ROLE bemi_poller")
     # The functions running with raised privileges pin their search_path (the event trigger's, the
-    # mover's, the sealing's), all but trigger mode's capture trigger, which names every type,
+    # mover's, the sealing's), all but trigger mode's capture triggers, which name every type,
     # function, operator and table with its schema instead (a SET clause cost each call 5-20%).
     # The sealing also pins its client_encoding: it hashes the text of the changes.
     definers = db.execute("SELECT proname, proconfig FROM pg_proc WHERE prosecdef AND pronamespace = 'bemi'::regnamespace "
                           "ORDER BY 1")
     pinned = ["search_path=pg_catalog, pg_temp"]
-    assert definers == [("capture_changes", None), ("move_changes", pinned), ("move_queued", pinned),
+    assert definers == [("capture_changes", None), ("capture_rows", None), ("move_changes", pinned), ("move_queued", pinned),
                         ("queue_backlog", pinned), ("queue_holds", pinned), ("seal", [*pinned, "client_encoding=UTF8"]),
                         ("seal_batch", [*pinned, "client_encoding=UTF8"]),
                         ("track_new_tables", pinned)]
