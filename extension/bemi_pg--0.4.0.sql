@@ -862,6 +862,7 @@ DECLARE
   capture text;
   in_publication boolean;
   other_trigger name;
+  event text;
   old_name record;
   mode text := bemi.capture_mode();
 BEGIN
@@ -942,24 +943,15 @@ BEGIN
     LOOP
       EXECUTE pg_catalog.format('DROP TRIGGER %I ON %I.%I', other_trigger, rel.nspname, rel.relname);
     END LOOP;
-    IF rel.relkind = 'r' THEN
+    -- A row trigger for each of INSERT, UPDATE and DELETE on a table that holds rows (a
+    -- partitioned table's partitions have their own), a statement trigger for TRUNCATE.
+    FOREACH event IN ARRAY CASE WHEN rel.relkind = 'r' THEN ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'] ELSE ARRAY['TRUNCATE'] END LOOP
       EXECUTE pg_catalog.format(
-        'CREATE OR REPLACE TRIGGER bemi_capture_insert AFTER INSERT ON %I.%I '
-        'FOR EACH ROW EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, capture, key_columns, excluded, ignored,
+        'CREATE OR REPLACE TRIGGER %I AFTER %s ON %I.%I FOR EACH %s EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)',
+        'bemi_capture_' || pg_catalog.lower(event), event, rel.nspname, rel.relname,
+        CASE WHEN event = 'TRUNCATE' THEN 'STATEMENT' ELSE 'ROW' END, capture, key_columns, excluded, ignored,
         rel.root_schema, rel.root_name);
-      EXECUTE pg_catalog.format(
-        'CREATE OR REPLACE TRIGGER bemi_capture_update AFTER UPDATE ON %I.%I '
-        'FOR EACH ROW EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, capture, key_columns, excluded, ignored,
-        rel.root_schema, rel.root_name);
-      EXECUTE pg_catalog.format(
-        'CREATE OR REPLACE TRIGGER bemi_capture_delete AFTER DELETE ON %I.%I '
-        'FOR EACH ROW EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, capture, key_columns, excluded, ignored,
-        rel.root_schema, rel.root_name);
-    END IF;
-    EXECUTE pg_catalog.format(
-      'CREATE OR REPLACE TRIGGER bemi_capture_truncate AFTER TRUNCATE ON %I.%I '
-      'FOR EACH STATEMENT EXECUTE FUNCTION bemi.%I(%L, %L, %L, %L, %L)', rel.nspname, rel.relname, capture, key_columns, excluded, ignored,
-      rel.root_schema, rel.root_name);
+    END LOOP;
     RETURN;
   END IF;
   -- Without a primary key, a publication that publishes UPDATE and DELETE needs FULL,
