@@ -148,6 +148,9 @@ def _follow(args: argparse.Namespace, dsn: str, dest: str | None, settings: Any)
     signal.signal(signal.SIGINT, on_signal)
 
     def on_batch(stats: Any) -> None:
+        if stats.moved:  # trigger mode
+            log.info("bemi-pg: moved %d queued changes into the changes table", stats.changes, extra={"changes": stats.changes})
+            return
         position = format_lsn(stats.end_lsn) if stats.end_lsn else None
         log.info("bemi-pg: wrote %d changes from %d transactions (slot at %s; trail head %s)", stats.changes, stats.transactions,
                  position or "-", stats.head or "-",

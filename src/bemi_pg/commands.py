@@ -578,10 +578,7 @@ def poll_once(source_dsn: str, destination_dsn: str | None, settings: Settings, 
         poller.observer = Monitor(progress=bar)
         stats = poller.run_once()
         bar.close()
-        summary = (stats.summary(poller.slot) if poller.mode == "wal" else
-                   f"bemi-pg: moved {stats.changes} queued change{'s' * (stats.changes != 1)} into the changes table "
-                   f"in {stats.batches} batch{'es' * (stats.batches != 1)} ({stats.seconds:.1f}s)")
-        log.info(summary, extra=_stats_fields(poller, stats))
+        log.info(stats.summary(poller.slot), extra=_stats_fields(poller, stats))
         return stats
 
 

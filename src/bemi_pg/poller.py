@@ -117,6 +117,7 @@ class PollStats:
     head: str | None = None  # the trail's head hash after the newest batch (hex; README "A sealed trail")
     hashed: int = 0  # changes sealed with the hash the poller computed (the server hashed the others)
     seconds: float = 0.0
+    moved: bool = False  # trigger mode: the changes were moved from the queue (no slot, no transactions counted)
 
     def add(self, other: PollStats) -> None:
         self.batches += other.batches
@@ -129,8 +130,12 @@ class PollStats:
         self.committed_at = other.committed_at or self.committed_at
         self.head = other.head or self.head
         self.hashed += other.hashed
+        self.moved = self.moved or other.moved
 
     def summary(self, slot: str) -> str:
+        if self.moved:
+            return (f"bemi-pg: moved {self.changes} queued change{'s' * (self.changes != 1)} into the changes table "
+                    f"in {self.batches} batch{'es' * (self.batches != 1)} ({self.seconds:.1f}s)")
         where = f", slot {slot} at {format_lsn(self.end_lsn)}" if self.end_lsn else f", slot {slot}"
         return (
             f"bemi-pg: wrote {self.changes} change{'s' * (self.changes != 1)} from "
@@ -577,7 +582,7 @@ class Poller:
         table, in one transaction of the server's (bemi.move_changes)."""
         began = time.monotonic()
         moved = int(self.source.execute(query("move_changes"), {"max_rows": self.batch_size}).fetchone()[0])  # type: ignore[index]
-        stats = PollStats(batches=int(moved > 0), rows=moved, changes=moved)
+        stats = PollStats(batches=int(moved > 0), rows=moved, changes=moved, moved=True)
         if moved:
             self.observer.batch_written(stats, time.monotonic() - began)
         self._fault("after_move")
@@ -587,7 +592,7 @@ class Poller:
         """Trigger mode: move every change queued by a transaction that no snapshot still sees
         running, batch by batch; then once more, so that the trail's known extent
         (bemi.moved_until) reaches the start of this call when nothing older is still running."""
-        total = PollStats()
+        total = PollStats(moved=True)
         while True:
             stats = self.move()
             total.add(stats)

@@ -202,6 +202,9 @@ def test_metrics_show_the_queue_and_health_needs_no_slot(db):
             long_one.rollback()
             wait_until(lambda: samples(get(base + "metrics")[1]).get("bemi_pg_queue_rows{}") == 0, what="the queue moved")
             assert db.execute("SELECT count(*) FROM changes") == [(30,)]
+            # The log says what trigger mode did: no slot, no transactions counted.
+            moved = err.wait_for(lambda line: "queued changes" in json.loads(line)["message"] and json.loads(line))
+            assert moved["message"] == "bemi-pg: moved 30 queued changes into the changes table" and moved["changes"] == 30
         finally:
             poller.terminate()
             poller.wait(timeout=30)
